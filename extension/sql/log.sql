@@ -1,0 +1,169 @@
+-- The change log: what capture writes, what readers read.
+--
+-- Capture writes one `changes` row per changed row, keyed by (transaction, ordinal
+-- within the transaction). Positions are not stored per change: at commit the
+-- transaction is given one contiguous block of positions, recorded as one `commits`
+-- row, and a change's position is `first_position + ordinal - 1`. That keeps the
+-- commit-time work at one row per transaction however many rows it changed.
+
+CREATE TABLE livesync.changes (
+    tx       xid8     NOT NULL,
+    ordinal  int4     NOT NULL,
+    relation regclass NOT NULL,
+    op       "char"   NOT NULL CHECK (op IN ('i', 'u', 'd', 't')),
+    key      jsonb,
+    old      jsonb,
+    new      jsonb,
+    version  int8,
+    actor    text     NOT NULL,
+    PRIMARY KEY (tx, ordinal)
+);
+COMMENT ON TABLE livesync.changes IS
+    'Captured row changes; read them with livesync.changes_since(), which gives each its position.';
+
+CREATE TABLE livesync.commits (
+    last_position  int8        PRIMARY KEY,
+    first_position int8        NOT NULL,
+    tx             xid8        NOT NULL UNIQUE,
+    committed_at   timestamptz NOT NULL,
+    CHECK (first_position <= last_position)
+);
+COMMENT ON TABLE livesync.commits IS
+    'One row per committed transaction that changed tracked rows: the block of positions it was given at commit.';
+
+-- Positions are drawn from this sequence at commit, under the sequencer lock; a
+-- transaction that fails after drawing leaves a numeric gap that no reader waits on.
+CREATE SEQUENCE livesync.position_seq AS int8 MINVALUE 1;
+
+-- Row versions: every write to a tracked row stamps the next value into its
+-- `_livesync_version` column. No cache, so a row's versions only ever grow.
+CREATE SEQUENCE livesync.version_seq AS int8 MINVALUE 1;
+
+-- Everything at or below `horizon` has been compacted away.
+CREATE TABLE livesync._retention (
+    only_row bool PRIMARY KEY DEFAULT true CHECK (only_row),
+    horizon  int8 NOT NULL DEFAULT 0
+);
+INSERT INTO livesync._retention DEFAULT VALUES;
+
+-- The log is part of the extension: pg_dump keeps its contents.
+SELECT pg_catalog.pg_extension_config_dump('livesync.changes', '');
+SELECT pg_catalog.pg_extension_config_dump('livesync.commits', '');
+SELECT pg_catalog.pg_extension_config_dump('livesync._retention', '');
+
+CREATE FUNCTION livesync.current_position() RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT greatest(
+        (SELECT max(last_position) FROM livesync.commits),
+        (SELECT horizon FROM livesync._retention)
+    )
+$$;
+COMMENT ON FUNCTION livesync.current_position() IS
+    'The newest position a reader can see now; changes_since() of it returns only later commits.';
+
+CREATE FUNCTION livesync._delta(op "char", old jsonb, new jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(
+        CASE op
+            WHEN 'i' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('new', v)) FROM jsonb_each(new) AS e(k, v))
+            WHEN 'd' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('old', v)) FROM jsonb_each(old) AS e(k, v))
+            WHEN 'u' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('old', old -> k, 'new', v)) FROM jsonb_each(new) AS e(k, v))
+        END,
+        '{}'::jsonb)
+$$;
+
+CREATE FUNCTION livesync.changes_since(after bigint, max_changes int DEFAULT 1000)
+RETURNS TABLE (
+    "position"   bigint,
+    relation     regclass,
+    op           text,
+    key          jsonb,
+    delta        jsonb,
+    version      bigint,
+    actor        text,
+    tx           xid8,
+    committed_at timestamptz
+)
+-- STABLE: every statement below sees the same snapshot, so the horizon check and
+-- the read cannot straddle a concurrent compaction.
+LANGUAGE plpgsql STABLE STRICT AS $$
+DECLARE
+    kept_from bigint;
+    newest    bigint;
+BEGIN
+    IF max_changes < 1 THEN
+        RAISE EXCEPTION 'max_changes must be at least 1, got %', max_changes
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT horizon INTO kept_from FROM livesync._retention;
+    IF after < kept_from THEN
+        RAISE EXCEPTION 'position % is older than the retained change log (compacted through %)', after, kept_from
+            USING ERRCODE = 'LS001',
+                  HINT = 'Resync: load a fresh snapshot of the rows and continue from livesync.current_position().';
+    END IF;
+    newest := livesync.current_position();
+    IF after > newest THEN
+        RAISE EXCEPTION 'position % is ahead of the change log (newest is %)', after, newest
+            USING ERRCODE = 'LS001',
+                  HINT = 'The log was reset or restored from a backup: resync from livesync.current_position().';
+    END IF;
+
+    RETURN QUERY
+    WITH txs AS (
+        -- Whole transactions in position order, as many as fit in max_changes; the
+        -- first one always comes back whole however large it is.
+        SELECT k.tx, k.first_position, k.committed_at,
+               sum(k.last_position - greatest(k.first_position, after + 1) + 1)
+                   OVER (ORDER BY k.last_position) AS running
+        FROM (SELECT * FROM livesync.commits c
+              WHERE c.last_position > after
+              ORDER BY c.last_position
+              LIMIT max_changes) AS k
+    ), chosen AS (
+        SELECT t.* FROM txs t
+        WHERE t.running <= max_changes
+           OR t.first_position = (SELECT min(first_position) FROM txs)
+    )
+    SELECT t.first_position + c.ordinal - 1,
+           c.relation,
+           CASE c.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete' ELSE 'truncate' END,
+           c.key,
+           livesync._delta(c.op, c.old, c.new),
+           c.version,
+           c.actor,
+           c.tx,
+           t.committed_at
+    FROM chosen t
+    JOIN livesync.changes c ON c.tx = t.tx
+    WHERE t.first_position + c.ordinal - 1 > after
+    ORDER BY 1;
+END
+$$;
+COMMENT ON FUNCTION livesync.changes_since(bigint, int) IS
+    'Changes committed after a position, in commit order, whole transactions only. SQLSTATE LS001 means resync.';
+
+CREATE FUNCTION livesync.compact(older_than interval DEFAULT '24 hours') RETURNS bigint
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+DECLARE
+    new_horizon bigint;
+    removed     bigint;
+BEGIN
+    -- Cut at a position, not a time: the kept log must stay a suffix of positions
+    -- even when commit timestamps are not perfectly ordered.
+    SELECT max(last_position) INTO new_horizon
+    FROM livesync.commits WHERE committed_at < now() - older_than;
+    IF new_horizon IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM livesync.commits WHERE last_position <= new_horizon RETURNING tx
+    ), gone_changes AS (
+        DELETE FROM livesync.changes c USING gone WHERE c.tx = gone.tx RETURNING 1
+    )
+    SELECT count(*) INTO removed FROM gone_changes;
+    UPDATE livesync._retention SET horizon = greatest(horizon, new_horizon);
+    RETURN removed;
+END
+$$;
+COMMENT ON FUNCTION livesync.compact(interval) IS
+    'Prunes changes committed longer ago than older_than; returns how many changes were removed.';

@@ -1,0 +1,157 @@
+-- Which tables are tracked, and the functions that start and stop capture on them.
+
+CREATE TABLE livesync._tracked (
+    relation   regclass    PRIMARY KEY,
+    tracked_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('livesync._tracked', '');
+
+CREATE VIEW livesync.tracked AS
+SELECT t.relation,
+       ARRAY(SELECT a.attname::text
+             FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = t.relation AND i.indisprimary
+             ORDER BY k.ord) AS key_columns,
+       t.tracked_at
+FROM livesync._tracked t;
+COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key.';
+
+CREATE FUNCTION livesync.track(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+DECLARE
+    kind "char";
+BEGIN
+    SELECT relkind INTO kind FROM pg_class WHERE oid = rel;
+    IF kind IS DISTINCT FROM 'r' THEN
+        RAISE EXCEPTION '% is not an ordinary table', rel
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'livesync tracks ordinary tables; views, partitioned tables and foreign tables cannot be tracked yet.';
+    END IF;
+    IF rel::oid IN (SELECT objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+                    WHERE e.extname = 'livesync' AND d.classid = 'pg_class'::regclass) THEN
+        RAISE EXCEPTION '% belongs to livesync and cannot be tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = rel AND indisprimary) THEN
+        RAISE EXCEPTION 'table % has no primary key', rel
+            USING ERRCODE = 'LS003',
+                  HINT = format('Changes are keyed by primary key: add one (ALTER TABLE %s ADD PRIMARY KEY (...)) and call livesync.track again.', rel);
+    END IF;
+    IF EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+        RAISE NOTICE 'table % is already tracked', rel;
+        RETURN;
+    END IF;
+
+    -- A constant default adds the column without rewriting the table: rows that
+    -- have not been written since tracking began read as version 0.
+    EXECUTE format('ALTER TABLE %s ADD COLUMN _livesync_version bigint NOT NULL DEFAULT 0', rel);
+    EXECUTE format('COMMENT ON COLUMN %s._livesync_version IS %L', rel,
+                   'Row version maintained by livesync: changes on every write.');
+    EXECUTE format('CREATE TRIGGER livesync_version BEFORE INSERT OR UPDATE ON %s
+                    FOR EACH ROW EXECUTE FUNCTION livesync._stamp_version()', rel);
+    EXECUTE format('CREATE TRIGGER livesync_capture_insert AFTER INSERT ON %s
+                    REFERENCING NEW TABLE AS livesync_new
+                    FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
+    EXECUTE format('CREATE TRIGGER livesync_capture_update AFTER UPDATE ON %s
+                    REFERENCING OLD TABLE AS livesync_old NEW TABLE AS livesync_new
+                    FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
+    EXECUTE format('CREATE TRIGGER livesync_capture_delete AFTER DELETE ON %s
+                    REFERENCING OLD TABLE AS livesync_old
+                    FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
+    EXECUTE format('CREATE TRIGGER livesync_capture_truncate AFTER TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
+    INSERT INTO livesync._tracked (relation) VALUES (rel);
+END
+$$;
+COMMENT ON FUNCTION livesync.track(regclass) IS
+    'Starts capturing every change to a table with a primary key; adds its _livesync_version column.';
+
+CREATE FUNCTION livesync.untrack(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+    DELETE FROM livesync._tracked WHERE relation = rel;
+    EXECUTE format('DROP TRIGGER livesync_capture_truncate ON %s', rel);
+    EXECUTE format('DROP TRIGGER livesync_capture_delete ON %s', rel);
+    EXECUTE format('DROP TRIGGER livesync_capture_update ON %s', rel);
+    EXECUTE format('DROP TRIGGER livesync_capture_insert ON %s', rel);
+    EXECUTE format('DROP TRIGGER livesync_version ON %s', rel);
+    EXECUTE format('ALTER TABLE %s DROP COLUMN _livesync_version', rel);
+END
+$$;
+COMMENT ON FUNCTION livesync.untrack(regclass) IS
+    'Stops capture on a table and removes its _livesync_version column; its past changes stay in the log.';
+
+CREATE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint
+LANGUAGE plpgsql STABLE STRICT AS $$
+DECLARE
+    key_cols text[];
+    version  bigint;
+BEGIN
+    SELECT t.key_columns INTO key_cols FROM livesync.tracked t WHERE t.relation = rel;
+    IF key_cols IS NULL THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+    IF jsonb_typeof(key) IS DISTINCT FROM 'object'
+       OR ARRAY(SELECT jsonb_object_keys(key) ORDER BY 1) IS DISTINCT FROM ARRAY(SELECT unnest(key_cols) ORDER BY 1) THEN
+        RAISE EXCEPTION 'key % does not name exactly the primary key columns of %', key, rel
+            USING ERRCODE = 'LS004',
+                  HINT = format('Pass a JSON object with the keys %s.', array_to_string(key_cols, ', '));
+    END IF;
+    -- jsonb_populate_record types the key values as the table's own columns, so
+    -- the lookup uses the primary key index.
+    EXECUTE format('SELECT t._livesync_version FROM %s t, jsonb_populate_record(NULL::%s, $1) k WHERE %s',
+                   rel, rel,
+                   (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(key_cols) AS c))
+        INTO version USING key;
+    RETURN version;
+END
+$$;
+COMMENT ON FUNCTION livesync.row_version(regclass, jsonb) IS
+    'The current version of the row with this primary key (0 if not written since tracking began, NULL if absent).';
+
+-- Schema changes on tracked tables: dropping the table stops tracking it; a change
+-- that would break capture (losing the primary key or the version column) is refused.
+CREATE FUNCTION livesync._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM livesync._tracked t
+    USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = t.relation::oid AND d.objsubid = 0;
+END
+$$;
+
+CREATE FUNCTION livesync._on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    broken record;
+BEGIN
+    FOR broken IN
+        SELECT t.relation,
+               NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.relation AND i.indisprimary) AS no_key,
+               NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
+                           AND a.attname = '_livesync_version' AND NOT a.attisdropped
+                           AND a.atttypid = 'int8'::regtype) AS no_version
+        FROM livesync._tracked t
+        WHERE t.relation::oid IN (SELECT objid FROM pg_event_trigger_ddl_commands() WHERE classid = 'pg_class'::regclass)
+    LOOP
+        IF broken.no_key THEN
+            RAISE EXCEPTION 'tracked table % must keep a primary key', broken.relation
+                USING ERRCODE = 'LS005',
+                      HINT = format('Call livesync.untrack(%L) first, or add the new primary key in the same statement.', broken.relation);
+        ELSIF broken.no_version THEN
+            RAISE EXCEPTION 'column _livesync_version of tracked table % is maintained by livesync', broken.relation
+                USING ERRCODE = 'LS005',
+                      HINT = format('Call livesync.untrack(%L) first.', broken.relation);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE EVENT TRIGGER livesync_sql_drop ON sql_drop EXECUTE FUNCTION livesync._on_sql_drop();
+CREATE EVENT TRIGGER livesync_ddl_end ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER INDEX', 'DROP INDEX')
+    EXECUTE FUNCTION livesync._on_ddl_end();

@@ -1,0 +1,340 @@
+//! Capture: the triggers `livesync.track()` installs on a table.
+//!
+//! - `_stamp_version` (BEFORE INSERT OR UPDATE, per row) stamps the row's next version.
+//! - `_capture` (AFTER INSERT / UPDATE / DELETE per statement, with transition
+//!   tables; AFTER TRUNCATE) writes the statement's changes to `livesync.changes` in
+//!   one insert, however many rows the statement touched.
+//!
+//! Updates are paired old-to-new by primary key. Postgres fills the two transition
+//! tables in step, so the pairs normally line up and are checked cheaply; when a
+//! statement changed primary keys they are re-paired by key, and a row whose key
+//! changed is logged as the delete of the old key and the insert of the new one,
+//! which is what a subscriber keyed by primary key needs to apply.
+
+use crate::error::LivesyncError;
+use crate::internal_spi::{self, CachedPlan};
+use crate::row_json::{RowEncoder, VERSION_COLUMN};
+use crate::sequencer;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::ffi::c_char;
+
+/// Errors raised by the capture triggers.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("livesync capture called outside a row trigger that has a new row")]
+    NoNewRow,
+    #[error(transparent)]
+    Tuple(#[from] pgrx::heap_tuple::PgHeapTupleError),
+    #[error(transparent)]
+    Datum(#[from] pgrx::datum::TryFromDatumError),
+}
+
+#[pg_trigger]
+fn _stamp_version<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, CaptureError> {
+    let mut row = trigger.new().ok_or(CaptureError::NoNewRow)?.into_owned();
+    let version = next_version();
+    row.set_by_name(VERSION_COLUMN.to_str().expect("ASCII name"), version)?;
+    Ok(Some(row))
+}
+
+#[pg_trigger]
+fn _capture<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, CaptureError> {
+    unsafe { capture_statement(trigger.trigger_data()) };
+    Ok(None)
+}
+
+fn next_version() -> i64 {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), false);
+        let sequence = pg_sys::get_relname_relid(c"version_seq".as_ptr(), namespace);
+        if sequence == pg_sys::InvalidOid {
+            LivesyncError::NotInstalled.raise();
+        }
+        // nextval() checks privileges: the writer needs none on livesync's sequence.
+        internal_spi::as_extension_owner(|| {
+            pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(pg_sys::Datum::from(sequence))])
+        })
+        .expect("nextval never returns NULL")
+    }
+}
+
+/// One statement's changes, in the order they will be numbered.
+#[derive(Default)]
+struct ChangeBatch {
+    ops: Vec<c_char>,
+    keys: Vec<Option<pg_sys::Datum>>,
+    olds: Vec<Option<pg_sys::Datum>>,
+    news: Vec<Option<pg_sys::Datum>>,
+    versions: Vec<Option<pg_sys::Datum>>,
+}
+
+impl ChangeBatch {
+    fn push(
+        &mut self,
+        op: u8,
+        key: Option<pg_sys::Datum>,
+        old: Option<pg_sys::Datum>,
+        new: Option<pg_sys::Datum>,
+        version: Option<i64>,
+    ) {
+        self.ops.push(op as c_char);
+        self.keys.push(key);
+        self.olds.push(old);
+        self.news.push(new);
+        self.versions.push(version.map(pg_sys::Datum::from));
+    }
+
+    fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+unsafe fn capture_statement(td: &pg_sys::TriggerData) {
+    unsafe {
+        let rel = td.tg_relation;
+        let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+        let mut batch = ChangeBatch::default();
+
+        if event == pg_sys::TRIGGER_EVENT_TRUNCATE {
+            batch.push(b't', None, None, None, None);
+        } else {
+            let mut encoder = RowEncoder::new(rel).unwrap_or_else(|e| e.raise());
+            let tupdesc = (*rel).rd_att;
+            match event {
+                pg_sys::TRIGGER_EVENT_INSERT => {
+                    for_each_row(td.tg_newtable, tupdesc, |slot| {
+                        push_whole(&mut batch, &mut encoder, b'i', slot)
+                    });
+                }
+                pg_sys::TRIGGER_EVENT_DELETE => {
+                    for_each_row(td.tg_oldtable, tupdesc, |slot| {
+                        push_whole(&mut batch, &mut encoder, b'd', slot)
+                    });
+                }
+                _ => capture_updates(td, tupdesc, &mut encoder, &mut batch),
+            }
+        }
+        if batch.len() == 0 {
+            return;
+        }
+        write_batch((*rel).rd_id, &batch);
+    }
+}
+
+/// Logs an insert or delete: the key and the whole row.
+unsafe fn push_whole(
+    batch: &mut ChangeBatch,
+    encoder: &mut RowEncoder,
+    op: u8,
+    slot: *mut pg_sys::TupleTableSlot,
+) {
+    unsafe {
+        let whole = encoder.whole(slot);
+        let row = Some(encoder.without_version(whole));
+        let key = Some(encoder.key_of(whole));
+        if op == b'i' {
+            batch.push(op, key, None, row, encoder.version(slot));
+        } else {
+            // The row is gone, but its key gets a new version all the same: the
+            // tombstone is newer than anything a client holds for that key.
+            batch.push(op, key, row, None, Some(next_version()));
+        }
+    }
+}
+
+unsafe fn capture_updates(
+    td: &pg_sys::TriggerData,
+    tupdesc: pg_sys::TupleDesc,
+    encoder: &mut RowEncoder,
+    batch: &mut ChangeBatch,
+) {
+    unsafe {
+        let olds = read_all(td.tg_oldtable, tupdesc);
+        let news = read_all(td.tg_newtable, tupdesc);
+        let in_step = olds.len() == news.len()
+            && olds.iter().zip(&news).all(|(&o, &n)| encoder.same_key(o, n));
+        if in_step {
+            for (&old, &new) in olds.iter().zip(&news) {
+                push_update(batch, encoder, old, new);
+            }
+        } else {
+            // Primary keys changed: pair by key; the unpaired are deletes and inserts.
+            let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
+            let old_wholes: Vec<_> = olds.iter().map(|&s| encoder.whole(s)).collect();
+            for (i, &whole) in old_wholes.iter().enumerate() {
+                old_by_key.insert(jsonb_bytes(encoder.key_of(whole)), i);
+            }
+            let mut pairs = Vec::with_capacity(news.len());
+            let mut paired = vec![false; olds.len()];
+            for &new in &news {
+                let new_whole = encoder.whole(new);
+                let old = old_by_key.get(&jsonb_bytes(encoder.key_of(new_whole))).copied();
+                if let Some(i) = old {
+                    paired[i] = true;
+                }
+                pairs.push((old, new));
+            }
+            for (i, &old) in olds.iter().enumerate() {
+                if !paired[i] {
+                    push_whole(batch, encoder, b'd', old);
+                }
+            }
+            for (old, new) in pairs {
+                match old {
+                    Some(i) => push_update(batch, encoder, olds[i], new),
+                    None => push_whole(batch, encoder, b'i', new),
+                }
+            }
+        }
+        for slot in olds.into_iter().chain(news) {
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+        }
+    }
+}
+
+unsafe fn push_update(
+    batch: &mut ChangeBatch,
+    encoder: &mut RowEncoder,
+    old: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
+) {
+    unsafe {
+        let old_whole = encoder.whole(old);
+        let new_whole = encoder.whole(new);
+        let (old_changed, new_changed) = encoder.changed_only(old, new, old_whole, new_whole);
+        let key = encoder.key_of(new_whole);
+        batch.push(b'u', Some(key), Some(old_changed), Some(new_changed), encoder.version(new));
+    }
+}
+
+/// Calls `f` with each tuple of a transition table, through a read pointer of our
+/// own so other triggers reading the same tuplestore are not disturbed.
+unsafe fn for_each_row(
+    store: *mut pg_sys::Tuplestorestate,
+    tupdesc: pg_sys::TupleDesc,
+    mut f: impl FnMut(*mut pg_sys::TupleTableSlot),
+) {
+    unsafe {
+        if store.is_null() {
+            return;
+        }
+        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+        let pointer = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+        pg_sys::tuplestore_select_read_pointer(store, pointer);
+        pg_sys::tuplestore_rescan(store);
+        while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+            f(slot);
+        }
+        pg_sys::tuplestore_select_read_pointer(store, 0);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+    }
+}
+
+/// Every tuple of a transition table, each in its own slot (update pairing needs
+/// both sides at once).
+unsafe fn read_all(
+    store: *mut pg_sys::Tuplestorestate,
+    tupdesc: pg_sys::TupleDesc,
+) -> Vec<*mut pg_sys::TupleTableSlot> {
+    let mut slots = Vec::new();
+    unsafe {
+        for_each_row(store, tupdesc, |slot| {
+            let copy = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+            pg_sys::ExecCopySlot(copy, slot);
+            slots.push(copy);
+        });
+    }
+    slots
+}
+
+unsafe fn jsonb_bytes(jsonb: pg_sys::Datum) -> Vec<u8> {
+    unsafe {
+        let value = pg_sys::pg_detoast_datum_packed(jsonb.cast_mut_ptr());
+        pgrx::varlena::varlena_to_byte_slice(value).to_vec()
+    }
+}
+
+const INSERT_CHANGES: &std::ffi::CStr = c"
+    INSERT INTO livesync.changes (tx, ordinal, relation, op, key, old, new, version, actor)
+    SELECT $1, $2 OPERATOR(pg_catalog.+) (u.n OPERATOR(pg_catalog.-) 1)::int4, $3, u.op, u.key, u.old, u.new, u.version, $4
+    FROM ROWS FROM (pg_catalog.unnest($5::\"char\"[]), pg_catalog.unnest($6::jsonb[]),
+                    pg_catalog.unnest($7::jsonb[]), pg_catalog.unnest($8::jsonb[]),
+                    pg_catalog.unnest($9::int8[]))
+         WITH ORDINALITY AS u(op, key, old, new, version, n)";
+
+thread_local! {
+    static INSERT_PLAN: CachedPlan = const { CachedPlan::new() };
+}
+
+unsafe fn write_batch(relation: pg_sys::Oid, batch: &ChangeBatch) {
+    unsafe {
+        let count = batch.len() as i32;
+        let first_ordinal = sequencer::reserve_ordinals(count);
+        let fxid = pg_sys::GetTopFullTransactionId().value;
+        let actor = crate::gucs::current_actor();
+        let actor_text = pg_sys::cstring_to_text_with_len(actor.as_ptr().cast(), actor.len() as i32);
+
+        let ops: Vec<Option<pg_sys::Datum>> =
+            batch.ops.iter().map(|&op| Some(pg_sys::Datum::from(op as u8))).collect();
+        let mut args = [
+            pg_sys::Datum::from(fxid),
+            pg_sys::Datum::from(first_ordinal),
+            pg_sys::Datum::from(relation),
+            pg_sys::Datum::from(actor_text),
+            array_of(&ops, pg_sys::CHAROID, 1, true, pg_sys::TYPALIGN_CHAR as c_char),
+            array_of(&batch.keys, pg_sys::JSONBOID, -1, false, pg_sys::TYPALIGN_INT as c_char),
+            array_of(&batch.olds, pg_sys::JSONBOID, -1, false, pg_sys::TYPALIGN_INT as c_char),
+            array_of(&batch.news, pg_sys::JSONBOID, -1, false, pg_sys::TYPALIGN_INT as c_char),
+            array_of(&batch.versions, pg_sys::INT8OID, 8, true, pg_sys::TYPALIGN_DOUBLE as c_char),
+        ];
+        let types = [
+            pg_sys::XID8OID,
+            pg_sys::INT4OID,
+            pg_sys::OIDOID,
+            pg_sys::TEXTOID,
+            pg_sys::CHARARRAYOID,
+            pg_sys::JSONBARRAYOID,
+            pg_sys::JSONBARRAYOID,
+            pg_sys::JSONBARRAYOID,
+            pg_sys::INT8ARRAYOID,
+        ];
+        internal_spi::as_extension_owner(|| {
+            internal_spi::execute_cached(&INSERT_PLAN, INSERT_CHANGES, &types, &mut args, None)
+        });
+    }
+}
+
+/// A one-dimensional array datum; `None` elements become SQL NULLs.
+unsafe fn array_of(
+    items: &[Option<pg_sys::Datum>],
+    element_type: pg_sys::Oid,
+    element_len: i32,
+    by_value: bool,
+    align: c_char,
+) -> pg_sys::Datum {
+    unsafe {
+        let mut values: Vec<pg_sys::Datum> =
+            items.iter().map(|d| d.unwrap_or(pg_sys::Datum::from(0usize))).collect();
+        let mut nulls: Vec<bool> = items.iter().map(|d| d.is_none()).collect();
+        let mut dims = [items.len() as i32];
+        let mut lower_bounds = [1];
+        let array = pg_sys::construct_md_array(
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            1,
+            dims.as_mut_ptr(),
+            lower_bounds.as_mut_ptr(),
+            element_type,
+            element_len,
+            by_value,
+            align,
+        );
+        pg_sys::Datum::from(array)
+    }
+}

@@ -1,0 +1,50 @@
+//! The extension's one error type. Every variant maps to a stable SQLSTATE so clients
+//! (and the bridge) can branch on the code, not on message text.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgSqlErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LivesyncError {
+    #[error("PREPARE TRANSACTION is not supported for transactions that change tracked tables")]
+    PrepareNotSupported,
+    #[error("tracked table {0} has no primary key")]
+    NoPrimaryKey(String),
+    #[error("tracked table {0} has no _livesync_version bigint column")]
+    NoVersionColumn(String),
+    #[error("livesync is not installed in this database")]
+    NotInstalled,
+}
+
+impl LivesyncError {
+    fn code(&self) -> PgSqlErrorCode {
+        match self {
+            LivesyncError::PrepareNotSupported => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            LivesyncError::NoPrimaryKey(_) | LivesyncError::NoVersionColumn(_) => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            LivesyncError::NotInstalled => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            LivesyncError::PrepareNotSupported => {
+                "Commit the transaction directly; livesync assigns change positions at commit."
+            }
+            LivesyncError::NoPrimaryKey(_) | LivesyncError::NoVersionColumn(_) => {
+                "Call livesync.untrack() and livesync.track() on the table to repair its capture."
+            }
+            LivesyncError::NotInstalled => "Run CREATE EXTENSION livesync in this database.",
+        }
+    }
+
+    /// Raises this error as a Postgres ERROR; does not return.
+    pub fn raise(self) -> ! {
+        let hint = self.hint();
+        ErrorReport::new(self.code(), self.to_string(), "livesync")
+            .set_hint(hint)
+            .report(pgrx::PgLogLevel::ERROR);
+        unreachable!("ERROR-level reports do not return")
+    }
+}

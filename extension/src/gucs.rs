@@ -1,0 +1,31 @@
+//! The extension's settings, all in the `livesync.*` namespace.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// `livesync.actor`: who the change log records as the author of this session's
+/// writes. The bridge sets it to the authenticated user it writes for; when it is
+/// unset or empty, the log records `current_user`.
+pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"livesync.actor",
+        c"Actor recorded in the change log for this session's writes.",
+        c"Empty means current_user. The bridge sets it per request to the authenticated user.",
+        &ACTOR,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+/// The actor to record for a write made now.
+pub fn current_actor() -> String {
+    match ACTOR.get() {
+        Some(actor) if !actor.as_bytes().is_empty() => actor.to_string_lossy().into_owned(),
+        _ => unsafe {
+            let name = pgrx::pg_sys::GetUserNameFromId(pgrx::pg_sys::GetUserId(), false);
+            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        },
+    }
+}

@@ -1,0 +1,85 @@
+//! Running livesync's own statements from C-level code paths (triggers, commit
+//! callbacks): kept plans, executed as the bootstrap superuser.
+//!
+//! Capture runs inside the writer's transaction with the writer's identity, but the
+//! writer must not need (or get) privileges on livesync's tables: otherwise any role
+//! that can write a tracked table could also forge log entries. The statements here
+//! are fixed, schema-qualified and parameterised, so running them as the superuser
+//! hands the caller nothing.
+
+use pgrx::pg_sys;
+use std::cell::Cell;
+use std::ffi::{c_char, CStr};
+use std::thread::LocalKey;
+
+/// A plan prepared on first use and kept for the life of the backend. Postgres
+/// revalidates kept plans itself when the objects they use change.
+pub struct CachedPlan(Cell<pg_sys::SPIPlanPtr>);
+
+impl CachedPlan {
+    pub const fn new() -> Self {
+        CachedPlan(Cell::new(std::ptr::null_mut()))
+    }
+}
+
+/// Runs `f` with the current user switched to the bootstrap superuser. An error
+/// inside `f` aborts the (sub)transaction, which restores the user by itself.
+pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        let result = f();
+        pg_sys::SetUserIdAndSecContext(user, context);
+        result
+    }
+}
+
+/// Executes a kept plan and returns the first column of the first row as int8, if
+/// the statement returned a row.
+///
+/// # Safety
+/// `types` must describe `args` (and `nulls`, when given, must have the same length,
+/// with `b'n'` marking a NULL argument).
+pub unsafe fn execute_cached(
+    cache: &'static LocalKey<CachedPlan>,
+    sql: &CStr,
+    types: &[pg_sys::Oid],
+    args: &mut [pg_sys::Datum],
+    nulls: Option<&[c_char]>,
+) -> Option<i64> {
+    unsafe {
+        pg_sys::SPI_connect();
+        let plan = cache.with(|cached| {
+            if cached.0.get().is_null() {
+                let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr().cast_mut());
+                if plan.is_null() {
+                    pgrx::error!("livesync: could not prepare an internal statement");
+                }
+                pg_sys::SPI_keepplan(plan);
+                cached.0.set(plan);
+            }
+            cached.0.get()
+        });
+        let nulls_ptr = nulls.map_or(std::ptr::null(), |n| n.as_ptr());
+        let rc = pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls_ptr, false, 0);
+        if rc < 0 {
+            pgrx::error!("livesync: internal statement failed (SPI code {rc})");
+        }
+        let mut result = None;
+        let table = pg_sys::SPI_tuptable;
+        if pg_sys::SPI_processed > 0 && !table.is_null() {
+            let mut is_null = false;
+            let value = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut is_null);
+            if !is_null {
+                result = Some(value.value() as i64);
+            }
+        }
+        pg_sys::SPI_finish();
+        result
+    }
+}

@@ -1,0 +1,41 @@
+//! livesync: versioned, commit-ordered change capture for real-time sync.
+//!
+//! - `capture`: the triggers that write every change of a tracked table to the log.
+//! - `row_json`: how a tuple becomes the key / row / delta jsonb the log stores.
+//! - `sequencer`: commit-time positions and the `livesync` doorbell.
+//! - `internal_spi`: running livesync's own statements from triggers and callbacks.
+//! - `gucs`, `error`: settings and the error type.
+//! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
+
+use pgrx::prelude::*;
+
+mod capture;
+mod error;
+mod gucs;
+mod internal_spi;
+mod row_json;
+mod sequencer;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/log.sql", name = "log");
+extension_sql_file!(
+    "../sql/tracking.sql",
+    name = "tracking",
+    requires = ["log", capture::_capture, capture::_stamp_version]
+);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    sequencer::init();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
