@@ -31,7 +31,7 @@ BEGIN
     END IF;
     IF rel::oid IN (SELECT objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
                     WHERE e.extname = 'livesync' AND d.classid = 'pg_class'::regclass) THEN
-        RAISE EXCEPTION '% belongs to livesync and cannot be tracked', rel USING ERRCODE = 'LS002';
+        RAISE EXCEPTION '% belongs to livesync and cannot be tracked', rel USING ERRCODE = 'wrong_object_type';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = rel AND indisprimary) THEN
         RAISE EXCEPTION 'table % has no primary key', rel

@@ -1,0 +1,109 @@
+-- what this shows: every INSERT, UPDATE, DELETE and TRUNCATE on a tracked table lands
+-- in the log with its key and delta: inserts carry only "new", deletes only "old",
+-- updates only the columns whose value changed. Rolled-back work leaves nothing.
+\set SHOW_CONTEXT never
+CREATE TABLE todos (
+    id      int PRIMARY KEY,
+    title   text,
+    done    bool DEFAULT false,
+    tags    text[],
+    due     timestamptz,
+    amount  numeric,
+    meta    jsonb
+);
+SELECT livesync.track('todos');
+SET timezone = 'UTC';
+SELECT livesync.current_position() AS p0 \gset
+
+INSERT INTO todos (id, title, tags, due, amount, meta)
+VALUES (1, 'milk', '{shop}', '2026-01-02 03:04:05+00', 1.50, '{"a": [1, 2]}'),
+       (2, 'eggs', NULL, NULL, NULL, NULL);
+UPDATE todos SET done = true WHERE id = 1;
+-- a column set to NULL, and a column set to the value it already had (not in the delta)
+UPDATE todos SET title = NULL, amount = 1.50 WHERE id = 1;
+-- an update that changes nothing is still a write: it is logged with an empty delta
+UPDATE todos SET title = title WHERE id = 2;
+DELETE FROM todos WHERE id = 2;
+SELECT * FROM log_after(:p0);
+
+-- one statement touching many rows: one change per row, all in one transaction
+SELECT livesync.current_position() AS p1 \gset
+INSERT INTO todos (id, title) SELECT g, 'item ' || g FROM generate_series(10, 14) g;
+UPDATE todos SET done = NOT done WHERE id BETWEEN 10 AND 14;
+SELECT pos, op, key, delta FROM log_after(:p1);
+SELECT count(DISTINCT tx) AS transactions, count(*) AS changes FROM livesync.changes_since(:p1);
+
+-- several statements in one transaction share one transaction and consecutive positions
+SELECT livesync.current_position() AS p2 \gset
+BEGIN;
+INSERT INTO todos (id, title) VALUES (20, 'a');
+UPDATE todos SET title = 'b' WHERE id = 20;
+DELETE FROM todos WHERE id = 20;
+COMMIT;
+SELECT pos, op, key, delta FROM log_after(:p2);
+SELECT count(DISTINCT tx) AS transactions FROM livesync.changes_since(:p2);
+
+-- rolled back: nothing captured; a rolled-back savepoint drops only its own changes
+SELECT livesync.current_position() AS p3 \gset
+BEGIN;
+INSERT INTO todos (id, title) VALUES (30, 'rolled back');
+ROLLBACK;
+BEGIN;
+INSERT INTO todos (id, title) VALUES (31, 'kept');
+SAVEPOINT s;
+INSERT INTO todos (id, title) VALUES (32, 'undone');
+ROLLBACK TO SAVEPOINT s;
+INSERT INTO todos (id, title) VALUES (33, 'kept too');
+COMMIT;
+SELECT op, key FROM log_after(:p3);
+-- a statement that fails leaves nothing either
+SELECT expect_error($$INSERT INTO todos (id, title) VALUES (31, 'duplicate')$$);
+SELECT op, key FROM log_after(:p3);
+
+-- changing a primary key: the old key is deleted and the new key inserted
+SELECT livesync.current_position() AS p4 \gset
+UPDATE todos SET id = 40 WHERE id = 31;
+SELECT pos, op, key, delta FROM log_after(:p4);
+
+-- INSERT ... ON CONFLICT: the insert path and the update path are each captured as what happened
+SELECT livesync.current_position() AS p5 \gset
+INSERT INTO todos (id, title) VALUES (33, 'upserted'), (50, 'new')
+ON CONFLICT (id) DO UPDATE SET title = excluded.title;
+INSERT INTO todos (id, title) VALUES (50, 'ignored') ON CONFLICT DO NOTHING;
+SELECT pos, op, key, delta FROM log_after(:p5);
+
+-- versions: every write gives the row a new, larger version; the log carries it
+SELECT livesync.current_position() AS p6 \gset
+SELECT _livesync_version AS v_before FROM todos WHERE id = 50 \gset
+UPDATE todos SET title = 'v2' WHERE id = 50;
+UPDATE todos SET title = 'v3' WHERE id = 50;
+SELECT _livesync_version > :v_before AS grew FROM todos WHERE id = 50;
+SELECT c.version = t._livesync_version AS log_matches_row
+FROM livesync.changes_since(:p6) c JOIN todos t ON t.id = (c.key ->> 'id')::int
+ORDER BY c.position DESC LIMIT 1;
+SELECT bool_and(version IS NOT NULL) AS all_versioned,
+       count(DISTINCT version) = count(*) AS all_distinct
+FROM livesync.changes_since(:p0) WHERE op <> 'truncate';
+-- the version column cannot be forged by a writer
+UPDATE todos SET _livesync_version = 1 WHERE id = 50;
+SELECT _livesync_version > 1 AS stamped_by_livesync FROM todos WHERE id = 50;
+
+-- large values (stored out of line) are captured whole, and left out when unchanged
+SELECT livesync.current_position() AS p7 \gset
+INSERT INTO todos (id, title) VALUES (60, repeat('x', 100000));
+UPDATE todos SET done = true WHERE id = 60;
+SELECT op, length(delta -> 'title' ->> 'new') AS title_length, delta ? 'done' AS has_done
+FROM livesync.changes_since(:p7) ORDER BY position;
+
+-- the actor: livesync.actor when set, otherwise current_user
+SELECT livesync.current_position() AS p8 \gset
+UPDATE todos SET done = false WHERE id = 60;
+SET livesync.actor = 'user:42';
+UPDATE todos SET done = true WHERE id = 60;
+RESET livesync.actor;
+SELECT pos, actor FROM log_after(:p8);
+
+-- TRUNCATE is one change with no key
+SELECT livesync.current_position() AS p9 \gset
+TRUNCATE todos;
+SELECT pos, relation, op, key, delta FROM log_after(:p9);

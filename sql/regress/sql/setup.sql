@@ -1,0 +1,29 @@
+-- what this shows: the extension installs into its own schema, and the helper the
+-- other files use to show an error's SQLSTATE, message and hint.
+CREATE EXTENSION livesync;
+SELECT extname, extversion IS NOT NULL AS has_version, n.nspname AS schema
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE extname = 'livesync';
+
+-- Runs a statement that must fail; returns "SQLSTATE: message" and the hint.
+CREATE FUNCTION public.expect_error(statement text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    state text; message text; hint text;
+BEGIN
+    EXECUTE statement;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT, hint = PG_EXCEPTION_HINT;
+    RETURN state || ': ' || message || CASE WHEN hint <> '' THEN E'\nHINT: ' || hint ELSE '' END;
+END
+$$;
+
+-- The changes after a position, without the columns that differ from run to run
+-- (transaction id, commit time), positions shown relative to that position.
+CREATE FUNCTION public.log_after(after bigint, max_changes int DEFAULT 1000)
+RETURNS TABLE (pos bigint, relation regclass, op text, key jsonb, delta jsonb, actor text)
+LANGUAGE sql AS $$
+    SELECT c.position - after, c.relation, c.op, c.key, c.delta, c.actor
+    FROM livesync.changes_since(after, max_changes) c ORDER BY c.position
+$$;
