@@ -58,7 +58,10 @@ fn next_version() -> i64 {
         }
         // nextval() checks privileges: the writer needs none on livesync's sequence.
         internal_spi::as_extension_owner(|| {
-            pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(pg_sys::Datum::from(sequence))])
+            pgrx::direct_function_call::<i64>(
+                pg_sys::nextval_oid,
+                &[Some(pg_sys::Datum::from(sequence))],
+            )
         })
         .expect("nextval never returns NULL")
     }
@@ -158,7 +161,10 @@ unsafe fn capture_updates(
         let olds = read_all(td.tg_oldtable, tupdesc);
         let news = read_all(td.tg_newtable, tupdesc);
         let in_step = olds.len() == news.len()
-            && olds.iter().zip(&news).all(|(&o, &n)| encoder.same_key(o, n));
+            && olds
+                .iter()
+                .zip(&news)
+                .all(|(&o, &n)| encoder.same_key(o, n));
         if in_step {
             for (&old, &new) in olds.iter().zip(&news) {
                 push_update(batch, encoder, old, new);
@@ -174,7 +180,9 @@ unsafe fn capture_updates(
             let mut paired = vec![false; olds.len()];
             for &new in &news {
                 let new_whole = encoder.whole(new);
-                let old = old_by_key.get(&jsonb_bytes(encoder.key_of(new_whole))).copied();
+                let old = old_by_key
+                    .get(&jsonb_bytes(encoder.key_of(new_whole)))
+                    .copied();
                 if let Some(i) = old {
                     paired[i] = true;
                 }
@@ -209,7 +217,13 @@ unsafe fn push_update(
         let new_whole = encoder.whole(new);
         let (old_changed, new_changed) = encoder.changed_only(old, new, old_whole, new_whole);
         let key = encoder.key_of(new_whole);
-        batch.push(b'u', Some(key), Some(old_changed), Some(new_changed), encoder.version(new));
+        batch.push(
+            b'u',
+            Some(key),
+            Some(old_changed),
+            Some(new_changed),
+            encoder.version(new),
+        );
     }
 }
 
@@ -278,20 +292,54 @@ unsafe fn write_batch(relation: pg_sys::Oid, batch: &ChangeBatch) {
         let first_ordinal = sequencer::reserve_ordinals(count);
         let fxid = pg_sys::GetTopFullTransactionId().value;
         let actor = crate::gucs::current_actor();
-        let actor_text = pg_sys::cstring_to_text_with_len(actor.as_ptr().cast(), actor.len() as i32);
+        let actor_text =
+            pg_sys::cstring_to_text_with_len(actor.as_ptr().cast(), actor.len() as i32);
 
-        let ops: Vec<Option<pg_sys::Datum>> =
-            batch.ops.iter().map(|&op| Some(pg_sys::Datum::from(op as u8))).collect();
+        let ops: Vec<Option<pg_sys::Datum>> = batch
+            .ops
+            .iter()
+            .map(|&op| Some(pg_sys::Datum::from(op as u8)))
+            .collect();
         let mut args = [
             pg_sys::Datum::from(fxid),
             pg_sys::Datum::from(first_ordinal),
             pg_sys::Datum::from(relation),
             pg_sys::Datum::from(actor_text),
-            array_of(&ops, pg_sys::CHAROID, 1, true, pg_sys::TYPALIGN_CHAR as c_char),
-            array_of(&batch.keys, pg_sys::JSONBOID, -1, false, pg_sys::TYPALIGN_INT as c_char),
-            array_of(&batch.olds, pg_sys::JSONBOID, -1, false, pg_sys::TYPALIGN_INT as c_char),
-            array_of(&batch.news, pg_sys::JSONBOID, -1, false, pg_sys::TYPALIGN_INT as c_char),
-            array_of(&batch.versions, pg_sys::INT8OID, 8, true, pg_sys::TYPALIGN_DOUBLE as c_char),
+            array_of(
+                &ops,
+                pg_sys::CHAROID,
+                1,
+                true,
+                pg_sys::TYPALIGN_CHAR as c_char,
+            ),
+            array_of(
+                &batch.keys,
+                pg_sys::JSONBOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as c_char,
+            ),
+            array_of(
+                &batch.olds,
+                pg_sys::JSONBOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as c_char,
+            ),
+            array_of(
+                &batch.news,
+                pg_sys::JSONBOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as c_char,
+            ),
+            array_of(
+                &batch.versions,
+                pg_sys::INT8OID,
+                8,
+                true,
+                pg_sys::TYPALIGN_DOUBLE as c_char,
+            ),
         ];
         let types = [
             pg_sys::XID8OID,
@@ -319,8 +367,10 @@ unsafe fn array_of(
     align: c_char,
 ) -> pg_sys::Datum {
     unsafe {
-        let mut values: Vec<pg_sys::Datum> =
-            items.iter().map(|d| d.unwrap_or(pg_sys::Datum::from(0usize))).collect();
+        let mut values: Vec<pg_sys::Datum> = items
+            .iter()
+            .map(|d| d.unwrap_or(pg_sys::Datum::from(0usize)))
+            .collect();
         let mut nulls: Vec<bool> = items.iter().map(|d| d.is_none()).collect();
         let mut dims = [items.len() as i32];
         let mut lower_bounds = [1];

@@ -25,7 +25,9 @@ pub fn current_actor() -> String {
         Some(actor) if !actor.as_bytes().is_empty() => actor.to_string_lossy().into_owned(),
         _ => unsafe {
             let name = pgrx::pg_sys::GetUserNameFromId(pgrx::pg_sys::GetUserId(), false);
-            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
         },
     }
 }

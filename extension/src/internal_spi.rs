@@ -56,7 +56,11 @@ pub unsafe fn execute_cached(
         pg_sys::SPI_connect();
         let plan = cache.with(|cached| {
             if cached.0.get().is_null() {
-                let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_ptr().cast_mut());
+                let plan = pg_sys::SPI_prepare(
+                    sql.as_ptr(),
+                    types.len() as i32,
+                    types.as_ptr().cast_mut(),
+                );
                 if plan.is_null() {
                     pgrx::error!("livesync: could not prepare an internal statement");
                 }

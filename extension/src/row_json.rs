@@ -154,7 +154,10 @@ impl RowEncoder {
                 }
             }
             let drop = text_array(&unchanged);
-            (jsonb_delete_keys(old_whole, drop), jsonb_delete_keys(new_whole, drop))
+            (
+                jsonb_delete_keys(old_whole, drop),
+                jsonb_delete_keys(new_whole, drop),
+            )
         }
     }
 
@@ -164,7 +167,9 @@ impl RowEncoder {
         a: *mut pg_sys::TupleTableSlot,
         b: *mut pg_sys::TupleTableSlot,
     ) -> bool {
-        self.key_columns.iter().all(|&i| unsafe { self.same_value(a, b, i) })
+        self.key_columns
+            .iter()
+            .all(|&i| unsafe { self.same_value(a, b, i) })
     }
 
     /// The row's `_livesync_version`.
@@ -207,17 +212,25 @@ unsafe fn same_image(a: pg_sys::Datum, b: pg_sys::Datum, by_value: bool, len: i1
         }
         if len > 0 {
             let (a, b) = (a.cast_mut_ptr::<u8>(), b.cast_mut_ptr::<u8>());
-            return std::slice::from_raw_parts(a, len as usize) == std::slice::from_raw_parts(b, len as usize);
+            return std::slice::from_raw_parts(a, len as usize)
+                == std::slice::from_raw_parts(b, len as usize);
         }
         if len == -2 {
             return CStr::from_ptr(a.cast_mut_ptr()) == CStr::from_ptr(b.cast_mut_ptr());
         }
         // varlena: an update that did not touch a toasted column keeps the very same
         // toast pointer, so compare the stored bytes before detoasting anything.
-        let (ra, rb) = (a.cast_mut_ptr::<pg_sys::varlena>(), b.cast_mut_ptr::<pg_sys::varlena>());
-        let (sa, sb) = (pgrx::varlena::varsize_any(ra), pgrx::varlena::varsize_any(rb));
+        let (ra, rb) = (
+            a.cast_mut_ptr::<pg_sys::varlena>(),
+            b.cast_mut_ptr::<pg_sys::varlena>(),
+        );
+        let (sa, sb) = (
+            pgrx::varlena::varsize_any(ra),
+            pgrx::varlena::varsize_any(rb),
+        );
         if sa == sb
-            && std::slice::from_raw_parts(ra.cast::<u8>(), sa) == std::slice::from_raw_parts(rb.cast::<u8>(), sb)
+            && std::slice::from_raw_parts(ra.cast::<u8>(), sa)
+                == std::slice::from_raw_parts(rb.cast::<u8>(), sb)
         {
             return true;
         }

@@ -18,8 +18,8 @@
 
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
-use std::cell::Cell;
 use pgrx::IntoDatum;
+use std::cell::Cell;
 use std::ffi::CStr;
 
 /// The transaction whose changes are waiting for a position block.
@@ -49,13 +49,19 @@ pub fn reserve_ordinals(count: i32) -> i32 {
             Some(p) if p.fxid == fxid => p.next_ordinal,
             _ => 1,
         };
-        pending.set(Some(Pending { fxid, next_ordinal: first + count }));
+        pending.set(Some(Pending {
+            fxid,
+            next_ordinal: first + count,
+        }));
         first
     })
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => {
@@ -63,12 +69,13 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 unsafe { assign_positions(pending) };
             }
         }
-        XACT_EVENT_PRE_PREPARE => {
-            if PENDING.with(|p| p.get()).is_some() {
-                LivesyncError::PrepareNotSupported.raise();
-            }
+        XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.get()).is_some() => {
+            LivesyncError::PrepareNotSupported.raise();
         }
-        XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_COMMIT
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
         | XACT_EVENT_PARALLEL_ABORT => PENDING.set(None),
         _ => {}
     }
@@ -102,7 +109,13 @@ unsafe fn assign_positions(pending: Pending) {
                 pg_sys::Datum::from(count),
             ];
             let types = [pg_sys::XID8OID, pg_sys::INT8OID];
-            crate::internal_spi::execute_cached(&COMMIT_PLAN, RECORD_COMMIT, &types, &mut args, None)
+            crate::internal_spi::execute_cached(
+                &COMMIT_PLAN,
+                RECORD_COMMIT,
+                &types,
+                &mut args,
+                None,
+            )
         })
         .expect("INSERT ... RETURNING returns the row it inserted");
         pg_sys::PopActiveSnapshot();

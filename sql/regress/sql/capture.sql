@@ -107,3 +107,11 @@ SELECT pos, actor FROM log_after(:p8);
 SELECT livesync.current_position() AS p9 \gset
 TRUNCATE todos;
 SELECT pos, relation, op, key, delta FROM log_after(:p9);
+
+-- two-phase commit cannot be sequenced at PREPARE time: refused, and nothing is kept
+SELECT livesync.current_position() AS p10 \gset
+BEGIN;
+INSERT INTO todos (id, title) VALUES (70, 'prepared');
+PREPARE TRANSACTION 'livesync_regress';
+SELECT count(*) AS captured FROM livesync.changes_since(:p10);
+SELECT count(*) AS rows_kept FROM todos WHERE id = 70;
