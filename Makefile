@@ -22,7 +22,7 @@ prepare:
 	.ci/prepare-machine
 
 install: prepare
-	cd extension && cargo pgrx install --pg-config $(PG_CONFIG)
+	.ci/install-extension
 
 demo:
 	$(PSQL) -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'livesync'" | grep -q 1 \

@@ -31,9 +31,19 @@ CREATE TABLE livesync.commits (
 COMMENT ON TABLE livesync.commits IS
     'One row per committed transaction that changed tracked rows: the block of positions it was given at commit.';
 
--- Positions are drawn from this sequence at commit, under the sequencer lock; a
--- transaction that fails after drawing leaves a numeric gap that no reader waits on.
+-- Positions are drawn from this sequence by the sequencer, under the sequencer lock
+-- (ExclusiveLock on livesync.commits); a tick that fails after drawing leaves a
+-- numeric gap that no reader waits on.
 CREATE SEQUENCE livesync.position_seq AS int8 MINVALUE 1;
+
+-- The snapshot the last sequencing tick ran with: every transaction visible in it
+-- has been given positions. The next tick looks only at transactions that were
+-- still running then (its xip list) or started after (at or past its xmax).
+CREATE TABLE livesync._sequencer (
+    only_row bool PRIMARY KEY DEFAULT true CHECK (only_row),
+    snapshot pg_snapshot NOT NULL
+);
+INSERT INTO livesync._sequencer (snapshot) VALUES (pg_current_snapshot());
 
 -- Row versions: every write to a tracked row stamps the next value into its
 -- `_livesync_version` column. No cache, so a row's versions only ever grow.
@@ -46,10 +56,9 @@ CREATE TABLE livesync._retention (
 );
 INSERT INTO livesync._retention DEFAULT VALUES;
 
--- The log is part of the extension: pg_dump keeps its contents.
-SELECT pg_catalog.pg_extension_config_dump('livesync.changes', '');
-SELECT pg_catalog.pg_extension_config_dump('livesync.commits', '');
-SELECT pg_catalog.pg_extension_config_dump('livesync._retention', '');
+-- The log is not dumped: its transaction ids mean nothing in another cluster. A
+-- database restored from a dump starts with an empty log, and readers holding old
+-- positions are told to resync (LS001).
 
 CREATE FUNCTION livesync.current_position() RETURNS bigint
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
@@ -91,6 +100,9 @@ DECLARE
     kept_from bigint;
     newest    bigint;
 BEGIN
+    -- With livesync preloaded, make sure this database's sequencer worker runs: after
+    -- a server restart the first reader starts it, not only the first writer.
+    PERFORM livesync._ensure_sequencer();
     IF max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be at least 1, got %', max_changes
             USING ERRCODE = 'invalid_parameter_value';

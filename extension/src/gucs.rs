@@ -1,6 +1,6 @@
 //! The extension's settings, all in the `livesync.*` namespace.
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 /// `livesync.actor`: who the change log records as the author of this session's
@@ -8,7 +8,34 @@ use std::ffi::CString;
 /// unset or empty, the log records `current_user`.
 pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// `livesync.sequencer`: who gives this session's commits their positions.
+/// `auto` hands them to the database's sequencer worker when one runs (needs
+/// `shared_preload_libraries = 'livesync'`) and sequences at commit otherwise;
+/// `commit` always sequences at commit (positions visible when COMMIT returns).
+pub static SEQUENCER: GucSetting<SequencerMode> =
+    GucSetting::<SequencerMode>::new(SequencerMode::Auto);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SequencerMode {
+    #[name = c"auto"]
+    Auto,
+    #[name = c"commit"]
+    Commit,
+}
+
+pub fn sequencer_mode() -> SequencerMode {
+    SEQUENCER.get()
+}
+
 pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"livesync.sequencer",
+        c"Who assigns positions to this session's commits: auto (worker when running) or commit.",
+        c"auto hands sequencing to the per-database worker when shared_preload_libraries includes livesync; commit sequences in the committing transaction.",
+        &SEQUENCER,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"livesync.actor",
         c"Actor recorded in the change log for this session's writes.",

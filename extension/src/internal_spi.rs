@@ -52,6 +52,30 @@ pub unsafe fn execute_cached(
     args: &mut [pg_sys::Datum],
     nulls: Option<&[c_char]>,
 ) -> Option<i64> {
+    unsafe { execute(cache, sql, types, args, nulls, std::ptr::null_mut()) }
+}
+
+/// Executes a kept plan that takes no arguments against a given snapshot (instead of
+/// the transaction's), returning the first column of the first row as int8.
+///
+/// # Safety
+/// `snapshot` must be a registered snapshot that outlives the call.
+pub unsafe fn execute_cached_with_snapshot(
+    cache: &'static LocalKey<CachedPlan>,
+    sql: &CStr,
+    snapshot: pg_sys::Snapshot,
+) -> Option<i64> {
+    unsafe { execute(cache, sql, &[], &mut [], None, snapshot) }
+}
+
+unsafe fn execute(
+    cache: &'static LocalKey<CachedPlan>,
+    sql: &CStr,
+    types: &[pg_sys::Oid],
+    args: &mut [pg_sys::Datum],
+    nulls: Option<&[c_char]>,
+    snapshot: pg_sys::Snapshot,
+) -> Option<i64> {
     unsafe {
         pg_sys::SPI_connect();
         let plan = cache.with(|cached| {
@@ -70,7 +94,20 @@ pub unsafe fn execute_cached(
             cached.0.get()
         });
         let nulls_ptr = nulls.map_or(std::ptr::null(), |n| n.as_ptr());
-        let rc = pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls_ptr, false, 0);
+        let rc = if snapshot.is_null() {
+            pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls_ptr, false, 0)
+        } else {
+            pg_sys::SPI_execute_snapshot(
+                plan,
+                args.as_mut_ptr(),
+                nulls_ptr,
+                snapshot,
+                std::ptr::null_mut(),
+                false,
+                false,
+                0,
+            )
+        };
         if rc < 0 {
             pgrx::error!("livesync: internal statement failed (SPI code {rc})");
         }

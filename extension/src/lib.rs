@@ -2,7 +2,8 @@
 //!
 //! - `capture`: the triggers that write every change of a tracked table to the log.
 //! - `row_json`: how a tuple becomes the key / row / delta jsonb the log stores.
-//! - `sequencer`: commit-time positions and the `livesync` doorbell.
+//! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
+//! - `worker`: the per-database background worker that runs the ticks.
 //! - `internal_spi`: running livesync's own statements from triggers and callbacks.
 //! - `gucs`, `error`: settings and the error type.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
@@ -15,6 +16,7 @@ mod gucs;
 mod internal_spi;
 mod row_json;
 mod sequencer;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -28,6 +30,7 @@ extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    worker::init();
     sequencer::init();
 }
 

@@ -1,38 +1,54 @@
-//! Commit sequencing: how captured changes get commit-ordered positions, and the
+//! Sequencing: how captured changes get commit-ordered positions, and the
 //! `livesync` doorbell.
 //!
 //! While a transaction runs, capture numbers its changes 1, 2, 3, ... (the
-//! *ordinal*). In the PRE_COMMIT callback the transaction takes the sequencer lock
-//! (an ExclusiveLock on `livesync.commits`), draws one contiguous block of positions
-//! from `livesync.position_seq`, records it as one `livesync.commits` row, and queues
-//! one NOTIFY carrying its last position. The lock is held until the transaction has
-//! fully committed — Postgres releases locks only after the commit is visible — so
-//! blocks become visible in position order: a reader that has seen position P and
-//! reads again never finds a new commit below P, and a transaction that is merely
-//! open (idle in transaction, or still writing) holds nothing and stalls no one.
+//! *ordinal*) and files them under the transaction's `xid8`. Positions are handed out
+//! later by a *tick*, in the manner of PgQ's ticks: under the sequencer lock
+//! (ExclusiveLock on `livesync.commits`) a tick takes a fresh snapshot S and finds the
+//! transactions whose changes are visible in S but were not visible in the previous
+//! tick's snapshot P (those in P's xip list or at/after P's xmax). It gives each of
+//! them a contiguous block of positions (in xid order), records one `livesync.commits`
+//! row per transaction, stores S as the new P, and queues one NOTIFY carrying the last
+//! position — all in one transaction. Because ticks are serialised by the lock and each
+//! one only adds transactions that became visible since the last, readers always see
+//! a prefix of positions, and an open transaction (idle or still writing) holds
+//! nothing back: it is simply not in any batch until it commits.
 //!
-//! Why this technique (see docs/architecture.md): it is exact, needs no
-//! `shared_preload_libraries`, and costs one row per transaction rather than per
-//! change. Its price is that tracked commits queue on one lock from pre-commit to
-//! end of commit (as every NOTIFY in Postgres already does).
+//! Who ticks:
+//! - with `shared_preload_libraries = 'livesync'`, a background worker per database
+//!   (`worker.rs`); a committing transaction only sets the worker's latch after its
+//!   commit, so nothing is added to the commit path and rings are coalesced per batch;
+//! - otherwise, or when `livesync.sequencer = commit`, or while no worker runs, the
+//!   committing transaction ticks itself at PRE_COMMIT. Its own changes are visible to
+//!   its own snapshot, so its tick includes it, and it holds the lock through commit,
+//!   so its block becomes visible before any later block.
+//!
+//! Both kinds of tick run the same statement and can interleave freely: a transaction
+//! already given positions is never given them again (`commits.tx` is unique).
 
 use crate::error::LivesyncError;
+use crate::gucs::{self, SequencerMode};
+use crate::internal_spi::{self, CachedPlan};
+use crate::worker;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 use std::cell::Cell;
 use std::ffi::CStr;
 
-/// The transaction whose changes are waiting for a position block.
+/// The transaction whose changes are waiting for sequencing.
 #[derive(Clone, Copy)]
 struct Pending {
     /// Top-level FullTransactionId.
     fxid: u64,
-    /// The next ordinal to hand out; the transaction needs `next - 1` positions.
+    /// The next ordinal to hand out.
     next_ordinal: i32,
 }
 
 thread_local! {
     static PENDING: Cell<Option<Pending>> = const { Cell::new(None) };
+    /// The worker to wake once this transaction has committed.
+    static WAKE_AFTER_COMMIT: Cell<Option<worker::Waker>> = const { Cell::new(None) };
+    static TICK_PLAN: CachedPlan = const { CachedPlan::new() };
 }
 
 /// Registers the transaction callback; called once from `_PG_init`.
@@ -41,7 +57,7 @@ pub fn init() {
 }
 
 /// Reserves `count` consecutive ordinals in the current top-level transaction and
-/// returns the first. Also arranges for the transaction to be sequenced at commit.
+/// returns the first. Also arranges for the transaction to be sequenced.
 pub fn reserve_ordinals(count: i32) -> i32 {
     let fxid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
     PENDING.with(|pending| {
@@ -65,71 +81,104 @@ unsafe extern "C-unwind" fn on_xact_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => {
-            if let Some(pending) = PENDING.take() {
-                unsafe { assign_positions(pending) };
+            if PENDING.take().is_some() {
+                let waker = match gucs::sequencer_mode() {
+                    SequencerMode::Auto => worker::running_for_this_database(),
+                    SequencerMode::Commit => None,
+                };
+                match waker {
+                    Some(waker) => WAKE_AFTER_COMMIT.set(Some(waker)),
+                    None => unsafe {
+                        tick();
+                    },
+                }
             }
         }
         XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.get()).is_some() => {
             LivesyncError::PrepareNotSupported.raise();
         }
-        XACT_EVENT_COMMIT
-        | XACT_EVENT_ABORT
-        | XACT_EVENT_PREPARE
-        | XACT_EVENT_PARALLEL_COMMIT
-        | XACT_EVENT_PARALLEL_ABORT => PENDING.set(None),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            PENDING.set(None);
+            if let Some(waker) = WAKE_AFTER_COMMIT.take() {
+                waker.wake();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            PENDING.set(None);
+            WAKE_AFTER_COMMIT.set(None);
+        }
         _ => {}
     }
 }
 
-const RECORD_COMMIT: &CStr = c"
-    INSERT INTO livesync.commits (first_position, last_position, tx, committed_at)
-    SELECT p.first,
-           pg_catalog.setval('livesync.position_seq'::pg_catalog.regclass,
-                             p.first OPERATOR(pg_catalog.+) $2 OPERATOR(pg_catalog.-) 1),
-           $1,
-           pg_catalog.clock_timestamp()
-    FROM (SELECT pg_catalog.nextval('livesync.position_seq'::pg_catalog.regclass) AS first) AS p
-    RETURNING last_position";
+/// One tick, as a single statement so that `pg_current_snapshot()` is the very
+/// snapshot the change rows are read with. Returns the new last position, or NULL
+/// when no transaction became visible since the last tick.
+const TICK: &CStr = c"
+    WITH prev AS MATERIALIZED (
+        SELECT snapshot FROM livesync._sequencer
+    ), fresh AS MATERIALIZED (
+        SELECT c.tx, pg_catalog.max(c.ordinal)::int8 AS n
+        FROM livesync.changes c
+        WHERE (c.tx OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax((SELECT snapshot FROM prev))
+               OR c.tx OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip((SELECT snapshot FROM prev)))))
+          AND NOT EXISTS (SELECT FROM livesync.commits k WHERE k.tx OPERATOR(pg_catalog.=) c.tx)
+        GROUP BY c.tx
+    ), drawn AS MATERIALIZED (
+        SELECT pg_catalog.nextval('livesync.position_seq'::pg_catalog.regclass) AS first, t.total
+        FROM (SELECT pg_catalog.sum(n)::int8 AS total FROM fresh) AS t
+        WHERE t.total OPERATOR(pg_catalog.>) 0
+    ), block AS MATERIALIZED (
+        SELECT d.first,
+               pg_catalog.setval('livesync.position_seq'::pg_catalog.regclass,
+                                 d.first OPERATOR(pg_catalog.+) d.total OPERATOR(pg_catalog.-) 1) AS last
+        FROM drawn d
+    ), numbered AS (
+        SELECT f.tx, f.n, pg_catalog.sum(f.n) OVER (ORDER BY f.tx)::int8 AS upto FROM fresh f
+    ), recorded AS (
+        INSERT INTO livesync.commits (first_position, last_position, tx, committed_at)
+        SELECT b.first OPERATOR(pg_catalog.+) nb.upto OPERATOR(pg_catalog.-) nb.n,
+               b.first OPERATOR(pg_catalog.+) nb.upto OPERATOR(pg_catalog.-) 1,
+               nb.tx,
+               pg_catalog.clock_timestamp()
+        FROM numbered nb, block b
+        RETURNING last_position
+    ), advanced AS (
+        UPDATE livesync._sequencer SET snapshot = pg_catalog.pg_current_snapshot()
+        WHERE EXISTS (SELECT FROM fresh)
+    )
+    SELECT pg_catalog.max(last_position) FROM recorded";
 
-unsafe fn assign_positions(pending: Pending) {
+/// Runs one tick in the current transaction and queues the doorbell if it gave out
+/// positions. Returns the new last position, if any.
+///
+/// # Safety
+/// Must run inside a transaction, in a database where livesync is installed.
+pub unsafe fn tick() -> Option<i64> {
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
         let commits = pg_sys::get_relname_relid(c"commits".as_ptr(), namespace);
         if commits == pg_sys::InvalidOid {
-            // The extension was dropped in this very transaction: nothing to record.
-            return;
+            // The extension was dropped in this very transaction: nothing to sequence.
+            return None;
         }
         pg_sys::LockRelationOid(commits, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
-
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let last_position = crate::internal_spi::as_extension_owner(|| {
-            let count = (pending.next_ordinal - 1) as i64;
-            let mut args = [
-                pg_sys::Datum::from(pending.fxid),
-                pg_sys::Datum::from(count),
-            ];
-            let types = [pg_sys::XID8OID, pg_sys::INT8OID];
-            crate::internal_spi::execute_cached(
-                &COMMIT_PLAN,
-                RECORD_COMMIT,
-                &types,
-                &mut args,
-                None,
-            )
-        })
-        .expect("INSERT ... RETURNING returns the row it inserted");
-        pg_sys::PopActiveSnapshot();
-
-        // One ring per transaction, delivered by Postgres only if the commit succeeds.
-        let payload = last_position.to_string();
-        let channel = "livesync";
-        pgrx::direct_function_call_as_datum(
-            pg_sys::pg_notify,
-            &[channel.into_datum(), payload.as_str().into_datum()],
-        );
+        // Our own changes must be visible to the tick's snapshot, and the snapshot must
+        // be newer than the previous tick's whatever this transaction's isolation level.
+        pg_sys::CommandCounterIncrement();
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let last = internal_spi::as_extension_owner(|| {
+            internal_spi::execute_cached_with_snapshot(&TICK_PLAN, TICK, snapshot)
+        });
+        pg_sys::UnregisterSnapshot(snapshot);
+        if let Some(position) = last {
+            // Delivered by Postgres only if this transaction commits, in commit order.
+            let payload = position.to_string();
+            pgrx::direct_function_call_as_datum(
+                pg_sys::pg_notify,
+                &["livesync".into_datum(), payload.as_str().into_datum()],
+            );
+        }
+        last
     }
-}
-
-thread_local! {
-    static COMMIT_PLAN: crate::internal_spi::CachedPlan = const { crate::internal_spi::CachedPlan::new() };
 }

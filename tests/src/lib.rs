@@ -5,7 +5,9 @@
 //! The server is found through `LIVESYNC_TEST_PG` (libpq key=value form), default
 //! `host=127.0.0.1 port=5432 user=postgres`.
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
+use std::time::{Duration, Instant};
 
 pub fn server() -> String {
     std::env::var("LIVESYNC_TEST_PG")
@@ -35,8 +37,82 @@ impl TestDb {
         db
     }
 
+    /// A connection with the default sequencing (`auto`: the background worker when
+    /// one runs).
     pub fn connect(&self) -> Client {
-        Client::connect(&format!("{} dbname={}", server(), self.name), NoTls).unwrap()
+        self.connect_with(Sequencer::Auto)
+    }
+
+    pub fn connect_with(&self, sequencer: Sequencer) -> Client {
+        let options = match sequencer {
+            Sequencer::Auto => "",
+            Sequencer::Commit => " options='-c livesync.sequencer=commit'",
+        };
+        Client::connect(
+            &format!("{} dbname={}{options}", server(), self.name),
+            NoTls,
+        )
+        .unwrap()
+    }
+
+    /// Waits until this database's sequencer worker runs (it needs
+    /// `shared_preload_libraries = 'livesync'`, which `make up` / `make test` set).
+    pub fn wait_for_worker(&self) {
+        let mut client = self.connect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !client
+            .query_one("SELECT livesync._ensure_sequencer()", &[])
+            .unwrap()
+            .get::<_, bool>(0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no sequencer worker within 30 s: is livesync in shared_preload_libraries?"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid of this database's sequencer worker, if one runs.
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.connect()
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'livesync sequencer' AND datname = current_database()",
+                &[],
+            )
+            .unwrap()
+            .map(|row| row.get(0))
+    }
+}
+
+/// How a connection's commits get their positions (`livesync.sequencer`).
+#[derive(Clone, Copy, Debug)]
+pub enum Sequencer {
+    /// Handed to the database's background worker when it runs.
+    Auto,
+    /// Given by the committing transaction itself, before COMMIT returns.
+    Commit,
+}
+
+/// Waits for the next `livesync` ring on a connection that LISTENs, and returns its
+/// position. The deadline only turns a lost ring into a failure instead of a hang.
+pub fn next_ring(listener: &mut Client) -> i64 {
+    let mut notifications = listener.notifications();
+    let mut rings = notifications.timeout_iter(Duration::from_secs(30));
+    let ring = rings.next().unwrap().expect("no livesync ring within 30 s");
+    assert_eq!(ring.channel(), "livesync");
+    ring.payload().parse().expect("a ring carries a position")
+}
+
+/// Collects ring positions until one is at or past `until`.
+pub fn rings_through(listener: &mut Client, until: i64) -> Vec<i64> {
+    let mut rings = Vec::new();
+    loop {
+        let position = next_ring(listener);
+        rings.push(position);
+        if position >= until {
+            return rings;
+        }
     }
 }
 

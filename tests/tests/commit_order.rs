@@ -1,15 +1,20 @@
 //! Positions are commit-ordered and gap-free for readers, shown with real
 //! concurrent sessions: transactions that commit out of start order, an idle open
-//! transaction, and many writers racing one reader.
+//! transaction, many writers racing one reader (with both ways of sequencing mixed),
+//! and the sequencer worker terminated mid-stream.
 
-use livesync_e2e::{changes_since, current_position, Change, TestDb};
+use livesync_e2e::{
+    changes_since, current_position, next_ring, rings_through, Change, Sequencer, TestDb,
+};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-#[test]
-fn later_commit_is_read_first_and_an_idle_transaction_holds_nothing_back() {
-    let db = TestDb::create("commit_order");
+fn later_commit_is_read_first(name: &str, sequencer: Sequencer) {
+    let db = TestDb::create(name);
+    if let Sequencer::Auto = sequencer {
+        db.wait_for_worker();
+    }
     let mut setup = db.connect();
     setup
         .batch_execute(
@@ -19,38 +24,43 @@ fn later_commit_is_read_first_and_an_idle_transaction_holds_nothing_back() {
         )
         .unwrap();
     let mut reader = db.connect();
+    reader.batch_execute("LISTEN livesync").unwrap();
     let start = current_position(&mut reader);
 
     // An unrelated transaction that has written (so it holds an xid) and sits idle
     // through the whole test.
-    let mut idle = db.connect();
+    let mut idle = db.connect_with(sequencer);
     idle.batch_execute("BEGIN; INSERT INTO scratch VALUES (1);")
         .unwrap();
 
     // A writes first...
-    let mut a = db.connect();
+    let mut a = db.connect_with(sequencer);
     a.batch_execute("BEGIN; INSERT INTO items VALUES (1, 'A');")
         .unwrap();
     // ...B writes later and commits first.
-    let mut b = db.connect();
+    let mut b = db.connect_with(sequencer);
     b.batch_execute("BEGIN; INSERT INTO items VALUES (2, 'B'); COMMIT;")
         .unwrap();
 
-    // The reader sees B now, although A (older) and the idle transaction are open.
+    // On B's ring the reader sees B, although A (older) and the idle transaction are open.
+    let ring = next_ring(&mut reader);
     let first = changes_since(&mut reader, start, 1000);
     assert_eq!(keys(&first), vec![r#"{"id": 2}"#]);
     let after_b = first.last().unwrap().position;
+    assert_eq!(ring, after_b, "the ring carries B's position");
     assert_eq!(current_position(&mut reader), after_b);
     // Nothing more until A commits.
     assert!(changes_since(&mut reader, after_b, 1000).is_empty());
 
     a.batch_execute("COMMIT").unwrap();
+    let ring = next_ring(&mut reader);
     let second = changes_since(&mut reader, after_b, 1000);
     assert_eq!(keys(&second), vec![r#"{"id": 1}"#]);
     assert!(
         second[0].position > after_b,
         "A's position comes after B's: it committed later"
     );
+    assert_eq!(ring, second[0].position);
 
     // Across both reads each change came exactly once; re-reading from the start
     // gives the same stream in the same order.
@@ -61,50 +71,62 @@ fn later_commit_is_read_first_and_an_idle_transaction_holds_nothing_back() {
 }
 
 #[test]
-fn racing_writers_are_read_exactly_once_in_commit_order() {
+fn later_commit_is_read_first_when_commits_sequence_themselves() {
+    later_commit_is_read_first("order_commit", Sequencer::Commit);
+}
+
+#[test]
+fn later_commit_is_read_first_when_the_worker_sequences() {
+    later_commit_is_read_first("order_worker", Sequencer::Auto);
+}
+
+/// Writers commit transactions of 1-5 rows (every fifth rolled back) while a reader
+/// pages through the log 7 changes at a time, the way the bridge's log reader does.
+/// Even-numbered writers sequence at commit, odd ones through the worker.
+/// `during` runs on the main thread while the writers write.
+fn racing_writers(name: &str, during: impl FnOnce(&TestDb)) {
     const WRITERS: usize = 4;
     const TRANSACTIONS_PER_WRITER: usize = 60;
 
-    let db = Arc::new(TestDb::create("racing_writers"));
+    let db = Arc::new(TestDb::create(name));
+    db.wait_for_worker();
     db.connect()
         .batch_execute(
             "CREATE TABLE counters (id int PRIMARY KEY, n int); SELECT livesync.track('counters');",
         )
         .unwrap();
     let start = current_position(&mut db.connect());
-    let writers_done = Arc::new(AtomicBool::new(false));
+    // Set once the writers are done: a position every committed write is at or below.
+    let read_through = Arc::new(AtomicI64::new(i64::MAX));
 
-    // The reader polls as fast as it can while the writers run, in small pages, the
-    // way the bridge's log reader does.
     let reader = {
         let db = Arc::clone(&db);
-        let writers_done = Arc::clone(&writers_done);
+        let read_through = Arc::clone(&read_through);
         std::thread::spawn(move || {
             let mut client = db.connect();
             let mut seen: Vec<Change> = Vec::new();
             let mut after = start;
-            loop {
-                // Read the flag before the page: once it is set and a page comes back
-                // empty, every writer's commit was visible to that read.
-                let done = writers_done.load(Ordering::SeqCst);
+            while after < read_through.load(Ordering::SeqCst) {
                 let page = changes_since(&mut client, after, 7);
-                if page.is_empty() && done {
-                    return seen;
-                }
                 if let Some(last) = page.last() {
                     after = last.position;
                 }
                 seen.extend(page);
             }
+            seen
         })
     };
 
-    // Each writer commits transactions of 1-5 rows; every fifth is rolled back.
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let db = Arc::clone(&db);
             std::thread::spawn(move || {
-                let mut client = db.connect();
+                let sequencer = if w % 2 == 0 {
+                    Sequencer::Commit
+                } else {
+                    Sequencer::Auto
+                };
+                let mut client = db.connect_with(sequencer);
                 let mut committed: HashMap<String, usize> = HashMap::new();
                 for t in 0..TRANSACTIONS_PER_WRITER {
                     let rows = 1 + (w * 7 + t * 3) % 5;
@@ -129,11 +151,27 @@ fn racing_writers_are_read_exactly_once_in_commit_order() {
             })
         })
         .collect();
+    during(&db);
     let mut committed: HashMap<String, usize> = HashMap::new();
     for writer in writers {
         committed.extend(writer.join().unwrap());
     }
-    writers_done.store(true, Ordering::SeqCst);
+    // A marker that sequences at commit: its tick also sequences every transaction
+    // committed before it, so once the reader is past it, it has seen them all.
+    let mut marker = db.connect_with(Sequencer::Commit);
+    marker
+        .batch_execute("INSERT INTO counters VALUES (-1, 0)")
+        .unwrap();
+    let marker_position = current_position(&mut marker);
+    let marker_tx: String = marker
+        .query_one(
+            "SELECT tx::text FROM livesync.changes_since($1::int8 - 1)",
+            &[&marker_position],
+        )
+        .unwrap()
+        .get(0);
+    committed.insert(marker_tx, 1);
+    read_through.store(marker_position, Ordering::SeqCst);
     let seen = reader.join().unwrap();
 
     // Strictly increasing positions: nothing duplicated, nothing out of order.
@@ -168,7 +206,83 @@ fn racing_writers_are_read_exactly_once_in_commit_order() {
     // The live reader's stream is the same as one read of the whole log afterwards.
     let mut client = db.connect();
     assert_eq!(seen, changes_since(&mut client, start, 100_000));
-    assert_eq!(seen.last().unwrap().position, current_position(&mut client));
+    assert_eq!(seen.last().unwrap().position, marker_position);
+}
+
+#[test]
+fn racing_writers_are_read_exactly_once_in_commit_order() {
+    racing_writers("racing_writers", |_| {});
+}
+
+#[test]
+fn terminating_the_sequencer_worker_loses_nothing() {
+    racing_writers("worker_terminated", |db| {
+        // Terminate the worker while the writers run: commits that find no worker
+        // sequence themselves and ask for a new one, which catches up on start.
+        let pid = db.worker_pid().expect("a worker runs");
+        let mut admin = db.connect();
+        assert!(admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap()
+            .get::<_, bool>(0));
+    });
+}
+
+#[test]
+fn the_worker_coalesces_rings_and_every_commit_is_covered() {
+    let db = TestDb::create("worker_rings");
+    db.wait_for_worker();
+    db.connect()
+        .batch_execute("CREATE TABLE pings (id int PRIMARY KEY); SELECT livesync.track('pings');")
+        .unwrap();
+    let mut listener = db.connect();
+    listener.batch_execute("LISTEN livesync").unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut client = db.connect_with(Sequencer::Auto);
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    client
+                        .execute("INSERT INTO pings VALUES ($1)", &[&(w * 1000 + i)])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut marker = db.connect_with(Sequencer::Commit);
+    marker
+        .batch_execute("INSERT INTO pings VALUES (-1)")
+        .unwrap();
+    let newest = current_position(&mut marker);
+    let rings = rings_through(&mut listener, newest);
+    assert_eq!(*rings.last().unwrap(), newest);
+    assert!(
+        rings.windows(2).all(|p| p[0] < p[1]),
+        "rings arrive in position order: {rings:?}"
+    );
+    assert!(
+        rings.len() <= 201,
+        "at most one ring per transaction: {}",
+        rings.len()
+    );
+    // Every ring names the end of a transaction the log holds.
+    let ends: HashSet<i64> = marker
+        .query(
+            "SELECT max(position) FROM livesync.changes_since(0, 100000) GROUP BY tx",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        rings.iter().all(|r| ends.contains(r)),
+        "rings carry transaction-end positions"
+    );
+    assert_eq!(ends.len(), 201);
 }
 
 fn keys(changes: &[Change]) -> Vec<&str> {

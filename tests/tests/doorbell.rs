@@ -1,34 +1,14 @@
 //! The doorbell: one NOTIFY on channel `livesync` per committed transaction that
 //! changed tracked rows, carrying the newest position; nothing for a rollback.
+//! These tests sequence at commit, where there is exactly one ring per transaction;
+//! the worker's coalesced rings are covered in commit_order.rs.
 //!
 //! Absence is proven without waiting on a clock: after the case under test a
 //! marker transaction commits, and notifications arrive in commit order, so the
 //! rings received up to the marker's are all the case produced.
 
-use livesync_e2e::{current_position, TestDb};
-use postgres::fallible_iterator::FallibleIterator;
+use livesync_e2e::{current_position, rings_through, Sequencer, TestDb};
 use postgres::Client;
-use std::time::{Duration, Instant};
-
-/// Collects `livesync` payloads until one equals `until` (inclusive). The deadline
-/// only turns a lost ring into a failure instead of a hang.
-fn rings_until(listener: &mut Client, until: i64) -> Vec<i64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut payloads = Vec::new();
-    while Instant::now() < deadline {
-        let mut notifications = listener.notifications();
-        let mut iter = notifications.timeout_iter(Duration::from_millis(200));
-        while let Some(n) = iter.next().unwrap() {
-            assert_eq!(n.channel(), "livesync");
-            let position: i64 = n.payload().parse().expect("the payload is a position");
-            payloads.push(position);
-            if position == until {
-                return payloads;
-            }
-        }
-    }
-    panic!("no ring for position {until} within 30 s; got {payloads:?}");
-}
 
 fn marker(writer: &mut Client) -> i64 {
     writer
@@ -39,7 +19,7 @@ fn marker(writer: &mut Client) -> i64 {
 
 fn setup(name: &str) -> (TestDb, Client, Client) {
     let db = TestDb::create(name);
-    let mut writer = db.connect();
+    let mut writer = db.connect_with(Sequencer::Commit);
     writer
         .batch_execute(
             "CREATE TABLE rows (id int PRIMARY KEY, v int);
@@ -83,7 +63,7 @@ fn a_ten_thousand_row_statement_is_captured_whole_and_rings_once() {
     );
 
     let mark = marker(&mut writer);
-    assert_eq!(rings_until(&mut listener, mark), vec![after, mark]);
+    assert_eq!(rings_through(&mut listener, mark), vec![after, mark]);
 }
 
 #[test]
@@ -113,7 +93,7 @@ fn one_ring_per_transaction_and_none_for_rollbacks_or_untracked_writes() {
         .is_err());
 
     let mark = marker(&mut writer);
-    assert_eq!(rings_until(&mut listener, mark), vec![multi, mark]);
+    assert_eq!(rings_through(&mut listener, mark), vec![multi, mark]);
 }
 
 #[test]
@@ -121,7 +101,7 @@ fn every_committed_change_is_followed_by_a_ring_at_or_past_it() {
     let (db, _writer, mut listener) = setup("doorbell_concurrent");
     let writers: Vec<_> = (0..4)
         .map(|w| {
-            let mut client = db.connect();
+            let mut client = db.connect_with(Sequencer::Commit);
             std::thread::spawn(move || {
                 for i in 0..50 {
                     client
@@ -135,7 +115,7 @@ fn every_committed_change_is_followed_by_a_ring_at_or_past_it() {
         w.join().unwrap();
     }
     let newest = current_position(&mut db.connect());
-    let rings = rings_until(&mut listener, newest);
+    let rings = rings_through(&mut listener, newest);
     assert_eq!(rings.len(), 200, "one ring per committed transaction");
     assert!(
         rings.windows(2).all(|p| p[0] < p[1]),

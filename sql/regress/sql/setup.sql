@@ -1,6 +1,10 @@
--- what this shows: the extension installs into its own schema, and the helper the
+-- what this shows: the extension installs into its own schema, and the helpers the
 -- other files use to show an error's SQLSTATE, message and hint.
 CREATE EXTENSION livesync;
+-- Every later file reads its own writes straight after COMMIT: sequence at commit
+-- rather than in the background worker (which the end-to-end tests cover).
+SELECT current_database() AS db \gset
+ALTER DATABASE :"db" SET livesync.sequencer = 'commit';
 SELECT extname, extversion IS NOT NULL AS has_version, n.nspname AS schema
 FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE extname = 'livesync';

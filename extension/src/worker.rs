@@ -1,0 +1,214 @@
+//! The sequencer worker: one background worker per database that uses livesync,
+//! running the sequencer's ticks so that committing transactions do not.
+//!
+//! Needs `shared_preload_libraries = 'livesync'` (for the shared registry below).
+//! Workers are started on demand: by the first commit that finds none running for
+//! its database (that commit sequences itself meanwhile), and by
+//! `livesync.changes_since()`, so a reader after a server restart also gets one.
+//! A worker ticks at start-up, whenever a commit sets its latch, and on a safety
+//! poll; it exits cleanly when the extension is dropped from its database, and is
+//! restarted by the postmaster if it fails.
+
+use crate::sequencer;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How many databases can have a sequencer worker at once.
+const MAX_DATABASES: usize = 16;
+/// The safety poll: a tick at least this often even if no latch is set.
+const POLL: Duration = Duration::from_secs(1);
+/// A worker that was asked for but has not registered itself is asked for again
+/// after this long.
+const START_RETRY_MS: i64 = 5_000;
+
+#[derive(Copy, Clone, Default)]
+struct Slot {
+    /// The database this slot belongs to; 0 when free.
+    database: u32,
+    /// The worker's pid, 0 while none runs.
+    pid: i32,
+    /// The worker's PGPROC number, to reach its latch.
+    procno: i32,
+    /// When a worker was last requested (ms since the Unix epoch).
+    requested_at_ms: i64,
+}
+
+#[derive(Copy, Clone, Default)]
+struct Registry {
+    slots: [Slot; MAX_DATABASES],
+}
+
+unsafe impl PGRXSharedMemory for Registry {}
+
+static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"livesync_sequencers") };
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Called from `_PG_init`: reserves the shared registry when livesync is preloaded.
+pub fn init() {
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        pg_shmem_init!(REGISTRY);
+        PRELOADED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A handle to wake a running worker.
+#[derive(Clone, Copy)]
+pub struct Waker {
+    procno: i32,
+}
+
+impl Waker {
+    pub fn wake(self) {
+        // If the worker exited since, this PGPROC's latch belongs to another process
+        // or none: a spurious wake-up is harmless to any latch user.
+        unsafe {
+            let proc_ = (*pg_sys::ProcGlobal).allProcs.add(self.procno as usize);
+            pg_sys::SetLatch(&mut (*proc_).procLatch);
+        }
+    }
+}
+
+/// The running worker for the current database, if any. When none runs (and livesync
+/// is preloaded), asks the postmaster to start one.
+pub fn running_for_this_database() -> Option<Waker> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let database = u32::from(unsafe { pg_sys::MyDatabaseId });
+    {
+        let registry = REGISTRY.share();
+        if let Some(slot) = registry
+            .slots
+            .iter()
+            .find(|s| s.database == database && s.pid != 0)
+        {
+            return Some(Waker {
+                procno: slot.procno,
+            });
+        }
+    }
+    request_start(database);
+    None
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+/// Starts the current database's sequencer worker if livesync is preloaded and none
+/// runs. Returns whether a worker is running now (false while one is starting).
+fn _ensure_sequencer() -> bool {
+    running_for_this_database().is_some()
+}
+
+fn request_start(database: u32) {
+    let now = now_ms();
+    {
+        let mut registry = REGISTRY.exclusive();
+        // This database's slot, else a free one, else one whose worker was asked for
+        // long ago and never came (its database may be gone).
+        let stale = |s: &Slot| s.pid == 0 && now - s.requested_at_ms >= START_RETRY_MS;
+        let index = registry
+            .slots
+            .iter()
+            .position(|s| s.database == database)
+            .or_else(|| registry.slots.iter().position(|s| s.database == 0))
+            .or_else(|| registry.slots.iter().position(stale));
+        let Some(index) = index else {
+            return; // every slot in use: this database sequences at commit
+        };
+        let slot = &mut registry.slots[index];
+        if slot.pid != 0 || now - slot.requested_at_ms < START_RETRY_MS {
+            return;
+        }
+        *slot = Slot {
+            database,
+            pid: 0,
+            procno: 0,
+            requested_at_ms: now,
+        };
+    }
+    let started = BackgroundWorkerBuilder::new("livesync sequencer")
+        .set_type("livesync sequencer")
+        .set_library("livesync")
+        .set_function("livesync_sequencer_main")
+        .set_argument(Some(pg_sys::Datum::from(database)))
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load_dynamic();
+    if started.is_err() {
+        warning!("livesync: could not start a sequencer worker (max_worker_processes reached?); commits sequence themselves");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Registers this process as the database's worker; false if another one already is.
+fn publish(database: u32) -> bool {
+    let mut registry = REGISTRY.exclusive();
+    let index = registry
+        .slots
+        .iter()
+        .position(|s| s.database == database)
+        .or_else(|| registry.slots.iter().position(|s| s.database == 0));
+    let Some(index) = index else { return false };
+    let slot = &mut registry.slots[index];
+    let me = unsafe { pg_sys::MyProcPid };
+    if slot.pid != 0 && slot.pid != me {
+        return false;
+    }
+    slot.database = database;
+    slot.pid = me;
+    slot.procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn unpublish(_code: i32, arg: pg_sys::Datum) {
+    let database = arg.value() as u32;
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut registry = REGISTRY.exclusive();
+    if let Some(slot) = registry
+        .slots
+        .iter_mut()
+        .find(|s| s.database == database && s.pid == me)
+    {
+        // Free the slot: the next commit or reader of this database (if it still
+        // exists) asks for a successor straight away.
+        *slot = Slot::default();
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
+    let database = arg.value() as u32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
+    if !publish(database) {
+        return; // another worker serves this database; exit 0 so we are not restarted
+    }
+    unsafe { pg_sys::on_shmem_exit(Some(unpublish), pg_sys::Datum::from(database)) };
+
+    loop {
+        let installed = BackgroundWorker::transaction(|| unsafe {
+            let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
+            if pg_sys::get_relname_relid(c"_sequencer".as_ptr(), namespace) == pg_sys::InvalidOid {
+                return false;
+            }
+            sequencer::tick();
+            true
+        });
+        if !installed {
+            return; // livesync was dropped from this database
+        }
+        if !BackgroundWorker::wait_latch(Some(POLL)) {
+            return;
+        }
+    }
+}
