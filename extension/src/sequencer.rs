@@ -80,20 +80,7 @@ unsafe extern "C-unwind" fn on_xact_event(
 ) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT => {
-            if PENDING.take().is_some() {
-                let waker = match gucs::sequencer_mode() {
-                    SequencerMode::Auto => worker::running_for_this_database(),
-                    SequencerMode::Commit => None,
-                };
-                match waker {
-                    Some(waker) => WAKE_AFTER_COMMIT.set(Some(waker)),
-                    None => unsafe {
-                        tick();
-                    },
-                }
-            }
-        }
+        XACT_EVENT_PRE_COMMIT => unsafe { before_commit() },
         XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.get()).is_some() => {
             LivesyncError::PrepareNotSupported.raise();
         }
@@ -108,6 +95,24 @@ unsafe extern "C-unwind" fn on_xact_event(
             WAKE_AFTER_COMMIT.set(None);
         }
         _ => {}
+    }
+}
+
+/// At PRE_COMMIT of a transaction that captured changes: hand it to the worker
+/// (woken once the commit is visible) or sequence it right here.
+unsafe fn before_commit() {
+    if PENDING.take().is_none() {
+        return;
+    }
+    let waker = match gucs::sequencer_mode() {
+        SequencerMode::Auto => worker::running_for_this_database(),
+        SequencerMode::Commit => None,
+    };
+    match waker {
+        Some(waker) => WAKE_AFTER_COMMIT.set(Some(waker)),
+        None => unsafe {
+            tick();
+        },
     }
 }
 
