@@ -20,25 +20,56 @@ use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::ffi::c_char;
 
-/// Errors raised by the capture triggers.
+/// The capture trigger raises its errors directly (`LivesyncError::raise`); this
+/// uninhabited type only satisfies `#[pg_trigger]`'s signature.
 #[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    #[error("livesync capture called outside a row trigger that has a new row")]
-    NoNewRow,
-    #[error(transparent)]
-    Tuple(#[from] pgrx::heap_tuple::PgHeapTupleError),
-    #[error(transparent)]
-    Datum(#[from] pgrx::datum::TryFromDatumError),
+pub enum CaptureError {}
+
+/// `livesync._stamp_version()`: BEFORE INSERT OR UPDATE, per row. Written against
+/// the C trigger interface (declared in `lib.rs`) because it runs for every row
+/// written: it modifies the one column in place instead of copying the tuple twice.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_livesync_stamp_version() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
 }
 
-#[pg_trigger]
-fn _stamp_version<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, CaptureError> {
-    let mut row = trigger.new().ok_or(CaptureError::NoNewRow)?.into_owned();
-    let version = next_version();
-    row.set_by_name(VERSION_COLUMN.to_str().expect("ASCII name"), version)?;
-    Ok(Some(row))
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn livesync_stamp_version(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            pgrx::error!("livesync._stamp_version() must be called as a trigger");
+        }
+        let td = &*context.cast::<pg_sys::TriggerData>();
+        let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+        let tuple = if event == pg_sys::TRIGGER_EVENT_UPDATE {
+            td.tg_newtuple
+        } else {
+            td.tg_trigtuple
+        };
+        let rel = td.tg_relation;
+        let attnum = pg_sys::get_attnum((*rel).rd_id, VERSION_COLUMN.as_ptr());
+        if attnum <= 0 {
+            let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr());
+            LivesyncError::NoVersionColumn(name.to_string_lossy().into_owned()).raise();
+        }
+        let mut columns = [attnum as i32];
+        let mut values = [pg_sys::Datum::from(next_version())];
+        let mut nulls = [false];
+        let stamped = pg_sys::heap_modify_tuple_by_cols(
+            tuple,
+            (*rel).rd_att,
+            1,
+            columns.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
+        pg_sys::Datum::from(stamped)
+    }
 }
 
 #[pg_trigger]

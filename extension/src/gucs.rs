@@ -23,11 +23,26 @@ pub enum SequencerMode {
     Commit,
 }
 
+/// `livesync.tick_interval` (ms): after a tick that sequenced something, the worker
+/// waits this long before the next, so that under load commits are sequenced (and
+/// rung) in batches rather than one tick per commit. 0 ticks as fast as it can.
+pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(2);
+
 pub fn sequencer_mode() -> SequencerMode {
     SEQUENCER.get()
 }
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"livesync.tick_interval",
+        c"Milliseconds the sequencer worker waits after a productive tick (batches commits under load).",
+        c"Adds at most this much to the delay between a commit and its ring; 0 disables batching.",
+        &TICK_INTERVAL_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_enum_guc(
         c"livesync.sequencer",
         c"Who assigns positions to this session's commits: auto (worker when running) or commit.",

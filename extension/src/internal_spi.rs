@@ -55,17 +55,19 @@ pub unsafe fn execute_cached(
     unsafe { execute(cache, sql, types, args, nulls, std::ptr::null_mut()) }
 }
 
-/// Executes a kept plan that takes no arguments against a given snapshot (instead of
-/// the transaction's), returning the first column of the first row as int8.
+/// Executes a kept plan whose arguments are all `xid8` against a given snapshot
+/// (instead of the transaction's), returning the first column of the first row as int8.
 ///
 /// # Safety
 /// `snapshot` must be a registered snapshot that outlives the call.
 pub unsafe fn execute_cached_with_snapshot(
     cache: &'static LocalKey<CachedPlan>,
     sql: &CStr,
+    xid8_args: &mut [pg_sys::Datum],
     snapshot: pg_sys::Snapshot,
 ) -> Option<i64> {
-    unsafe { execute(cache, sql, &[], &mut [], None, snapshot) }
+    let types = vec![pg_sys::XID8OID; xid8_args.len()];
+    unsafe { execute(cache, sql, &types, xid8_args, None, snapshot) }
 }
 
 unsafe fn execute(
@@ -77,13 +79,31 @@ unsafe fn execute(
     snapshot: pg_sys::Snapshot,
 ) -> Option<i64> {
     unsafe {
+        // No JIT for these: their generic plans are costed pessimistically, which
+        // can cross jit_above_cost and compile expressions on every execution (tens
+        // of milliseconds for a statement that runs in microseconds). Applied like a
+        // function's SET clause, so planning inside this call sees it too.
+        let guc_level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"jit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
         pg_sys::SPI_connect();
         let plan = cache.with(|cached| {
             if cached.0.get().is_null() {
-                let plan = pg_sys::SPI_prepare(
+                // Generic plan: these statements run on every write or commit, and
+                // re-planning them each time would cost more than running them.
+                let plan = pg_sys::SPI_prepare_cursor(
                     sql.as_ptr(),
                     types.len() as i32,
                     types.as_ptr().cast_mut(),
+                    pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
                 );
                 if plan.is_null() {
                     pgrx::error!("livesync: could not prepare an internal statement");
@@ -121,6 +141,7 @@ unsafe fn execute(
             }
         }
         pg_sys::SPI_finish();
+        pg_sys::AtEOXact_GUC(true, guc_level);
         result
     }
 }

@@ -21,10 +21,16 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/log.sql", name = "log");
+// The version-stamping trigger is a plain C-interface function (see capture.rs).
+extension_sql!(
+    "CREATE FUNCTION livesync._stamp_version() RETURNS trigger
+     LANGUAGE c AS 'MODULE_PATHNAME', 'livesync_stamp_version';",
+    name = "stamp_version"
+);
 extension_sql_file!(
     "../sql/tracking.sql",
     name = "tracking",
-    requires = ["log", capture::_capture, capture::_stamp_version]
+    requires = ["log", "stamp_version", capture::_capture]
 );
 
 #[pg_guard]

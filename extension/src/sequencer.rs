@@ -123,12 +123,23 @@ const TICK: &CStr = c"
     WITH prev AS MATERIALIZED (
         SELECT snapshot FROM livesync._sequencer
     ), fresh AS MATERIALIZED (
-        SELECT c.tx, pg_catalog.max(c.ordinal)::int8 AS n
-        FROM livesync.changes c
-        WHERE (c.tx OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax((SELECT snapshot FROM prev))
-               OR c.tx OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip((SELECT snapshot FROM prev)))))
-          AND NOT EXISTS (SELECT FROM livesync.commits k WHERE k.tx OPERATOR(pg_catalog.=) c.tx)
-        GROUP BY c.tx
+        -- Transactions not visible to the previous tick: those at or past its xmax
+        -- (bounded by this snapshot's xmax, or past the ticking transaction's own
+        -- xid, $1, which its own snapshot leaves out; a two-sided range also keeps the
+        -- generic plan on the index), and those in its xip list (all below its xmax,
+        -- so the two sets are disjoint).
+        SELECT u.tx, pg_catalog.max(u.ordinal)::int8 AS n
+        FROM (
+            SELECT c.tx, c.ordinal FROM livesync.changes c
+            WHERE c.tx OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax((SELECT snapshot FROM prev))
+              AND c.tx OPERATOR(pg_catalog.<) GREATEST(pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()), $1)
+            UNION ALL
+            SELECT c.tx, c.ordinal FROM livesync.changes c
+            WHERE c.tx OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip((SELECT snapshot FROM prev))))
+        ) AS u
+        -- A correlated probe, not an anti-join: candidates are few, commits are many.
+        WHERE (SELECT true FROM livesync.commits k WHERE k.tx OPERATOR(pg_catalog.=) u.tx) IS NULL
+        GROUP BY u.tx
     ), drawn AS MATERIALIZED (
         SELECT pg_catalog.nextval('livesync.position_seq'::pg_catalog.regclass) AS first, t.total
         FROM (SELECT pg_catalog.sum(n)::int8 AS total FROM fresh) AS t
@@ -172,8 +183,12 @@ pub unsafe fn tick() -> Option<i64> {
         // be newer than the previous tick's whatever this transaction's isolation level.
         pg_sys::CommandCounterIncrement();
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        // One past our own xid when we have one (the commit-time tick includes its own
+        // transaction), else 0.
+        let own = pg_sys::GetTopFullTransactionIdIfAny().value;
+        let mut bound = [pg_sys::Datum::from(if own == 0 { 0 } else { own + 1 })];
         let last = internal_spi::as_extension_owner(|| {
-            internal_spi::execute_cached_with_snapshot(&TICK_PLAN, TICK, snapshot)
+            internal_spi::execute_cached_with_snapshot(&TICK_PLAN, TICK, &mut bound, snapshot)
         });
         pg_sys::UnregisterSnapshot(snapshot);
         if let Some(position) = last {

@@ -24,6 +24,12 @@ const POLL: Duration = Duration::from_secs(1);
 /// after this long.
 const START_RETRY_MS: i64 = 5_000;
 
+enum Tick {
+    Sequenced,
+    Idle,
+    Uninstalled,
+}
+
 #[derive(Copy, Clone, Default)]
 struct Slot {
     /// The database this slot belongs to; 0 when free.
@@ -196,19 +202,32 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::on_shmem_exit(Some(unpublish), pg_sys::Datum::from(database)) };
 
     loop {
-        let installed = BackgroundWorker::transaction(|| unsafe {
+        let outcome = BackgroundWorker::transaction(|| unsafe {
             let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
             if pg_sys::get_relname_relid(c"_sequencer".as_ptr(), namespace) == pg_sys::InvalidOid {
-                return false;
+                return Tick::Uninstalled;
             }
-            sequencer::tick();
-            true
+            match sequencer::tick() {
+                Some(_) => Tick::Sequenced,
+                None => Tick::Idle,
+            }
         });
-        if !installed {
-            return; // livesync was dropped from this database
+        match outcome {
+            Tick::Uninstalled => return, // livesync was dropped from this database
+            Tick::Sequenced => {
+                // Let the next commits gather into one batch (and one ring).
+                let interval = crate::gucs::TICK_INTERVAL_MS.get();
+                if interval > 0 {
+                    unsafe { pg_sys::pg_usleep(interval as std::ffi::c_long * 1000) };
+                }
+            }
+            Tick::Idle => {}
         }
         if !BackgroundWorker::wait_latch(Some(POLL)) {
             return;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }
 }
