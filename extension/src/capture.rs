@@ -12,13 +12,12 @@
 //! which is what a subscriber keyed by primary key needs to apply.
 
 use crate::error::LivesyncError;
-use crate::internal_spi::{self, CachedPlan};
+use crate::log_writer::{self, ChangeRow};
 use crate::row_json::{RowEncoder, VERSION_COLUMN};
 use crate::sequencer;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::ffi::c_char;
 
 /// The capture trigger raises its errors directly (`LivesyncError::raise`); this
 /// uninhabited type only satisfies `#[pg_trigger]`'s signature.
@@ -80,32 +79,28 @@ fn _capture<'a>(
     Ok(None)
 }
 
+unsafe extern "C-unwind" {
+    /// Postgres's own nextval(), without the privilege check: writers need no
+    /// privileges on livesync's sequence (declared in commands/sequence.h; pgrx does
+    /// not bind it). Called through pgrx's FFI guard, so an ERROR unwinds properly.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
 fn next_version() -> i64 {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), false);
+        let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
         let sequence = pg_sys::get_relname_relid(c"version_seq".as_ptr(), namespace);
         if sequence == pg_sys::InvalidOid {
             LivesyncError::NotInstalled.raise();
         }
-        // nextval() checks privileges: the writer needs none on livesync's sequence.
-        internal_spi::as_extension_owner(|| {
-            pgrx::direct_function_call::<i64>(
-                pg_sys::nextval_oid,
-                &[Some(pg_sys::Datum::from(sequence))],
-            )
-        })
-        .expect("nextval never returns NULL")
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
     }
 }
 
 /// One statement's changes, in the order they will be numbered.
 #[derive(Default)]
 struct ChangeBatch {
-    ops: Vec<c_char>,
-    keys: Vec<Option<pg_sys::Datum>>,
-    olds: Vec<Option<pg_sys::Datum>>,
-    news: Vec<Option<pg_sys::Datum>>,
-    versions: Vec<Option<pg_sys::Datum>>,
+    rows: Vec<ChangeRow>,
 }
 
 impl ChangeBatch {
@@ -117,15 +112,17 @@ impl ChangeBatch {
         new: Option<pg_sys::Datum>,
         version: Option<i64>,
     ) {
-        self.ops.push(op as c_char);
-        self.keys.push(key);
-        self.olds.push(old);
-        self.news.push(new);
-        self.versions.push(version.map(pg_sys::Datum::from));
+        self.rows.push(ChangeRow {
+            op,
+            key,
+            old,
+            new,
+            version,
+        });
     }
 
     fn len(&self) -> usize {
-        self.ops.len()
+        self.rows.len()
     }
 }
 
@@ -305,117 +302,11 @@ unsafe fn jsonb_bytes(jsonb: pg_sys::Datum) -> Vec<u8> {
     }
 }
 
-const INSERT_CHANGES: &std::ffi::CStr = c"
-    INSERT INTO livesync.changes (tx, ordinal, relation, op, key, old, new, version, actor)
-    SELECT $1, $2 OPERATOR(pg_catalog.+) (u.n OPERATOR(pg_catalog.-) 1)::int4, $3, u.op, u.key, u.old, u.new, u.version, $4
-    FROM ROWS FROM (pg_catalog.unnest($5::\"char\"[]), pg_catalog.unnest($6::jsonb[]),
-                    pg_catalog.unnest($7::jsonb[]), pg_catalog.unnest($8::jsonb[]),
-                    pg_catalog.unnest($9::int8[]))
-         WITH ORDINALITY AS u(op, key, old, new, version, n)";
-
-thread_local! {
-    static INSERT_PLAN: CachedPlan = const { CachedPlan::new() };
-}
-
 unsafe fn write_batch(relation: pg_sys::Oid, batch: &ChangeBatch) {
     unsafe {
-        let count = batch.len() as i32;
-        let first_ordinal = sequencer::reserve_ordinals(count);
+        let first_ordinal = sequencer::reserve_ordinals(batch.len() as i32);
         let fxid = pg_sys::GetTopFullTransactionId().value;
         let actor = crate::gucs::current_actor();
-        let actor_text =
-            pg_sys::cstring_to_text_with_len(actor.as_ptr().cast(), actor.len() as i32);
-
-        let ops: Vec<Option<pg_sys::Datum>> = batch
-            .ops
-            .iter()
-            .map(|&op| Some(pg_sys::Datum::from(op as u8)))
-            .collect();
-        let mut args = [
-            pg_sys::Datum::from(fxid),
-            pg_sys::Datum::from(first_ordinal),
-            pg_sys::Datum::from(relation),
-            pg_sys::Datum::from(actor_text),
-            array_of(
-                &ops,
-                pg_sys::CHAROID,
-                1,
-                true,
-                pg_sys::TYPALIGN_CHAR as c_char,
-            ),
-            array_of(
-                &batch.keys,
-                pg_sys::JSONBOID,
-                -1,
-                false,
-                pg_sys::TYPALIGN_INT as c_char,
-            ),
-            array_of(
-                &batch.olds,
-                pg_sys::JSONBOID,
-                -1,
-                false,
-                pg_sys::TYPALIGN_INT as c_char,
-            ),
-            array_of(
-                &batch.news,
-                pg_sys::JSONBOID,
-                -1,
-                false,
-                pg_sys::TYPALIGN_INT as c_char,
-            ),
-            array_of(
-                &batch.versions,
-                pg_sys::INT8OID,
-                8,
-                true,
-                pg_sys::TYPALIGN_DOUBLE as c_char,
-            ),
-        ];
-        let types = [
-            pg_sys::XID8OID,
-            pg_sys::INT4OID,
-            pg_sys::OIDOID,
-            pg_sys::TEXTOID,
-            pg_sys::CHARARRAYOID,
-            pg_sys::JSONBARRAYOID,
-            pg_sys::JSONBARRAYOID,
-            pg_sys::JSONBARRAYOID,
-            pg_sys::INT8ARRAYOID,
-        ];
-        internal_spi::as_extension_owner(|| {
-            internal_spi::execute_cached(&INSERT_PLAN, INSERT_CHANGES, &types, &mut args, None)
-        });
-    }
-}
-
-/// A one-dimensional array datum; `None` elements become SQL NULLs.
-unsafe fn array_of(
-    items: &[Option<pg_sys::Datum>],
-    element_type: pg_sys::Oid,
-    element_len: i32,
-    by_value: bool,
-    align: c_char,
-) -> pg_sys::Datum {
-    unsafe {
-        let mut values: Vec<pg_sys::Datum> = items
-            .iter()
-            .map(|d| d.unwrap_or(pg_sys::Datum::from(0usize)))
-            .collect();
-        let mut nulls: Vec<bool> = items.iter().map(|d| d.is_none()).collect();
-        let mut dims = [items.len() as i32];
-        let mut lower_bounds = [1];
-        let array = pg_sys::construct_md_array(
-            values.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-            1,
-            dims.as_mut_ptr(),
-            lower_bounds.as_mut_ptr(),
-            element_type,
-            element_len,
-            by_value,
-            align,
-        );
-        pg_sys::Datum::from(array)
+        log_writer::append(relation, fxid, first_ordinal, &actor, &batch.rows);
     }
 }

@@ -14,6 +14,8 @@ pub enum LivesyncError {
     NoVersionColumn(String),
     #[error("livesync is not installed in this database")]
     NotInstalled,
+    #[error("livesync.changes does not have the layout this version of livesync writes")]
+    LogTableChanged,
 }
 
 impl LivesyncError {
@@ -24,6 +26,9 @@ impl LivesyncError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             LivesyncError::NotInstalled => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            LivesyncError::LogTableChanged => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
         }
     }
 
@@ -36,6 +41,9 @@ impl LivesyncError {
                 "Call livesync.untrack() and livesync.track() on the table to repair its capture."
             }
             LivesyncError::NotInstalled => "Run CREATE EXTENSION livesync in this database.",
+            LivesyncError::LogTableChanged => {
+                "Run ALTER EXTENSION livesync UPDATE; indexes added to livesync.changes must be plain column indexes."
+            }
         }
     }
 

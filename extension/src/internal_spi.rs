@@ -1,15 +1,16 @@
-//! Running livesync's own statements from C-level code paths (triggers, commit
-//! callbacks): kept plans, executed as the bootstrap superuser.
+//! Running livesync's own statements (the sequencer's tick) from commit callbacks
+//! and the worker: kept generic plans without JIT, executed as the bootstrap
+//! superuser against a given snapshot.
 //!
-//! Capture runs inside the writer's transaction with the writer's identity, but the
-//! writer must not need (or get) privileges on livesync's tables: otherwise any role
-//! that can write a tracked table could also forge log entries. The statements here
-//! are fixed, schema-qualified and parameterised, so running them as the superuser
-//! hands the caller nothing.
+//! A commit-time tick runs inside the writer's transaction with the writer's
+//! identity, but the writer must not need (or get) privileges on livesync's tables:
+//! otherwise any role that can write a tracked table could also forge log entries.
+//! The statements here are fixed, schema-qualified and parameterised, so running them
+//! as the superuser hands the caller nothing.
 
 use pgrx::pg_sys;
 use std::cell::Cell;
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 use std::thread::LocalKey;
 
 /// A plan prepared on first use and kept for the life of the backend. Postgres
@@ -39,22 +40,6 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// Executes a kept plan and returns the first column of the first row as int8, if
-/// the statement returned a row.
-///
-/// # Safety
-/// `types` must describe `args` (and `nulls`, when given, must have the same length,
-/// with `b'n'` marking a NULL argument).
-pub unsafe fn execute_cached(
-    cache: &'static LocalKey<CachedPlan>,
-    sql: &CStr,
-    types: &[pg_sys::Oid],
-    args: &mut [pg_sys::Datum],
-    nulls: Option<&[c_char]>,
-) -> Option<i64> {
-    unsafe { execute(cache, sql, types, args, nulls, std::ptr::null_mut()) }
-}
-
 /// Executes a kept plan whose arguments are all `xid8` against a given snapshot
 /// (instead of the transaction's), returning the first column of the first row as int8.
 ///
@@ -67,17 +52,7 @@ pub unsafe fn execute_cached_with_snapshot(
     snapshot: pg_sys::Snapshot,
 ) -> Option<i64> {
     let types = vec![pg_sys::XID8OID; xid8_args.len()];
-    unsafe { execute(cache, sql, &types, xid8_args, None, snapshot) }
-}
-
-unsafe fn execute(
-    cache: &'static LocalKey<CachedPlan>,
-    sql: &CStr,
-    types: &[pg_sys::Oid],
-    args: &mut [pg_sys::Datum],
-    nulls: Option<&[c_char]>,
-    snapshot: pg_sys::Snapshot,
-) -> Option<i64> {
+    let args = xid8_args;
     unsafe {
         // No JIT for these: their generic plans are costed pessimistically, which
         // can cross jit_above_cost and compile expressions on every execution (tens
@@ -113,21 +88,16 @@ unsafe fn execute(
             }
             cached.0.get()
         });
-        let nulls_ptr = nulls.map_or(std::ptr::null(), |n| n.as_ptr());
-        let rc = if snapshot.is_null() {
-            pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls_ptr, false, 0)
-        } else {
-            pg_sys::SPI_execute_snapshot(
-                plan,
-                args.as_mut_ptr(),
-                nulls_ptr,
-                snapshot,
-                std::ptr::null_mut(),
-                false,
-                false,
-                0,
-            )
-        };
+        let rc = pg_sys::SPI_execute_snapshot(
+            plan,
+            args.as_mut_ptr(),
+            std::ptr::null(),
+            snapshot,
+            std::ptr::null_mut(),
+            false,
+            false,
+            0,
+        );
         if rc < 0 {
             pgrx::error!("livesync: internal statement failed (SPI code {rc})");
         }

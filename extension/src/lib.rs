@@ -2,6 +2,7 @@
 //!
 //! - `capture`: the triggers that write every change of a tracked table to the log.
 //! - `row_json`: how a tuple becomes the key / row / delta jsonb the log stores.
+//! - `log_writer`: appending change rows to `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
 //! - `worker`: the per-database background worker that runs the ticks.
 //! - `internal_spi`: running livesync's own statements from triggers and callbacks.
@@ -14,6 +15,7 @@ mod capture;
 mod error;
 mod gucs;
 mod internal_spi;
+mod log_writer;
 mod row_json;
 mod sequencer;
 mod worker;
