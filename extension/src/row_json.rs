@@ -28,6 +28,9 @@ pub struct RowEncoder {
     non_key_names: pg_sys::Datum,
     /// `{_livesync_version}`: deleted from whole rows.
     version_name: pg_sys::Datum,
+    /// The last update's unchanged columns and their names as `text[]`: the rows of
+    /// one statement usually change the same columns, so the array is built once.
+    last_unchanged: Option<(Vec<usize>, pg_sys::Datum)>,
 }
 
 impl RowEncoder {
@@ -110,6 +113,7 @@ impl RowEncoder {
                 to_jsonb,
                 non_key_names,
                 version_name,
+                last_unchanged: None,
             })
         }
     }
@@ -137,23 +141,30 @@ impl RowEncoder {
 
     /// Both sides of an update, reduced to the columns whose stored value changed.
     pub unsafe fn changed_only(
-        &self,
+        &mut self,
         old_slot: *mut pg_sys::TupleTableSlot,
         new_slot: *mut pg_sys::TupleTableSlot,
         old_whole: pg_sys::Datum,
         new_whole: pg_sys::Datum,
     ) -> (pg_sys::Datum, pg_sys::Datum) {
         unsafe {
-            let mut unchanged = vec![self.names[self.version_column]];
-            for i in 0..self.names.len() {
-                if i == self.version_column || attr(self.tupdesc, i).attisdropped {
-                    continue;
+            let unchanged: Vec<usize> = (0..self.names.len())
+                .filter(|&i| {
+                    i != self.version_column
+                        && !attr(self.tupdesc, i).attisdropped
+                        && self.same_value(old_slot, new_slot, i)
+                })
+                .collect();
+            let drop = match &self.last_unchanged {
+                Some((columns, names)) if *columns == unchanged => *names,
+                _ => {
+                    let mut names: Vec<_> = unchanged.iter().map(|&i| self.names[i]).collect();
+                    names.push(self.names[self.version_column]);
+                    let names = text_array(&names);
+                    self.last_unchanged = Some((unchanged, names));
+                    names
                 }
-                if self.same_value(old_slot, new_slot, i) {
-                    unchanged.push(self.names[i]);
-                }
-            }
-            let drop = text_array(&unchanged);
+            };
             (
                 jsonb_delete_keys(old_whole, drop),
                 jsonb_delete_keys(new_whole, drop),

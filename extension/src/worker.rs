@@ -7,7 +7,7 @@
 //! `livesync.changes_since()`, so a reader after a server restart also gets one.
 //! A worker ticks at start-up, whenever a commit sets its latch, and on a safety
 //! poll; it exits cleanly when the extension is dropped from its database, and is
-//! restarted by the postmaster if it fails.
+//! restarted by the postmaster within a second if it fails or is terminated.
 
 use crate::sequencer;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -224,7 +224,10 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
             Tick::Idle => {}
         }
         if !BackgroundWorker::wait_latch(Some(POLL)) {
-            return;
+            // Terminated (or the postmaster died). Exit code 1 has the postmaster start
+            // a successor after bgw_restart_time, whose first tick sequences whatever
+            // was committed while it was away (at shutdown nothing is restarted).
+            unsafe { pg_sys::proc_exit(1) };
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };

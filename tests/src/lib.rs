@@ -94,6 +94,26 @@ pub enum Sequencer {
     Commit,
 }
 
+/// Four writers, each committing 50 single-row inserts into `table` (whose first
+/// column is an int primary key; other columns need defaults), all at once.
+/// Returns once every insert has committed.
+pub fn four_writers_insert_200_rows(db: &TestDb, sequencer: Sequencer, table: &str) {
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut client = db.connect_with(sequencer);
+            let insert = format!("INSERT INTO {table} VALUES ($1)");
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    client.execute(insert.as_str(), &[&(w * 1000 + i)]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+}
+
 /// Waits for the next `livesync` ring on a connection that LISTENs, and returns its
 /// position. The deadline only turns a lost ring into a failure instead of a hang.
 pub fn next_ring(listener: &mut Client) -> i64 {

@@ -4,7 +4,8 @@
 //! and the sequencer worker terminated mid-stream.
 
 use livesync_e2e::{
-    changes_since, current_position, next_ring, rings_through, Change, Sequencer, TestDb,
+    changes_since, current_position, four_writers_insert_200_rows, next_ring, rings_through,
+    Change, Sequencer, TestDb,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -237,21 +238,7 @@ fn the_worker_coalesces_rings_and_every_commit_is_covered() {
         .unwrap();
     let mut listener = db.connect();
     listener.batch_execute("LISTEN livesync").unwrap();
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let mut client = db.connect_with(Sequencer::Auto);
-            std::thread::spawn(move || {
-                for i in 0..50 {
-                    client
-                        .execute("INSERT INTO pings VALUES ($1)", &[&(w * 1000 + i)])
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.join().unwrap();
-    }
+    four_writers_insert_200_rows(&db, Sequencer::Auto, "pings");
     let mut marker = db.connect_with(Sequencer::Commit);
     marker
         .batch_execute("INSERT INTO pings VALUES (-1)")

@@ -7,7 +7,9 @@
 //! marker transaction commits, and notifications arrive in commit order, so the
 //! rings received up to the marker's are all the case produced.
 
-use livesync_e2e::{current_position, rings_through, Sequencer, TestDb};
+use livesync_e2e::{
+    current_position, four_writers_insert_200_rows, rings_through, Sequencer, TestDb,
+};
 use postgres::Client;
 
 fn marker(writer: &mut Client) -> i64 {
@@ -99,21 +101,7 @@ fn one_ring_per_transaction_and_none_for_rollbacks_or_untracked_writes() {
 #[test]
 fn every_committed_change_is_followed_by_a_ring_at_or_past_it() {
     let (db, _writer, mut listener) = setup("doorbell_concurrent");
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let mut client = db.connect_with(Sequencer::Commit);
-            std::thread::spawn(move || {
-                for i in 0..50 {
-                    client
-                        .execute("INSERT INTO rows VALUES ($1, 0)", &[&(w * 1000 + i)])
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.join().unwrap();
-    }
+    four_writers_insert_200_rows(&db, Sequencer::Commit, "rows");
     let newest = current_position(&mut db.connect());
     let rings = rings_through(&mut listener, newest);
     assert_eq!(rings.len(), 200, "one ring per committed transaction");
