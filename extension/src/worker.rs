@@ -23,6 +23,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// A worker that was asked for but has not registered itself is asked for again
 /// after this long.
 const START_RETRY_MS: i64 = 5_000;
+/// Starts that never connect before the worker gives up and unregisters itself.
+const MAX_FAILED_STARTS: i32 = 3;
 
 enum Tick {
     Sequenced,
@@ -40,6 +42,9 @@ struct Slot {
     procno: i32,
     /// When a worker was last requested (ms since the Unix epoch).
     requested_at_ms: i64,
+    /// Starts since the last successful connection: a worker whose database was
+    /// dropped fails to connect (FATAL, exit 1) and would be restarted forever.
+    failed_starts: i32,
 }
 
 #[derive(Copy, Clone, Default)]
@@ -127,11 +132,11 @@ fn request_start(database: u32) {
         if slot.pid != 0 || now - slot.requested_at_ms < START_RETRY_MS {
             return;
         }
+        // A request comes from a session connected to the database: it exists.
         *slot = Slot {
             database,
-            pid: 0,
-            procno: 0,
             requested_at_ms: now,
+            ..Slot::default()
         };
     }
     let started = BackgroundWorkerBuilder::new("livesync sequencer")
@@ -154,6 +159,26 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Counts a start for this database before connecting to it; false when the last
+/// starts never got connected (the database is gone), so this one should give up.
+fn note_start(database: u32) -> bool {
+    let mut registry = REGISTRY.exclusive();
+    let index = registry
+        .slots
+        .iter()
+        .position(|s| s.database == database)
+        .or_else(|| registry.slots.iter().position(|s| s.database == 0));
+    let Some(index) = index else { return true };
+    let slot = &mut registry.slots[index];
+    slot.database = database;
+    slot.failed_starts += 1;
+    if slot.failed_starts > MAX_FAILED_STARTS {
+        *slot = Slot::default();
+        return false;
+    }
+    true
+}
+
 /// Registers this process as the database's worker; false if another one already is.
 fn publish(database: u32) -> bool {
     let mut registry = REGISTRY.exclusive();
@@ -171,6 +196,7 @@ fn publish(database: u32) -> bool {
     slot.database = database;
     slot.pid = me;
     slot.procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    slot.failed_starts = 0;
     true
 }
 
@@ -194,6 +220,9 @@ unsafe extern "C-unwind" fn unpublish(_code: i32, arg: pg_sys::Datum) {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     let database = arg.value() as u32;
+    if !note_start(database) {
+        return; // exit 0: unregistered, not restarted
+    }
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
     if !publish(database) {

@@ -138,6 +138,13 @@ pub fn rings_through(listener: &mut Client, until: i64) -> Vec<i64> {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        // Dropping the extension first lets the database's sequencer worker exit
+        // cleanly instead of being terminated by DROP DATABASE.
+        if let Ok(mut client) =
+            Client::connect(&format!("{} dbname={}", server(), self.name), NoTls)
+        {
+            let _ = client.batch_execute("DROP EXTENSION IF EXISTS livesync CASCADE");
+        }
         if let Ok(mut admin) = Client::connect(&format!("{} dbname=postgres", server()), NoTls) {
             let _ = admin.batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
