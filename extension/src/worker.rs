@@ -54,6 +54,16 @@ struct Registry {
 
 unsafe impl PGRXSharedMemory for Registry {}
 
+impl Registry {
+    /// The index of this database's slot, else of a free one.
+    fn slot_index(&self, database: u32) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.database == database)
+            .or_else(|| self.slots.iter().position(|s| s.database == 0))
+    }
+}
+
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"livesync_sequencers") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -120,10 +130,7 @@ fn request_start(database: u32) {
         // long ago and never came (its database may be gone).
         let stale = |s: &Slot| s.pid == 0 && now - s.requested_at_ms >= START_RETRY_MS;
         let index = registry
-            .slots
-            .iter()
-            .position(|s| s.database == database)
-            .or_else(|| registry.slots.iter().position(|s| s.database == 0))
+            .slot_index(database)
             .or_else(|| registry.slots.iter().position(stale));
         let Some(index) = index else {
             return; // every slot in use: this database sequences at commit
@@ -163,12 +170,9 @@ fn now_ms() -> i64 {
 /// starts never got connected (the database is gone), so this one should give up.
 fn note_start(database: u32) -> bool {
     let mut registry = REGISTRY.exclusive();
-    let index = registry
-        .slots
-        .iter()
-        .position(|s| s.database == database)
-        .or_else(|| registry.slots.iter().position(|s| s.database == 0));
-    let Some(index) = index else { return true };
+    let Some(index) = registry.slot_index(database) else {
+        return true;
+    };
     let slot = &mut registry.slots[index];
     slot.database = database;
     slot.failed_starts += 1;
@@ -182,12 +186,9 @@ fn note_start(database: u32) -> bool {
 /// Registers this process as the database's worker; false if another one already is.
 fn publish(database: u32) -> bool {
     let mut registry = REGISTRY.exclusive();
-    let index = registry
-        .slots
-        .iter()
-        .position(|s| s.database == database)
-        .or_else(|| registry.slots.iter().position(|s| s.database == 0));
-    let Some(index) = index else { return false };
+    let Some(index) = registry.slot_index(database) else {
+        return false;
+    };
     let slot = &mut registry.slots[index];
     let me = unsafe { pg_sys::MyProcPid };
     if slot.pid != 0 && slot.pid != me {
