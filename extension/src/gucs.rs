@@ -26,7 +26,7 @@ pub enum SequencerMode {
 /// `livesync.tick_interval` (ms): after a tick that sequenced something, the worker
 /// waits this long before the next, so that under load commits are sequenced (and
 /// rung) in batches rather than one tick per commit. 0 ticks as fast as it can.
-pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
 pub fn sequencer_mode() -> SequencerMode {
     SEQUENCER.get()
