@@ -46,20 +46,7 @@ impl RowEncoder {
                     .into_owned()
             };
 
-            let key_bitmap = pg_sys::RelationGetIndexAttrBitmap(
-                rel,
-                pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY,
-            );
-            let mut key_columns = Vec::new();
-            let mut member = -1;
-            loop {
-                member = pg_sys::bms_next_member(key_bitmap, member);
-                if member < 0 {
-                    break;
-                }
-                let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
-                key_columns.push((attnum - 1) as usize);
-            }
+            let key_columns = primary_key_columns(rel);
             if key_columns.is_empty() {
                 return Err(LivesyncError::NoPrimaryKey(relname()));
             }
@@ -251,6 +238,32 @@ unsafe fn same_image(a: pg_sys::Datum, b: pg_sys::Datum, by_value: bool, len: i1
         let da = pg_sys::pg_detoast_datum_packed(ra);
         let db = pg_sys::pg_detoast_datum_packed(rb);
         pgrx::varlena::varlena_to_byte_slice(da) == pgrx::varlena::varlena_to_byte_slice(db)
+    }
+}
+
+/// 0-based indexes of the primary key's columns, in the key's order. Read from the
+/// index itself: the relcache's primary-key bitmap leaves out DEFERRABLE keys.
+unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Vec<usize> {
+    unsafe {
+        let list = pg_sys::RelationGetIndexList(rel);
+        let mut columns = Vec::new();
+        if list.is_null() {
+            return columns;
+        }
+        for i in 0..(*list).length as usize {
+            let index = pg_sys::RelationIdGetRelation((*(*list).elements.add(i)).oid_value);
+            let form = (*index).rd_index;
+            if (*form).indisprimary {
+                let keys = (*form).indkey.values.as_slice((*form).indnkeyatts as usize);
+                columns = keys.iter().map(|&attnum| (attnum - 1) as usize).collect();
+            }
+            pg_sys::RelationClose(index);
+            if !columns.is_empty() {
+                break;
+            }
+        }
+        pg_sys::list_free(list);
+        columns
     }
 }
 

@@ -65,6 +65,15 @@ SELECT livesync.current_position() AS p4 \gset
 UPDATE todos SET id = 40 WHERE id = 31;
 SELECT pos, op, key, delta FROM log_after(:p4);
 
+-- several rows shifting keys in one statement (old and new keys overlap): rows are
+-- paired by key, so key 2 is an update (it now holds row 1's values), 1 a delete, 3 an insert
+CREATE TABLE slots (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text);
+INSERT INTO slots VALUES (1, 'one'), (2, 'two');
+SELECT livesync.track('slots');
+SELECT livesync.current_position() AS p4b \gset
+UPDATE slots SET id = id + 1;
+SELECT pos, op, key, delta FROM log_after(:p4b);
+
 -- INSERT ... ON CONFLICT: the insert path and the update path are each captured as what happened
 SELECT livesync.current_position() AS p5 \gset
 INSERT INTO todos (id, title) VALUES (33, 'upserted'), (50, 'new')
