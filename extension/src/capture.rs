@@ -11,6 +11,7 @@
 //! changed is logged as the delete of the old key and the insert of the new one,
 //! which is what a subscriber keyed by primary key needs to apply.
 
+use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::log_writer::{self, ChangeRow};
 use crate::row_json::{RowEncoder, VERSION_COLUMN};
@@ -88,11 +89,9 @@ unsafe extern "C-unwind" {
 
 fn next_version() -> i64 {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
-        let sequence = pg_sys::get_relname_relid(c"version_seq".as_ptr(), namespace);
-        if sequence == pg_sys::InvalidOid {
+        let Some(sequence) = livesync_relation(c"version_seq") else {
             LivesyncError::NotInstalled.raise();
-        }
+        };
         pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
     }
 }
@@ -139,14 +138,16 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
             let tupdesc = (*rel).rd_att;
             match event {
                 pg_sys::TRIGGER_EVENT_INSERT => {
-                    for_each_row(td.tg_newtable, tupdesc, |slot| {
-                        push_whole(&mut batch, &mut encoder, b'i', slot)
-                    });
+                    let mut rows = TransitionReader::new(td.tg_newtable, tupdesc);
+                    while rows.next() {
+                        push_whole(&mut batch, &mut encoder, b'i', rows.slot);
+                    }
                 }
                 pg_sys::TRIGGER_EVENT_DELETE => {
-                    for_each_row(td.tg_oldtable, tupdesc, |slot| {
-                        push_whole(&mut batch, &mut encoder, b'd', slot)
-                    });
+                    let mut rows = TransitionReader::new(td.tg_oldtable, tupdesc);
+                    while rows.next() {
+                        push_whole(&mut batch, &mut encoder, b'd', rows.slot);
+                    }
                 }
                 _ => capture_updates(td, tupdesc, &mut encoder, &mut batch),
             }
@@ -186,46 +187,63 @@ unsafe fn capture_updates(
     batch: &mut ChangeBatch,
 ) {
     unsafe {
-        let olds = read_all(td.tg_oldtable, tupdesc);
-        let news = read_all(td.tg_newtable, tupdesc);
-        let in_step = olds.len() == news.len()
-            && olds
-                .iter()
-                .zip(&news)
-                .all(|(&o, &n)| encoder.same_key(o, n));
+        // Postgres fills both transition tables in step: read them side by side, and
+        // only when some pair does not share a key (the statement changed primary
+        // keys) fall back to pairing by key.
+        let mut olds = TransitionReader::new(td.tg_oldtable, tupdesc);
+        let mut news = TransitionReader::new(td.tg_newtable, tupdesc);
+        let in_step = loop {
+            match (olds.next(), news.next()) {
+                (true, true) if encoder.same_key(olds.slot, news.slot) => {}
+                (false, false) => break true,
+                _ => break false,
+            }
+        };
+        olds.rewind();
+        news.rewind();
         if in_step {
-            for (&old, &new) in olds.iter().zip(&news) {
-                push_update(batch, encoder, old, new);
+            while olds.next() && news.next() {
+                push_update(batch, encoder, olds.slot, news.slot);
             }
         } else {
-            // Primary keys changed: pair by key; the unpaired are deletes and inserts.
-            let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
-            let old_wholes: Vec<_> = olds.iter().map(|&s| encoder.whole(s)).collect();
-            for (i, &whole) in old_wholes.iter().enumerate() {
-                old_by_key.insert(jsonb_bytes(encoder.key_of(whole)), i);
+            capture_rekeyed_updates(encoder, batch, olds.copy_all(), news.copy_all());
+        }
+    }
+}
+
+/// Updates that changed primary keys: old and new rows are paired by key; an old row
+/// with no partner is a delete and a new one an insert.
+unsafe fn capture_rekeyed_updates(
+    encoder: &mut RowEncoder,
+    batch: &mut ChangeBatch,
+    olds: Vec<*mut pg_sys::TupleTableSlot>,
+    news: Vec<*mut pg_sys::TupleTableSlot>,
+) {
+    unsafe {
+        let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
+        for (i, &old) in olds.iter().enumerate() {
+            let whole = encoder.whole(old);
+            old_by_key.insert(jsonb_bytes(encoder.key_of(whole)), i);
+        }
+        let mut pairs = Vec::with_capacity(news.len());
+        let mut paired = vec![false; olds.len()];
+        for &new in &news {
+            let whole = encoder.whole(new);
+            let old = old_by_key.get(&jsonb_bytes(encoder.key_of(whole))).copied();
+            if let Some(i) = old {
+                paired[i] = true;
             }
-            let mut pairs = Vec::with_capacity(news.len());
-            let mut paired = vec![false; olds.len()];
-            for &new in &news {
-                let new_whole = encoder.whole(new);
-                let old = old_by_key
-                    .get(&jsonb_bytes(encoder.key_of(new_whole)))
-                    .copied();
-                if let Some(i) = old {
-                    paired[i] = true;
-                }
-                pairs.push((old, new));
+            pairs.push((old, new));
+        }
+        for (i, &old) in olds.iter().enumerate() {
+            if !paired[i] {
+                push_whole(batch, encoder, b'd', old);
             }
-            for (i, &old) in olds.iter().enumerate() {
-                if !paired[i] {
-                    push_whole(batch, encoder, b'd', old);
-                }
-            }
-            for (old, new) in pairs {
-                match old {
-                    Some(i) => push_update(batch, encoder, olds[i], new),
-                    None => push_whole(batch, encoder, b'i', new),
-                }
+        }
+        for (old, new) in pairs {
+            match old {
+                Some(i) => push_update(batch, encoder, olds[i], new),
+                None => push_whole(batch, encoder, b'i', new),
             }
         }
         for slot in olds.into_iter().chain(news) {
@@ -255,44 +273,70 @@ unsafe fn push_update(
     }
 }
 
-/// Calls `f` with each tuple of a transition table, through a read pointer of our
-/// own so other triggers reading the same tuplestore are not disturbed.
-unsafe fn for_each_row(
+/// Reads a transition table through a read pointer of its own, so other triggers
+/// reading the same tuplestore are not disturbed.
+struct TransitionReader {
     store: *mut pg_sys::Tuplestorestate,
     tupdesc: pg_sys::TupleDesc,
-    mut f: impl FnMut(*mut pg_sys::TupleTableSlot),
-) {
-    unsafe {
-        if store.is_null() {
-            return;
+    /// The current tuple, after `next()` returned true.
+    slot: *mut pg_sys::TupleTableSlot,
+}
+
+impl TransitionReader {
+    /// # Safety
+    /// `store` is a transition table of the firing trigger (or null: no rows).
+    unsafe fn new(store: *mut pg_sys::Tuplestorestate, tupdesc: pg_sys::TupleDesc) -> Self {
+        unsafe {
+            if !store.is_null() {
+                let pointer =
+                    pg_sys::tuplestore_alloc_read_pointer(store, pg_sys::EXEC_FLAG_REWIND as i32);
+                pg_sys::tuplestore_select_read_pointer(store, pointer);
+                pg_sys::tuplestore_rescan(store);
+            }
+            let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+            TransitionReader {
+                store,
+                tupdesc,
+                slot,
+            }
         }
-        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-        let pointer = pg_sys::tuplestore_alloc_read_pointer(store, 0);
-        pg_sys::tuplestore_select_read_pointer(store, pointer);
-        pg_sys::tuplestore_rescan(store);
-        while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
-            f(slot);
+    }
+
+    fn next(&mut self) -> bool {
+        !self.store.is_null()
+            && unsafe { pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot) }
+    }
+
+    fn rewind(&mut self) {
+        if !self.store.is_null() {
+            unsafe { pg_sys::tuplestore_rescan(self.store) };
         }
-        pg_sys::tuplestore_select_read_pointer(store, 0);
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
+    }
+
+    /// Every remaining tuple, each in a slot of its own.
+    unsafe fn copy_all(&mut self) -> Vec<*mut pg_sys::TupleTableSlot> {
+        let mut slots = Vec::new();
+        while self.next() {
+            unsafe {
+                let copy =
+                    pg_sys::MakeSingleTupleTableSlot(self.tupdesc, &pg_sys::TTSOpsMinimalTuple);
+                pg_sys::ExecCopySlot(copy, self.slot);
+                slots.push(copy);
+            }
+        }
+        slots
     }
 }
 
-/// Every tuple of a transition table, each in its own slot (update pairing needs
-/// both sides at once).
-unsafe fn read_all(
-    store: *mut pg_sys::Tuplestorestate,
-    tupdesc: pg_sys::TupleDesc,
-) -> Vec<*mut pg_sys::TupleTableSlot> {
-    let mut slots = Vec::new();
-    unsafe {
-        for_each_row(store, tupdesc, |slot| {
-            let copy = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-            pg_sys::ExecCopySlot(copy, slot);
-            slots.push(copy);
-        });
+impl Drop for TransitionReader {
+    fn drop(&mut self) {
+        unsafe {
+            if !self.store.is_null() {
+                pg_sys::tuplestore_select_read_pointer(self.store, 0);
+            }
+            pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+        }
     }
-    slots
 }
 
 unsafe fn jsonb_bytes(jsonb: pg_sys::Datum) -> Vec<u8> {

@@ -1,6 +1,7 @@
 //! livesync: versioned, commit-ordered change capture for real-time sync.
 //!
 //! - `capture`: the triggers that write every change of a tracked table to the log.
+//! - `catalog`: finding livesync's own tables from triggers, callbacks and the worker.
 //! - `row_json`: how a tuple becomes the key / row / delta jsonb the log stores.
 //! - `log_writer`: appending change rows to `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
@@ -12,6 +13,7 @@
 use pgrx::prelude::*;
 
 mod capture;
+mod catalog;
 mod error;
 mod gucs;
 mod internal_spi;

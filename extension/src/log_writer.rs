@@ -8,6 +8,7 @@
 //! direct insert does everything Postgres would. Every index on the table is kept up
 //! to date; one with expressions or a predicate is refused rather than skipped.
 
+use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
 
@@ -36,11 +37,9 @@ pub unsafe fn append(
     rows: &[ChangeRow],
 ) {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
-        let table_oid = pg_sys::get_relname_relid(c"changes".as_ptr(), namespace);
-        if table_oid == pg_sys::InvalidOid {
+        let Some(table_oid) = livesync_relation(c"changes") else {
             LivesyncError::NotInstalled.raise();
-        }
+        };
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let table = pg_sys::table_open(table_oid, lock);
         let tupdesc = (*table).rd_att;

@@ -26,6 +26,7 @@
 //! Both kinds of tick run the same statement and can interleave freely: a transaction
 //! already given positions is never given them again (`commits.tx` is unique).
 
+use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::gucs::{self, SequencerMode};
 use crate::internal_spi::{self, CachedPlan};
@@ -172,12 +173,10 @@ const TICK: &CStr = c"
 /// Must run inside a transaction, in a database where livesync is installed.
 pub unsafe fn tick() -> Option<i64> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
-        let commits = pg_sys::get_relname_relid(c"commits".as_ptr(), namespace);
-        if commits == pg_sys::InvalidOid {
+        let Some(commits) = livesync_relation(c"commits") else {
             // The extension was dropped in this very transaction: nothing to sequence.
             return None;
-        }
+        };
         pg_sys::LockRelationOid(commits, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
         // Our own changes must be visible to the tick's snapshot, and the snapshot must
         // be newer than the previous tick's whatever this transaction's isolation level.

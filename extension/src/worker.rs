@@ -233,8 +233,7 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
 
     loop {
         let outcome = BackgroundWorker::transaction(|| unsafe {
-            let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
-            if pg_sys::get_relname_relid(c"_sequencer".as_ptr(), namespace) == pg_sys::InvalidOid {
+            if crate::catalog::livesync_relation(c"_sequencer").is_none() {
                 return Tick::Uninstalled;
             }
             match sequencer::tick() {
