@@ -20,7 +20,7 @@ UPDATE tickets SET title = 'renamed' WHERE id = 1;
 ALTER TABLE tickets ALTER COLUMN points TYPE bigint;
 UPDATE tickets SET points = 9000000000 WHERE id = 3;
 SELECT pos, relation, op, key, delta FROM log_after(:p0);
-SELECT relation FROM livesync.tracked ORDER BY relation::text;
+SELECT relation FROM livesync.tracked WHERE relation::text IN ('cards', 'tickets', 'boards') ORDER BY relation::text;
 
 -- changes that would break capture are refused, and nothing is changed
 SELECT expect_error($$ALTER TABLE tickets DROP CONSTRAINT cards_pkey$$);
@@ -29,14 +29,14 @@ SELECT expect_error($$ALTER TABLE tickets DROP COLUMN _livesync_version$$);
 SELECT expect_error($$ALTER TABLE tickets RENAME COLUMN _livesync_version TO v$$);
 -- swapping the primary key for another in one statement is allowed
 ALTER TABLE tickets DROP CONSTRAINT cards_pkey, ADD PRIMARY KEY (id, title);
-SELECT relation, key_columns FROM livesync.tracked ORDER BY relation::text;
+SELECT relation, key_columns FROM livesync.tracked WHERE relation::text IN ('cards', 'tickets', 'boards') ORDER BY relation::text;
 SELECT livesync.current_position() AS p1 \gset
 UPDATE tickets SET points = 1 WHERE id = 1;
 SELECT pos, op, key FROM log_after(:p1);
 
 -- dropping a tracked table stops tracking it; the other table keeps working
 DROP TABLE tickets;
-SELECT relation FROM livesync.tracked ORDER BY relation::text;
+SELECT relation FROM livesync.tracked WHERE relation::text IN ('cards', 'tickets', 'boards') ORDER BY relation::text;
 SELECT livesync.current_position() AS p2 \gset
 INSERT INTO boards VALUES (1, 'still captured');
 SELECT pos, relation, op, key FROM log_after(:p2);
