@@ -8,7 +8,7 @@
 //! direct insert does everything Postgres would. Every index on the table is kept up
 //! to date; one with expressions or a predicate is refused rather than skipped.
 
-use crate::catalog::livesync_relation;
+use crate::catalog::{index_oids, livesync_relation};
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
 
@@ -136,13 +136,8 @@ impl OpenIndex {
 
 unsafe fn open_indexes(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> Vec<OpenIndex> {
     unsafe {
-        let list = pg_sys::RelationGetIndexList(table);
         let mut indexes = Vec::new();
-        if list.is_null() {
-            return indexes;
-        }
-        for i in 0..(*list).length as usize {
-            let oid = (*(*list).elements.add(i)).oid_value;
+        for oid in index_oids(table) {
             let relation = pg_sys::index_open(oid, lock);
             let info = pg_sys::BuildIndexInfo(relation);
             let plain = (*info).ii_Expressions.is_null()
@@ -154,7 +149,6 @@ unsafe fn open_indexes(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> Vec<O
             }
             indexes.push(OpenIndex { relation, info });
         }
-        pg_sys::list_free(list);
         indexes
     }
 }

@@ -245,25 +245,21 @@ unsafe fn same_image(a: pg_sys::Datum, b: pg_sys::Datum, by_value: bool, len: i1
 /// index itself: the relcache's primary-key bitmap leaves out DEFERRABLE keys.
 unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Vec<usize> {
     unsafe {
-        let list = pg_sys::RelationGetIndexList(rel);
-        let mut columns = Vec::new();
-        if list.is_null() {
-            return columns;
-        }
-        for i in 0..(*list).length as usize {
-            let index = pg_sys::RelationIdGetRelation((*(*list).elements.add(i)).oid_value);
+        for oid in crate::catalog::index_oids(rel) {
+            let index = pg_sys::RelationIdGetRelation(oid);
             let form = (*index).rd_index;
-            if (*form).indisprimary {
+            let columns: Vec<usize> = if (*form).indisprimary {
                 let keys = (*form).indkey.values.as_slice((*form).indnkeyatts as usize);
-                columns = keys.iter().map(|&attnum| (attnum - 1) as usize).collect();
-            }
+                keys.iter().map(|&attnum| (attnum - 1) as usize).collect()
+            } else {
+                Vec::new()
+            };
             pg_sys::RelationClose(index);
             if !columns.is_empty() {
-                break;
+                return columns;
             }
         }
-        pg_sys::list_free(list);
-        columns
+        Vec::new()
     }
 }
 
