@@ -1,7 +1,7 @@
 //! Catalog lookups for C-level code paths (triggers, commit callbacks, the worker):
-//! livesync's own tables and sequences, and a relation's indexes. Relations are
-//! looked up by name on each use — two syscache
-//! probes — so a dropped and re-created extension is always found afresh.
+//! livesync's own tables and sequences, and a relation's indexes. livesync's
+//! relations are looked up by name on each use (two syscache probes), so a dropped
+//! and re-created extension is always found afresh.
 
 use pgrx::pg_sys;
 use std::ffi::CStr;
