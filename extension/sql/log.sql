@@ -18,6 +18,10 @@ CREATE TABLE livesync.changes (
     new      jsonb,
     version  int8,
     actor    text     NOT NULL,
+    -- Set when the change was made by livesync.write for a client mutation, so
+    -- the client can recognise its own echo.
+    client_id   text,
+    mutation_id int8,
     PRIMARY KEY (tx, ordinal)
 );
 COMMENT ON TABLE livesync.changes IS
@@ -92,7 +96,9 @@ RETURNS TABLE (
     version      bigint,
     actor        text,
     tx           xid8,
-    committed_at timestamptz
+    committed_at timestamptz,
+    client_id    text,
+    mutation_id  bigint
 )
 -- STABLE: every statement below sees the same snapshot, so the horizon check and
 -- the read cannot straddle a concurrent compaction.
@@ -145,7 +151,9 @@ BEGIN
            c.version,
            c.actor,
            c.tx,
-           t.committed_at
+           t.committed_at,
+           c.client_id,
+           c.mutation_id
     FROM chosen t
     JOIN livesync.changes c ON c.tx = t.tx
     WHERE t.first_position + c.ordinal - 1 > after
@@ -161,6 +169,10 @@ DECLARE
     new_horizon bigint;
     removed     bigint;
 BEGIN
+    -- Idempotency records and settled conflicts go with the log they belong to: a
+    -- client whose queue is older than the retained log has to resync anyway.
+    DELETE FROM livesync._mutations WHERE created_at < now() - older_than;
+    DELETE FROM livesync._conflicts WHERE resolved_at < now() - older_than;
     -- Cut at a position, not a time: the kept log must stay a suffix of positions
     -- even when commit timestamps are not perfectly ordered.
     SELECT max(last_position) INTO new_horizon

@@ -1,8 +1,13 @@
 -- Which tables are tracked, and the functions that start and stop capture on them.
 
 CREATE TABLE livesync._tracked (
-    relation   regclass    PRIMARY KEY,
-    tracked_at timestamptz NOT NULL DEFAULT now()
+    relation        regclass    PRIMARY KEY,
+    tracked_at      timestamptz NOT NULL DEFAULT now(),
+    -- How livesync.write settles contested columns and racing operations on this
+    -- table (see writes.sql and livesync.set_policy / set_conflict_rules).
+    default_policy  text        NOT NULL DEFAULT 'lww',
+    existing_insert text        NOT NULL DEFAULT 'merge',
+    delete_race     text        NOT NULL DEFAULT 'delete_wins'
 );
 SELECT pg_catalog.pg_extension_config_dump('livesync._tracked', '');
 
@@ -48,6 +53,11 @@ BEGIN
     EXECUTE format('ALTER TABLE %s ADD COLUMN _livesync_version bigint NOT NULL DEFAULT 0', rel);
     EXECUTE format('COMMENT ON COLUMN %s._livesync_version IS %L', rel,
                    'Row version maintained by livesync: changes on every write.');
+    -- Per-column write clocks for last-writer-wins merges (livesync.write); NULL
+    -- until the row is first written through livesync.write.
+    EXECUTE format('ALTER TABLE %s ADD COLUMN _livesync_clocks jsonb', rel);
+    EXECUTE format('COMMENT ON COLUMN %s._livesync_clocks IS %L', rel,
+                   'Per-column write clocks kept by livesync.write for last-writer-wins merges.');
     EXECUTE format('CREATE TRIGGER livesync_version BEFORE INSERT OR UPDATE ON %s
                     FOR EACH ROW EXECUTE FUNCTION livesync._stamp_version()', rel);
     EXECUTE format('CREATE TRIGGER livesync_capture_insert AFTER INSERT ON %s
@@ -65,7 +75,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION livesync.track(regclass) IS
-    'Starts capturing every change to a table with a primary key; adds its _livesync_version column.';
+    'Starts capturing every change to a table with a primary key; adds its _livesync_version and _livesync_clocks columns.';
 
 CREATE FUNCTION livesync.untrack(rel regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE STRICT AS $$
@@ -74,16 +84,17 @@ BEGIN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
     END IF;
     DELETE FROM livesync._tracked WHERE relation = rel;
+    DELETE FROM livesync._conflicts WHERE relation = rel;
     EXECUTE format('DROP TRIGGER livesync_capture_truncate ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_delete ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_update ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_insert ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_version ON %s', rel);
-    EXECUTE format('ALTER TABLE %s DROP COLUMN _livesync_version', rel);
+    EXECUTE format('ALTER TABLE %s DROP COLUMN _livesync_version, DROP COLUMN IF EXISTS _livesync_clocks', rel);
 END
 $$;
 COMMENT ON FUNCTION livesync.untrack(regclass) IS
-    'Stops capture on a table and removes its _livesync_version column; its past changes stay in the log.';
+    'Stops capture on a table and removes its _livesync_version and _livesync_clocks columns; its past changes stay in the log.';
 
 CREATE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint
 LANGUAGE plpgsql STABLE STRICT AS $$
@@ -121,6 +132,9 @@ BEGIN
     DELETE FROM livesync._tracked t
     USING pg_event_trigger_dropped_objects() d
     WHERE d.classid = 'pg_class'::regclass AND d.objid = t.relation::oid AND d.objsubid = 0;
+    DELETE FROM livesync._conflicts c
+    USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.relation::oid AND d.objsubid = 0;
 END
 $$;
 
@@ -134,7 +148,10 @@ BEGIN
                NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.relation AND i.indisprimary) AS no_key,
                NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
                            AND a.attname = '_livesync_version' AND NOT a.attisdropped
-                           AND a.atttypid = 'int8'::regtype) AS no_version
+                           AND a.atttypid = 'int8'::regtype) AS no_version,
+               NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
+                           AND a.attname = '_livesync_clocks' AND NOT a.attisdropped
+                           AND a.atttypid = 'jsonb'::regtype) AS no_clocks
         FROM livesync._tracked t
         WHERE t.relation::oid IN (SELECT objid FROM pg_event_trigger_ddl_commands() WHERE classid = 'pg_class'::regclass)
     LOOP
@@ -142,8 +159,9 @@ BEGIN
             RAISE EXCEPTION 'tracked table % must keep a primary key', broken.relation
                 USING ERRCODE = 'LS005',
                       HINT = format('Call livesync.untrack(%L) first, or add the new primary key in the same statement.', broken.relation);
-        ELSIF broken.no_version THEN
-            RAISE EXCEPTION 'column _livesync_version of tracked table % is maintained by livesync', broken.relation
+        ELSIF broken.no_version OR broken.no_clocks THEN
+            RAISE EXCEPTION 'column % of tracked table % is maintained by livesync',
+                  CASE WHEN broken.no_version THEN '_livesync_version' ELSE '_livesync_clocks' END, broken.relation
                 USING ERRCODE = 'LS005',
                       HINT = format('Call livesync.untrack(%L) first.', broken.relation);
         END IF;

@@ -168,7 +168,7 @@ unsafe fn push_whole(
 ) {
     unsafe {
         let whole = encoder.whole(slot);
-        let row = Some(encoder.without_version(whole));
+        let row = Some(encoder.without_metadata(whole));
         let key = Some(encoder.key_of(whole));
         if op == b'i' {
             batch.push(op, key, None, row, encoder.version(slot));
@@ -351,6 +351,14 @@ unsafe fn write_batch(relation: pg_sys::Oid, batch: &ChangeBatch) {
         let first_ordinal = sequencer::reserve_ordinals(batch.len() as i32);
         let fxid = pg_sys::GetTopFullTransactionId().value;
         let actor = crate::gucs::current_actor();
-        log_writer::append(relation, fxid, first_ordinal, &actor, &batch.rows);
+        let origin = crate::write::origin::current();
+        log_writer::append(
+            relation,
+            fxid,
+            first_ordinal,
+            &actor,
+            origin.as_ref(),
+            &batch.rows,
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! - `log_writer`: appending change rows to `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
 //! - `worker`: the per-database background worker that runs the ticks.
+//! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
 //! - `internal_spi`: running livesync's own statements from triggers and callbacks.
 //! - `gucs`, `error`: settings and the error type.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
@@ -21,6 +22,7 @@ mod log_writer;
 mod row_json;
 mod sequencer;
 mod worker;
+mod write;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -35,6 +37,16 @@ extension_sql_file!(
     "../sql/tracking.sql",
     name = "tracking",
     requires = ["log", "stamp_version", capture::_capture]
+);
+extension_sql_file!(
+    "../sql/writes.sql",
+    name = "writes",
+    requires = [
+        "tracking",
+        write::write_mutation,
+        write::write_json,
+        write::resolve_conflict
+    ]
 );
 
 #[pg_guard]

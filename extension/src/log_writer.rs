@@ -22,10 +22,11 @@ pub struct ChangeRow {
 }
 
 /// The columns of `livesync.changes`, in table order.
-const COLUMNS: usize = 9;
+const COLUMNS: usize = 11;
 
 /// Appends `rows` as the changes `first_ordinal`, `first_ordinal + 1`, ... of the
-/// transaction `fxid`, made to `relation` by `actor`.
+/// transaction `fxid`, made to `relation` by `actor` (for the client mutation
+/// `origin`, when `livesync.write` made them).
 ///
 /// # Safety
 /// Must run inside a transaction; the datums in `rows` must be valid jsonb values.
@@ -34,6 +35,7 @@ pub unsafe fn append(
     fxid: u64,
     first_ordinal: i32,
     actor: &str,
+    origin: Option<&(String, i64)>,
     rows: &[ChangeRow],
 ) {
     unsafe {
@@ -53,6 +55,16 @@ pub unsafe fn append(
             actor.len() as i32,
         ));
         let null = pg_sys::Datum::from(0usize);
+        let (client_id, mutation_id) = match origin {
+            Some((client_id, mutation_id)) => (
+                Some(pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+                    client_id.as_ptr().cast(),
+                    client_id.len() as i32,
+                ))),
+                Some(pg_sys::Datum::from(*mutation_id)),
+            ),
+            None => (None, None),
+        };
         for (i, row) in rows.iter().enumerate() {
             let mut values = [
                 pg_sys::Datum::from(fxid),
@@ -64,6 +76,8 @@ pub unsafe fn append(
                 row.new.unwrap_or(null),
                 pg_sys::Datum::from(row.version.unwrap_or(0)),
                 actor_text,
+                client_id.unwrap_or(null),
+                mutation_id.unwrap_or(null),
             ];
             let mut nulls = [
                 false,
@@ -75,6 +89,8 @@ pub unsafe fn append(
                 row.new.is_none(),
                 row.version.is_none(),
                 false,
+                client_id.is_none(),
+                mutation_id.is_none(),
             ];
             let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::simple_heap_insert(table, tuple);

@@ -4,13 +4,15 @@
 //! Values are converted by Postgres's own `to_jsonb`, so the log shows exactly what
 //! `SELECT to_jsonb(t) FROM t` would (timestamps in ISO form, numerics as numbers,
 //! nested arrays and composites as JSON). Dropped columns are skipped; the
-//! `_livesync_version` column is metadata and never appears in a key or delta.
+//! `_livesync_version` and `_livesync_clocks` columns are metadata and never
+//! appear in a key, row or delta.
 
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
 use std::ffi::CStr;
 
 pub const VERSION_COLUMN: &CStr = c"_livesync_version";
+pub const CLOCKS_COLUMN: &CStr = c"_livesync_clocks";
 
 /// Per-statement encoder for one relation's tuples. Built once per trigger call,
 /// so it always reflects the table's current columns and primary key.
@@ -20,14 +22,16 @@ pub struct RowEncoder {
     key_columns: Vec<usize>,
     /// 0-based index of `_livesync_version`.
     version_column: usize,
+    /// 0-based index of `_livesync_clocks`.
+    clocks_column: Option<usize>,
     /// Column names as `text` datums, by 0-based index (null for dropped columns).
     names: Vec<pg_sys::Datum>,
     /// `to_jsonb(<table row type>)`, with an expression attached so it knows its input type.
     to_jsonb: pg_sys::FmgrInfo,
     /// Names to delete from a whole row to leave only its key.
     non_key_names: pg_sys::Datum,
-    /// `{_livesync_version}`: deleted from whole rows.
-    version_name: pg_sys::Datum,
+    /// `{_livesync_version, _livesync_clocks}`: deleted from whole rows.
+    metadata_names: pg_sys::Datum,
     /// The last update's unchanged columns and their names as `text[]`: the rows of
     /// one statement usually change the same columns, so the array is built once.
     last_unchanged: Option<(Vec<usize>, pg_sys::Datum)>,
@@ -53,6 +57,7 @@ impl RowEncoder {
 
             let mut names = Vec::with_capacity(natts);
             let mut version_column = None;
+            let mut clocks_column = None;
             let mut non_key = Vec::new();
             for i in 0..natts {
                 let att = attr(tupdesc, i);
@@ -65,6 +70,9 @@ impl RowEncoder {
                 if name == VERSION_COLUMN && att.atttypid == pg_sys::INT8OID {
                     version_column = Some(i);
                 }
+                if name == CLOCKS_COLUMN {
+                    clocks_column = Some(i);
+                }
                 if !key_columns.contains(&i) {
                     non_key.push(text);
                 }
@@ -73,7 +81,9 @@ impl RowEncoder {
             let version_column =
                 version_column.ok_or_else(|| LivesyncError::NoVersionColumn(relname()))?;
 
-            let version_name = text_array(&[names[version_column]]);
+            let mut metadata = vec![names[version_column]];
+            metadata.extend(clocks_column.map(|i| names[i]));
+            let metadata_names = text_array(&metadata);
             let non_key_names = text_array(&non_key);
 
             // to_jsonb(anyelement) asks its call expression for the argument's type;
@@ -96,10 +106,11 @@ impl RowEncoder {
                 tupdesc,
                 key_columns,
                 version_column,
+                clocks_column,
                 names,
                 to_jsonb,
                 non_key_names,
-                version_name,
+                metadata_names,
                 last_unchanged: None,
             })
         }
@@ -121,9 +132,9 @@ impl RowEncoder {
         unsafe { jsonb_delete_keys(whole, self.non_key_names) }
     }
 
-    /// A whole-row jsonb without the version column: what an insert or delete logs.
-    pub unsafe fn without_version(&self, whole: pg_sys::Datum) -> pg_sys::Datum {
-        unsafe { jsonb_delete_keys(whole, self.version_name) }
+    /// A whole-row jsonb without the metadata columns: what an insert or delete logs.
+    pub unsafe fn without_metadata(&self, whole: pg_sys::Datum) -> pg_sys::Datum {
+        unsafe { jsonb_delete_keys(whole, self.metadata_names) }
     }
 
     /// Both sides of an update, reduced to the columns whose stored value changed.
@@ -138,6 +149,7 @@ impl RowEncoder {
             let unchanged: Vec<usize> = (0..self.names.len())
                 .filter(|&i| {
                     i != self.version_column
+                        && Some(i) != self.clocks_column
                         && !attr(self.tupdesc, i).attisdropped
                         && self.same_value(old_slot, new_slot, i)
                 })
@@ -147,6 +159,7 @@ impl RowEncoder {
                 _ => {
                     let mut names: Vec<_> = unchanged.iter().map(|&i| self.names[i]).collect();
                     names.push(self.names[self.version_column]);
+                    names.extend(self.clocks_column.map(|i| self.names[i]));
                     let names = text_array(&names);
                     self.last_unchanged = Some((unchanged, names));
                     names

@@ -1,0 +1,228 @@
+-- Conflict-aware writes: per-column policies, idempotency records, stored
+-- conflicts, and the SQL entry points whose bodies are in Rust (src/write/).
+
+-- Per-column merge policies, by attribute number so a renamed column keeps its
+-- policy. Columns without a row here use the table default (_tracked.default_policy).
+CREATE TABLE livesync._policies (
+    relation regclass NOT NULL REFERENCES livesync._tracked ON DELETE CASCADE,
+    attnum   int2     NOT NULL,
+    policy   text     NOT NULL,
+    PRIMARY KEY (relation, attnum)
+);
+SELECT pg_catalog.pg_extension_config_dump('livesync._policies', '');
+
+CREATE VIEW livesync.policies AS
+SELECT t.relation, NULL::text AS column_name, t.default_policy AS policy,
+       t.existing_insert, t.delete_race
+FROM livesync._tracked t
+UNION ALL
+SELECT p.relation, a.attname::text, p.policy, NULL, NULL
+FROM livesync._policies p
+JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped;
+COMMENT ON VIEW livesync.policies IS
+    'Merge policies of tracked tables: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
+
+-- (client_id, mutation_id) -> the result livesync.write returned, so a retried
+-- mutation returns it again instead of applying twice. Pruned by compact().
+CREATE TABLE livesync._mutations (
+    client_id   text        NOT NULL,
+    mutation_id int8        NOT NULL,
+    result      jsonb       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (client_id, mutation_id)
+);
+
+-- Conflicts on `manual` columns, kept until livesync.resolve_conflict settles them.
+CREATE TABLE livesync._conflicts (
+    id          int8        GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relation    regclass    NOT NULL,
+    key         jsonb       NOT NULL,
+    column_name text        NOT NULL,
+    base        jsonb,      -- SQL NULL: the client sent no base for the column
+    mine        jsonb       NOT NULL,
+    theirs      jsonb       NOT NULL,
+    actor       text        NOT NULL,
+    client_id   text,
+    mutation_id int8,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    resolution  jsonb
+);
+CREATE INDEX ON livesync._conflicts (relation) WHERE resolved_at IS NULL;
+
+-- A role sees the conflicts of the tables it can read.
+CREATE VIEW livesync.conflicts AS
+SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor,
+       c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
+FROM livesync._conflicts c
+WHERE has_table_privilege(c.relation, 'SELECT');
+COMMENT ON VIEW livesync.conflicts IS
+    'Conflicts on manual-policy columns (open ones have resolved_at NULL); settle them with livesync.resolve_conflict().';
+
+CREATE FUNCTION livesync.set_policy(rel regclass, column_name text, policy text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    col record;
+BEGIN
+    IF rel IS NULL OR column_name IS NULL OR policy IS NULL THEN
+        RAISE EXCEPTION 'set_policy needs a table, a column and a policy' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+    SELECT a.attnum, a.atttypid, coalesce(bt.typcategory, t.typcategory) AS category,
+           coalesce(nullif(t.typbasetype, 0), t.oid) AS basetype,
+           EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary
+                   AND a.attnum = ANY (i.indkey)) AS is_key
+    INTO col
+    FROM pg_attribute a
+    JOIN pg_type t ON t.oid = a.atttypid
+    LEFT JOIN pg_type bt ON bt.oid = t.typbasetype
+    WHERE a.attrelid = rel AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped
+      AND a.attname NOT IN ('_livesync_version', '_livesync_clocks');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" of % does not exist', column_name, rel USING ERRCODE = 'undefined_column';
+    END IF;
+    IF col.is_key THEN
+        RAISE EXCEPTION 'column "%" is part of the primary key of %; key columns are never merged', column_name, rel
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF policy NOT IN ('lww', 'server_wins', 'client_wins', 'max', 'min', 'sum', 'union', 'append', 'concat', 'manual') THEN
+        RAISE EXCEPTION 'unknown policy "%"', policy
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Policies: lww, server_wins, client_wins, max, min, sum, union, append, concat, manual.';
+    END IF;
+    IF (policy = 'sum' AND col.category <> 'N')
+       OR (policy IN ('max', 'min') AND col.category NOT IN ('N', 'D', 'T', 'S'))
+       OR (policy IN ('union', 'append') AND col.category <> 'A' AND col.basetype NOT IN ('json'::regtype, 'jsonb'::regtype))
+       OR (policy = 'concat' AND col.category <> 'S') THEN
+        RAISE EXCEPTION 'policy % does not fit column "%" of type %', policy, column_name, format_type(col.atttypid, NULL)
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'sum: numbers; max and min: numbers, text, dates and times; union and append: arrays or json arrays; concat: text.';
+    END IF;
+    INSERT INTO livesync._policies (relation, attnum, policy) VALUES (rel, col.attnum, policy)
+    ON CONFLICT ON CONSTRAINT _policies_pkey DO UPDATE SET policy = EXCLUDED.policy;
+END
+$$;
+COMMENT ON FUNCTION livesync.set_policy(regclass, text, text) IS
+    'Sets how livesync.write settles a column both a client and others changed since the client''s base.';
+
+CREATE FUNCTION livesync.set_policy(rel regclass, policy text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF rel IS NULL OR policy IS NULL THEN
+        RAISE EXCEPTION 'set_policy needs a table and a policy' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF policy NOT IN ('lww', 'server_wins', 'client_wins', 'manual') THEN
+        RAISE EXCEPTION 'policy "%" cannot be a table default', policy
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A table default applies to columns of every type: use lww, server_wins, client_wins or manual, and set type-specific policies per column.';
+    END IF;
+    UPDATE livesync._tracked SET default_policy = policy WHERE relation = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION livesync.set_policy(regclass, text) IS
+    'Sets the policy of a table''s columns that have none of their own (default lww).';
+
+CREATE FUNCTION livesync.set_conflict_rules(rel regclass, existing_insert text DEFAULT NULL, delete_race text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF existing_insert NOT IN ('merge', 'reject') THEN
+        RAISE EXCEPTION 'existing_insert must be merge or reject, got "%"', existing_insert USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF delete_race NOT IN ('delete_wins', 'update_wins') THEN
+        RAISE EXCEPTION 'delete_race must be delete_wins or update_wins, got "%"', delete_race USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE livesync._tracked t
+    SET existing_insert = coalesce(set_conflict_rules.existing_insert, t.existing_insert),
+        delete_race = coalesce(set_conflict_rules.delete_race, t.delete_race)
+    WHERE t.relation = rel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION livesync.set_conflict_rules(regclass, text, text) IS
+    'How livesync.write treats an insert of an existing key (merge | reject) and a delete racing an update (delete_wins | update_wins).';
+
+-- Raises an error a Rust body reported as {"_raise": {sqlstate, message, hint}}
+-- (pgrx would turn livesync's own LSnnn codes into XX000), else passes the result on.
+CREATE FUNCTION livesync._checked(result jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF result ? '_raise' THEN
+        IF result #>> '{_raise,hint}' IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = result #>> '{_raise,sqlstate}', MESSAGE = result #>> '{_raise,message}';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = result #>> '{_raise,sqlstate}', MESSAGE = result #>> '{_raise,message}',
+                              HINT = result #>> '{_raise,hint}';
+    END IF;
+    RETURN result;
+END
+$$;
+
+CREATE FUNCTION livesync.write(
+    rel          regclass,
+    op           text,
+    key          jsonb,
+    new_values   jsonb,
+    base_version bigint DEFAULT NULL,
+    base_values  jsonb  DEFAULT NULL,
+    client_id    text   DEFAULT NULL,
+    mutation_id  bigint DEFAULT NULL,
+    hlc          text   DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE sql VOLATILE AS $$
+    SELECT livesync._checked(livesync._write(rel, op, key, new_values, base_version, base_values,
+                                             client_id, mutation_id, hlc))
+$$;
+COMMENT ON FUNCTION livesync.write(regclass, text, jsonb, jsonb, bigint, jsonb, text, bigint, text) IS
+    'Applies one client mutation with a field-level three-way merge against its base; returns {status, version, row, conflicts, conflict_id}.';
+
+CREATE FUNCTION livesync.write_batch(mutations jsonb, all_or_nothing boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    mutation jsonb;
+    result   jsonb;
+    results  jsonb := '[]';
+    i        int := 0;
+BEGIN
+    IF jsonb_typeof(mutations) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'mutations must be a JSON array of mutation objects' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
+        IF all_or_nothing THEN
+            result := livesync._checked(livesync._write_json(mutation));
+            IF result ->> 'status' = 'rejected' THEN
+                RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
+                    USING ERRCODE = 'LS007', DETAIL = result::text;
+            END IF;
+        ELSE
+            -- Each mutation in a subtransaction of its own: one that fails is
+            -- rolled back and reported, the others stand.
+            BEGIN
+                result := livesync._checked(livesync._write_json(mutation));
+            EXCEPTION WHEN OTHERS THEN
+                result := jsonb_build_object('status', 'rejected', 'reason', 'error',
+                                             'error', jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
+            END;
+        END IF;
+        results := results || jsonb_build_array(result);
+        i := i + 1;
+    END LOOP;
+    RETURN results;
+END
+$$;
+COMMENT ON FUNCTION livesync.write_batch(jsonb, boolean) IS
+    'Applies an array of mutations in order in one transaction, one result each; all_or_nothing makes any rejection abort the batch (LS007).';
+
+CREATE FUNCTION livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb DEFAULT NULL) RETURNS jsonb
+LANGUAGE sql VOLATILE AS $$
+    SELECT livesync._checked(livesync._resolve_conflict(conflict_id, choice, value))
+$$;
+COMMENT ON FUNCTION livesync.resolve_conflict(bigint, text, jsonb) IS
+    'Settles a stored conflict: mine (the client''s value), theirs (keep the stored value) or value (the given one); a captured write.';

@@ -1,0 +1,426 @@
+//! Applying one mutation: read the row under a lock, decide per column, write,
+//! and describe what happened.
+//!
+//! Decisions, in the order they are taken:
+//! - no base at all (neither `base_version` nor `base_values`): a plain overwrite
+//!   of the columns sent;
+//! - `base_version` equal to the row's version: the row has not moved, apply;
+//! - otherwise, per column sent: unchanged since the base → apply; changed by
+//!   others to the client's value → nothing to do (`sum` still adds the delta);
+//!   changed by both → the column's policy. Columns not sent are never touched.
+//!
+//! The row is read `FOR UPDATE`, so concurrent writers of one row take turns and
+//! each merges against what the previous one committed.
+
+use super::conflicts::{self, ConflictOrigin};
+use super::hlc::{ColumnClock, Hlc};
+use super::merge::{merge_column, ColumnInput, ColumnMerge, Contest, Decision};
+use super::mutation::{Mutation, Op};
+use super::origin::OriginGuard;
+use super::policy::{DeleteRace, ExistingInsert, Policy};
+use super::target::{SqlTypedOps, StoredRow, WriteTarget};
+use super::WriteError;
+use pgrx::spi::SpiClient;
+use serde_json::{json, Map, Value};
+
+/// Applies `mutation` and returns its result object. Raises (does not return) on
+/// input that cannot be applied at all; see `WriteError`.
+pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Value, WriteError> {
+    apply_with(client, mutation, None)
+}
+
+/// As [`apply`], with one column's policy overridden (conflict resolution).
+pub fn apply_with(
+    client: &mut SpiClient<'_>,
+    mutation: Mutation,
+    force: Option<(&str, Policy)>,
+) -> Result<Value, WriteError> {
+    if let Some(first) = mutation.id.as_ref().and_then(|id| id.lock_and_find(client)) {
+        return Ok(first);
+    }
+    let mut target = WriteTarget::load(client, mutation.relid)?;
+    if let Some((column, policy)) = force {
+        if let Some(p) = target.columns.get_mut(column) {
+            *p = policy;
+        }
+    }
+    check_key(&target, &mutation.key)?;
+    let mine = check_values(&target, &mutation.key, &mutation.new_values, "new_values")?;
+    let base = match &mutation.base_values {
+        Some(base) => Some(check_values(&target, &mutation.key, base, "base_values")?),
+        None => None,
+    };
+
+    let actor = crate::gucs::current_actor();
+    let node = match &mutation.id {
+        Some(id) => id.client_id.clone(),
+        None => actor.clone(),
+    };
+    let client_clock = match &mutation.hlc {
+        Some(text) => Some(Hlc::parse(text, &node)?),
+        None => None,
+    };
+
+    // Typed and printed as the table would store them, so they compare with
+    // stored values; a wrong type fails here, before anything is written.
+    let mut sent = mutation.key.clone();
+    sent.extend(mine);
+    let mut typed = target.canonical(client, &sent);
+    let key: Map<String, Value> = target
+        .key
+        .iter()
+        .map(|k| (k.clone(), typed.remove(k).unwrap_or(Value::Null)))
+        .collect();
+    let base = base.map(|base| target.canonical(client, &base));
+
+    let _origin = OriginGuard::set(
+        mutation
+            .id
+            .as_ref()
+            .map(|id| (id.client_id.clone(), id.mutation_id)),
+    );
+    let mut write = Write {
+        target: &target,
+        key,
+        mine: typed,
+        base,
+        base_version: mutation.base_version,
+        client_clock,
+        node,
+        actor,
+        mutation: &mutation,
+    };
+    let result = match mutation.op {
+        Op::Insert => write.insert(client, false)?,
+        Op::Upsert => write.insert(client, true)?,
+        Op::Update => write.update(client)?,
+        Op::Delete => write.delete(client),
+    };
+    if let Some(id) = &mutation.id {
+        id.record(client, &result);
+    }
+    Ok(result)
+}
+
+fn check_key(target: &WriteTarget, key: &Map<String, Value>) -> Result<(), WriteError> {
+    let exact = key.len() == target.key.len() && target.key.iter().all(|k| key.contains_key(k));
+    if exact {
+        Ok(())
+    } else {
+        Err(WriteError::BadKey {
+            table: target.display.clone(),
+            key: Value::Object(key.clone()).to_string(),
+            columns: target.key.join(", "),
+        })
+    }
+}
+
+/// The non-key columns of `values`, after checking that every column exists and
+/// that key columns (allowed for convenience) repeat the key.
+fn check_values(
+    target: &WriteTarget,
+    key: &Map<String, Value>,
+    values: &Map<String, Value>,
+    what: &'static str,
+) -> Result<Map<String, Value>, WriteError> {
+    let mut columns = Map::new();
+    for (column, value) in values {
+        if !target.columns.contains_key(column) {
+            return Err(WriteError::UnknownColumn {
+                table: target.display.clone(),
+                column: column.clone(),
+            });
+        }
+        if target.is_key(column) {
+            if what == "new_values" && key.get(column) != Some(value) {
+                return Err(WriteError::KeyChange(column.clone()));
+            }
+            continue;
+        }
+        columns.insert(column.clone(), value.clone());
+    }
+    Ok(columns)
+}
+
+struct Write<'a> {
+    target: &'a WriteTarget,
+    key: Map<String, Value>,
+    /// The client's new values (non-key columns), typed.
+    mine: Map<String, Value>,
+    base: Option<Map<String, Value>>,
+    base_version: Option<i64>,
+    client_clock: Option<Hlc>,
+    node: String,
+    actor: String,
+    mutation: &'a Mutation,
+}
+
+/// What a merge decided for the row.
+#[derive(Default)]
+struct Merged {
+    writes: Map<String, Value>,
+    contests: Vec<Contest>,
+    needs_base: Option<String>,
+}
+
+impl Write<'_> {
+    /// The clock this write carries: the client's, or one the server stamps now,
+    /// after every clock the row holds.
+    fn clock(&self, row: Option<&StoredRow>) -> Hlc {
+        if let Some(clock) = &self.client_clock {
+            return clock.clone();
+        }
+        let seen = row
+            .into_iter()
+            .flat_map(|row| row.clocks.values())
+            .filter_map(ColumnClock::from_json)
+            .map(|c| c.clock);
+        Hlc::stamp(now_ms(), seen, &self.node)
+    }
+
+    fn their_clock(row: &StoredRow, column: &str, theirs: &Value) -> Option<Hlc> {
+        let entry = ColumnClock::from_json(row.clocks.get(column)?)?;
+        entry.for_value(theirs).cloned()
+    }
+
+    /// Per-column merge against the stored row. `merge` false: the row has not
+    /// moved since the client's base, so its values apply as sent.
+    fn merge(
+        &self,
+        client: &SpiClient<'_>,
+        row: &StoredRow,
+        merge: bool,
+        base: Option<&Map<String, Value>>,
+        clock: &Hlc,
+    ) -> Merged {
+        let mut merged = Merged::default();
+        let mut ops = SqlTypedOps {
+            target: self.target,
+            client,
+        };
+        for (column, mine) in &self.mine {
+            let theirs = row.values.get(column).unwrap_or(&Value::Null);
+            if !merge {
+                if theirs != mine {
+                    merged.writes.insert(column.clone(), mine.clone());
+                }
+                continue;
+            }
+            let their_clock = Self::their_clock(row, column, theirs);
+            let input = ColumnInput {
+                column,
+                policy: self.target.columns[column],
+                base: base.and_then(|b| b.get(column)),
+                mine,
+                theirs,
+                their_clock: their_clock.as_ref(),
+            };
+            match merge_column(&input, clock, &mut ops) {
+                ColumnMerge::NeedsBase => {
+                    merged.needs_base = Some(column.clone());
+                    return merged;
+                }
+                ColumnMerge::Settled { decision, contest } => {
+                    if let Decision::Write(value) = decision {
+                        merged.writes.insert(column.clone(), value);
+                    }
+                    merged.contests.extend(contest);
+                }
+            }
+        }
+        // A value equal to the stored one is not a change: writing it would only
+        // produce an empty update in the log.
+        merged
+            .writes
+            .retain(|column, value| row.values.get(column) != Some(value));
+        merged
+    }
+
+    /// The row's clocks after writing `writes` with this write's clock (never
+    /// moving a column's clock backwards).
+    fn clocks_after(
+        &self,
+        row: Option<&StoredRow>,
+        writes: &Map<String, Value>,
+        clock: &Hlc,
+    ) -> Map<String, Value> {
+        let mut clocks = row.map(|r| r.clocks.clone()).unwrap_or_default();
+        for (column, value) in writes {
+            let theirs = row.and_then(|r| {
+                Self::their_clock(r, column, r.values.get(column).unwrap_or(&Value::Null))
+            });
+            let newest = match theirs {
+                Some(theirs) if &theirs > clock => theirs,
+                _ => clock.clone(),
+            };
+            clocks.insert(column.clone(), ColumnClock::new(newest, value).to_json());
+        }
+        clocks
+    }
+
+    fn insert(&mut self, client: &mut SpiClient<'_>, upsert: bool) -> Result<Value, WriteError> {
+        // Twice at most: a concurrent insert of the same key makes ours do nothing,
+        // and the second round finds (and locks) the row it inserted.
+        for _ in 0..2 {
+            if let Some(row) = self.target.fetch_for_update(client, &self.key) {
+                if upsert {
+                    return Ok(self.update_existing(client, row));
+                }
+                return Ok(match self.target.existing_insert {
+                    ExistingInsert::Reject => rejected("exists", Some(&row)),
+                    // The client did not know the row: every column it sends that
+                    // differs from the stored value is contested, base unknown.
+                    ExistingInsert::Merge => self.merge_and_write(client, row, true, None, true),
+                });
+            }
+            let mut row = self.key.clone();
+            row.extend(self.mine.clone());
+            let clocks = self.clocks_after(None, &self.mine, &self.clock(None));
+            if let Some(stored) = self.target.insert(client, &row, &clocks) {
+                return Ok(result("applied", Some(&stored), &[], None));
+            }
+        }
+        Err(WriteError::InsertRace(self.target.display.clone()))
+    }
+
+    fn update(&mut self, client: &mut SpiClient<'_>) -> Result<Value, WriteError> {
+        match self.target.fetch_for_update(client, &self.key) {
+            Some(row) => Ok(self.update_existing(client, row)),
+            None if self.base_version.is_none() && self.base.is_none() => {
+                Ok(rejected("not_found", None))
+            }
+            // The client edited a row that has since been deleted.
+            None => match self.target.delete_race {
+                DeleteRace::DeleteWins => Ok(rejected("deleted", None)),
+                DeleteRace::UpdateWins => {
+                    let mut row = self.key.clone();
+                    row.extend(self.base.clone().unwrap_or_default());
+                    row.extend(self.mine.clone());
+                    let mut values = row.clone();
+                    values.retain(|c, _| !self.target.is_key(c));
+                    let clocks = self.clocks_after(None, &values, &self.clock(None));
+                    match self.target.insert(client, &row, &clocks) {
+                        Some(stored) => {
+                            let mut result = result("merged", Some(&stored), &[], None);
+                            result["recreated"] = json!(true);
+                            Ok(result)
+                        }
+                        None => Err(WriteError::InsertRace(self.target.display.clone())),
+                    }
+                }
+            },
+        }
+    }
+
+    fn update_existing(&mut self, client: &mut SpiClient<'_>, row: StoredRow) -> Value {
+        let (merge, moved) = match (self.base_version, &self.base) {
+            (None, None) => (false, false),
+            (Some(version), _) if version == row.version => (false, false),
+            (Some(_), _) => (true, true),
+            (None, Some(_)) => (true, false),
+        };
+        let base = self.base.clone();
+        self.merge_and_write(client, row, merge, base.as_ref(), moved)
+    }
+
+    fn merge_and_write(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        row: StoredRow,
+        merge: bool,
+        base: Option<&Map<String, Value>>,
+        moved: bool,
+    ) -> Value {
+        let clock = self.clock(Some(&row));
+        let merged = self.merge(client, &row, merge, base, &clock);
+        if let Some(column) = merged.needs_base {
+            let mut result = rejected("needs_base", Some(&row));
+            result["column"] = json!(column);
+            return result;
+        }
+        let mut conflict_ids = Vec::new();
+        let origin = ConflictOrigin {
+            relid: self.target.relid,
+            key: &self.key,
+            actor: &self.actor,
+            client_id: self.mutation.id.as_ref().map(|id| id.client_id.as_str()),
+            mutation_id: self.mutation.id.as_ref().map(|id| id.mutation_id),
+        };
+        for contest in &merged.contests {
+            conflict_ids.push(
+                (contest.outcome == "manual").then(|| conflicts::store(client, &origin, contest)),
+            );
+        }
+        let stored = if merged.writes.is_empty() {
+            row
+        } else {
+            let clocks = self.clocks_after(Some(&row), &merged.writes, &clock);
+            self.target
+                .update(client, &self.key, &merged.writes, &clocks)
+                .unwrap_or_else(|| pgrx::error!("livesync: a row locked for update disappeared"))
+        };
+        let status = if conflict_ids.iter().any(Option::is_some) {
+            "conflict"
+        } else if moved || !merged.contests.is_empty() {
+            "merged"
+        } else {
+            "applied"
+        };
+        let contests: Vec<(&Contest, Option<i64>)> =
+            merged.contests.iter().zip(conflict_ids).collect();
+        result(status, Some(&stored), &contests, None)
+    }
+
+    fn delete(&mut self, client: &mut SpiClient<'_>) -> Value {
+        let Some(row) = self.target.fetch_for_update(client, &self.key) else {
+            // Already gone: the state the client asked for.
+            return result("applied", None, &[], None);
+        };
+        let changed_since_base = self.base_version.is_some_and(|v| v != row.version)
+            || self.base.as_ref().is_some_and(|base| {
+                base.iter()
+                    .any(|(column, value)| row.values.get(column).unwrap_or(&Value::Null) != value)
+            });
+        if changed_since_base && self.target.delete_race == DeleteRace::UpdateWins {
+            return rejected("changed_since_base", Some(&row));
+        }
+        self.target.delete(client, &self.key);
+        result("applied", None, &[], None)
+    }
+}
+
+fn result(
+    status: &str,
+    row: Option<&StoredRow>,
+    contests: &[(&Contest, Option<i64>)],
+    reason: Option<&str>,
+) -> Value {
+    let mut result = Map::new();
+    result.insert("status".into(), json!(status));
+    if let Some(row) = row {
+        result.insert("version".into(), json!(row.version));
+        result.insert("row".into(), Value::Object(row.values.clone()));
+    }
+    if !contests.is_empty() {
+        let entries = contests.iter().map(|(c, id)| c.to_json(*id)).collect();
+        result.insert("conflicts".into(), Value::Array(entries));
+    }
+    if let Some(id) = contests.iter().find_map(|(_, id)| *id) {
+        result.insert("conflict_id".into(), json!(id));
+    }
+    if let Some(reason) = reason {
+        result.insert("reason".into(), json!(reason));
+    }
+    Value::Object(result)
+}
+
+fn rejected(reason: &str, row: Option<&StoredRow>) -> Value {
+    result("rejected", row, &[], Some(reason))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

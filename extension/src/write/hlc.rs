@@ -1,0 +1,113 @@
+//! Hybrid logical clocks for last-writer-wins columns.
+//!
+//! A clock is `(wall milliseconds, counter, node)`, compared in that order, so two
+//! writes in the same millisecond are ordered by their counters and an exact tie is
+//! broken by the node id (the classic LWW register). Clients pass theirs as text
+//! `"<unix ms>:<counter>:<node>"` (node optional: it defaults to the client id).
+
+use super::WriteError;
+use serde_json::{json, Value};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hlc {
+    pub wall_ms: u64,
+    pub counter: u64,
+    pub node: String,
+}
+
+impl Hlc {
+    pub fn parse(text: &str, default_node: &str) -> Result<Hlc, WriteError> {
+        let bad = || WriteError::BadHlc(text.to_string());
+        let mut parts = text.splitn(3, ':');
+        let wall_ms = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let counter = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let node = match parts.next() {
+            Some(node) if !node.is_empty() => node.to_string(),
+            Some(_) => return Err(bad()),
+            None => default_node.to_string(),
+        };
+        Ok(Hlc {
+            wall_ms,
+            counter,
+            node,
+        })
+    }
+
+    /// The clock the server gives a write that came without one: now, but never
+    /// behind a clock the row already carries (the HLC receive rule), so a write
+    /// made after a value was stored is ordered after it even under clock skew.
+    pub fn stamp(now_ms: u64, seen: impl Iterator<Item = Hlc>, node: &str) -> Hlc {
+        let mut stamp = Hlc {
+            wall_ms: now_ms,
+            counter: 0,
+            node: node.to_string(),
+        };
+        for clock in seen {
+            if (clock.wall_ms, clock.counter) >= (stamp.wall_ms, stamp.counter) {
+                stamp.wall_ms = clock.wall_ms;
+                stamp.counter = clock.counter + 1;
+            }
+        }
+        stamp
+    }
+}
+
+/// What `_livesync_clocks` holds for one column: the clock of the write that set
+/// it and a hash of the value it set. A later plain-SQL write changes the value
+/// but not the clock; the hash shows the clock no longer describes the value.
+#[derive(Clone, Debug)]
+pub struct ColumnClock {
+    pub clock: Hlc,
+    pub value_hash: String,
+}
+
+impl ColumnClock {
+    pub fn new(clock: Hlc, value: &Value) -> Self {
+        ColumnClock {
+            clock,
+            value_hash: value_hash(value),
+        }
+    }
+
+    pub fn from_json(entry: &Value) -> Option<Self> {
+        let items = entry.as_array()?;
+        let wall_ms = items.first()?.as_u64()?;
+        let counter = items.get(1)?.as_u64()?;
+        let node = items.get(2)?.as_str()?.to_string();
+        let value_hash = items.get(3)?.as_str()?.to_string();
+        Some(ColumnClock {
+            clock: Hlc {
+                wall_ms,
+                counter,
+                node,
+            },
+            value_hash,
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!([
+            self.clock.wall_ms,
+            self.clock.counter,
+            self.clock.node,
+            self.value_hash
+        ])
+    }
+
+    /// The clock, if it still describes `value`.
+    pub fn for_value(&self, value: &Value) -> Option<&Hlc> {
+        (self.value_hash == value_hash(value)).then_some(&self.clock)
+    }
+}
+
+/// FNV-1a over the value's JSON text: stable across builds and platforms, which
+/// `std`'s hashers do not promise, and collisions only cost a clock comparison.
+fn value_hash(value: &Value) -> String {
+    let text = value.to_string();
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for byte in text.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    format!("{hash:016x}")
+}

@@ -1,0 +1,208 @@
+//! The three-way, per-column merge of a client's values into the stored row.
+//!
+//! Pure decisions on JSON values: which columns to write and with what, which
+//! stay as stored, and what to report. Type-aware arithmetic (`sum`, `max`,
+//! `min`) is asked of Postgres through [`TypedOps`], so it follows the column's
+//! own type (numeric precision, timestamp order) rather than JSON's.
+
+use super::hlc::Hlc;
+use super::policy::Policy;
+use serde_json::{json, Map, Value};
+
+/// One column the client sent.
+pub struct ColumnInput<'a> {
+    pub column: &'a str,
+    pub policy: Policy,
+    /// The client's base value; `None` when it did not send one.
+    pub base: Option<&'a Value>,
+    pub mine: &'a Value,
+    /// The stored value.
+    pub theirs: &'a Value,
+    /// The clock of the write that set the stored value, if it is known.
+    pub their_clock: Option<&'a Hlc>,
+}
+
+pub trait TypedOps {
+    /// `theirs + (mine - base)` in the column's type.
+    fn sum(&mut self, column: &str, theirs: &Value, mine: &Value, base: &Value) -> Value;
+    fn greatest(&mut self, column: &str, a: &Value, b: &Value) -> Value;
+    fn least(&mut self, column: &str, a: &Value, b: &Value) -> Value;
+}
+
+/// What happens to one column.
+pub enum Decision {
+    /// Write this value.
+    Write(Value),
+    /// Leave the stored value.
+    Keep,
+    /// Leave the stored value and store a conflict for a person to settle.
+    Manual,
+}
+
+/// One contested column, as the result reports it.
+pub struct Contest {
+    pub column: String,
+    pub base: Option<Value>,
+    pub mine: Value,
+    pub theirs: Value,
+    pub policy: Policy,
+    /// `mine`, `theirs`, `merged` or `manual`.
+    pub outcome: &'static str,
+}
+
+impl Contest {
+    pub fn to_json(&self, conflict_id: Option<i64>) -> Value {
+        let mut entry = Map::new();
+        entry.insert("column".into(), json!(self.column));
+        entry.insert("base".into(), self.base.clone().unwrap_or(Value::Null));
+        entry.insert("mine".into(), self.mine.clone());
+        entry.insert("theirs".into(), self.theirs.clone());
+        entry.insert("policy".into(), json!(self.policy.name()));
+        entry.insert("outcome".into(), json!(self.outcome));
+        if let Some(id) = conflict_id {
+            entry.insert("conflict_id".into(), json!(id));
+        }
+        Value::Object(entry)
+    }
+}
+
+pub enum ColumnMerge {
+    Settled {
+        decision: Decision,
+        contest: Option<Contest>,
+    },
+    /// A `sum` column cannot be merged without the client's base value.
+    NeedsBase,
+}
+
+/// Merges one column of a row that moved since the client's base (or whose base
+/// is unknown). `my_clock` is the write's clock for `lww`.
+pub fn merge_column(input: &ColumnInput, my_clock: &Hlc, ops: &mut dyn TypedOps) -> ColumnMerge {
+    let settled = |decision, contest| ColumnMerge::Settled { decision, contest };
+    match input.base {
+        // Only the client changed it: apply. (For `sum` theirs + (mine - base) is
+        // mine here, so it needs no special case.)
+        Some(base) if input.theirs == base => {
+            return settled(Decision::Write(input.mine.clone()), None)
+        }
+        // Both made the same change: nothing to do, except for a counter, where two
+        // equal increments from one base are two increments.
+        _ if input.theirs == input.mine && input.policy != Policy::Sum => {
+            return settled(Decision::Keep, None);
+        }
+        _ => {}
+    }
+
+    let contest = |outcome: &'static str| Contest {
+        column: input.column.to_string(),
+        base: input.base.cloned(),
+        mine: input.mine.clone(),
+        theirs: input.theirs.clone(),
+        policy: input.policy,
+        outcome,
+    };
+    // Reports a computed value as whichever side it equals.
+    let computed = |value: Value| {
+        let outcome = if &value == input.mine {
+            "mine"
+        } else if &value == input.theirs {
+            "theirs"
+        } else {
+            "merged"
+        };
+        let decision = if &value == input.theirs {
+            Decision::Keep
+        } else {
+            Decision::Write(value)
+        };
+        settled(decision, Some(contest(outcome)))
+    };
+
+    match input.policy {
+        Policy::Lww => {
+            // A stored value with no clock that still describes it was written
+            // outside livesync.write (or before clocks were kept): any clock beats it.
+            let mine_wins = input.their_clock.is_none_or(|theirs| my_clock > theirs);
+            if mine_wins {
+                settled(Decision::Write(input.mine.clone()), Some(contest("mine")))
+            } else {
+                settled(Decision::Keep, Some(contest("theirs")))
+            }
+        }
+        Policy::ServerWins => settled(Decision::Keep, Some(contest("theirs"))),
+        Policy::ClientWins => settled(Decision::Write(input.mine.clone()), Some(contest("mine"))),
+        Policy::Max => computed(ops.greatest(input.column, input.theirs, input.mine)),
+        Policy::Min => computed(ops.least(input.column, input.theirs, input.mine)),
+        Policy::Sum => match input.base {
+            Some(base) => {
+                let total = ops.sum(input.column, input.theirs, input.mine, base);
+                let decision = Decision::Write(total);
+                settled(decision, Some(contest("merged")))
+            }
+            None => ColumnMerge::NeedsBase,
+        },
+        Policy::Union => computed(union(input.base, input.mine, input.theirs)),
+        Policy::Append => computed(append(input.base, input.mine, input.theirs)),
+        Policy::Concat => computed(concat(input.mine, input.theirs)),
+        Policy::Manual => settled(Decision::Manual, Some(contest("manual"))),
+    }
+}
+
+fn items(value: Option<&Value>) -> &[Value] {
+    match value {
+        Some(Value::Array(items)) => items,
+        _ => &[],
+    }
+}
+
+/// Sets: everything either side added is kept, stored order first; an item the
+/// client removed since its base is removed (with no base, nothing is removed).
+fn union(base: Option<&Value>, mine: &Value, theirs: &Value) -> Value {
+    let (base, mine_items, their_items) = (items(base), items(Some(mine)), items(Some(theirs)));
+    let removed: Vec<&Value> = base
+        .iter()
+        .filter(|item| !mine_items.contains(item))
+        .collect();
+    let mut merged: Vec<Value> = Vec::new();
+    for item in their_items.iter().chain(mine_items) {
+        if !removed.contains(&item) && !merged.contains(item) {
+            merged.push(item.clone());
+        }
+    }
+    Value::Array(merged)
+}
+
+/// Ordered lists: the stored list, then the items the client added since its base
+/// that are not already there (both sides appending the same item keeps one);
+/// items the client removed since its base are removed.
+fn append(base: Option<&Value>, mine: &Value, theirs: &Value) -> Value {
+    let (base, mine_items, their_items) = (items(base), items(Some(mine)), items(Some(theirs)));
+    let removed: Vec<&Value> = base
+        .iter()
+        .filter(|item| !mine_items.contains(item))
+        .collect();
+    let added = mine_items.iter().filter(|item| !base.contains(item));
+    let mut merged: Vec<Value> = their_items
+        .iter()
+        .filter(|item| !removed.contains(item))
+        .cloned()
+        .collect();
+    for item in added {
+        if !merged.contains(item) {
+            merged.push(item.clone());
+        }
+    }
+    Value::Array(merged)
+}
+
+/// Between the two edits of a text column, so both stay visible.
+pub const CONCAT_SEPARATOR: &str = "\n---\n";
+
+/// Text: the stored text, a separator, the client's text.
+fn concat(mine: &Value, theirs: &Value) -> Value {
+    match (theirs.as_str(), mine.as_str()) {
+        (Some(theirs), Some(mine)) => Value::String(format!("{theirs}{CONCAT_SEPARATOR}{mine}")),
+        (None, Some(_)) => mine.clone(),
+        _ => theirs.clone(),
+    }
+}

@@ -1,0 +1,248 @@
+//! Conflict-aware writes: the bodies of `livesync.write`, `livesync.write_batch`
+//! and `livesync.resolve_conflict` (their SQL wrappers are in `sql/writes.sql`).
+//!
+//! - `mutation`: the arguments, checked for shape.
+//! - `apply`: the orchestration of one write (lock, merge, write, result).
+//! - `merge`, `policy`, `hlc`: the per-column three-way merge and its rules.
+//! - `target`: a tracked table's key, columns and policies, and its statements.
+//! - `idempotency`, `conflicts`: the `(client_id, mutation_id)` records and the
+//!   stored `manual` conflicts.
+//! - `origin`: tells capture which mutation the current changes belong to.
+//! - `statements`: kept plans for the statements above.
+
+mod apply;
+mod conflicts;
+mod hlc;
+mod idempotency;
+mod merge;
+mod mutation;
+pub mod origin;
+mod policy;
+mod statements;
+mod target;
+
+use mutation::{MutationArgs, Op};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("unknown write operation \"{0}\"")]
+    UnknownOp(String),
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("{0} must be a JSON object")]
+    NotAnObject(&'static str),
+    #[error("unknown mutation field \"{0}\"")]
+    UnknownField(String),
+    #[error("mutation field {0} must be {1}")]
+    WrongFieldType(&'static str, &'static str),
+    #[error("client_id and mutation_id must be given together")]
+    HalfMutationId,
+    #[error("invalid hlc \"{0}\"")]
+    BadHlc(String),
+    #[error("relation \"{0}\" does not exist")]
+    UnknownTable(String),
+    #[error("table {0} is not tracked")]
+    NotTracked(String),
+    #[error("key {key} does not name exactly the primary key columns of {table}")]
+    BadKey {
+        table: String,
+        key: String,
+        columns: String,
+    },
+    #[error("new_values changes primary key column \"{0}\"")]
+    KeyChange(String),
+    #[error("column \"{column}\" of {table} does not exist or is not writable")]
+    UnknownColumn { table: String, column: String },
+    #[error("another transaction keeps inserting and deleting this key of {0}")]
+    InsertRace(String),
+    #[error("conflict {0} does not exist")]
+    NoConflict(i64),
+    #[error("conflict {0} is already resolved")]
+    ConflictResolved(i64),
+    #[error("the row of conflict {0} no longer exists")]
+    ConflictRowGone(i64),
+    #[error("choice must be mine, theirs or value, got \"{0}\"")]
+    BadChoice(String),
+    #[error("choice value needs a value")]
+    ValueMissing,
+}
+
+impl WriteError {
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            WriteError::NotTracked(_) => "LS002",
+            WriteError::BadKey { .. } | WriteError::KeyChange(_) => "LS004",
+            WriteError::NoConflict(_)
+            | WriteError::ConflictResolved(_)
+            | WriteError::ConflictRowGone(_) => "LS006",
+            WriteError::UnknownColumn { .. } => "42703",
+            WriteError::UnknownTable(_) => "42P01",
+            WriteError::InsertRace(_) => "40001",
+            _ => "22023",
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            WriteError::UnknownOp(_) => Some("Use insert, update, upsert or delete.".into()),
+            WriteError::BadKey { columns, .. } => Some(format!("Pass a JSON object with the keys {columns}.")),
+            WriteError::KeyChange(_) => {
+                Some("A write cannot change a row's key: delete the row and insert it under the new key.".into())
+            }
+            WriteError::NotTracked(table) => Some(format!("Call livesync.track('{table}') first.")),
+            WriteError::BadHlc(_) => {
+                Some("An hlc is \"<unix ms>:<counter>[:<node>]\", e.g. \"1764072000000:0:phone-1\".".into())
+            }
+            WriteError::ConflictRowGone(_) => {
+                Some("The row was deleted since; resolve the conflict with 'theirs' to close it.".into())
+            }
+            WriteError::InsertRace(_) => Some("Retry the transaction.".into()),
+            _ => None,
+        }
+    }
+
+    /// The error as the SQL wrappers (`livesync._checked`) raise it. Raised there
+    /// rather than here: an error passing through pgrx keeps its SQLSTATE only if
+    /// pgrx knows the code, and livesync's own `LSnnn` codes are not among them.
+    fn to_raise(&self) -> JsonB {
+        JsonB(
+            json!({"_raise": {"sqlstate": self.sqlstate(), "message": self.to_string(), "hint": self.hint()}}),
+        )
+    }
+}
+
+/// The body of `livesync.write` (a SQL wrapper raises what this reports).
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(name = "_write", volatile, parallel_unsafe)]
+pub fn write_mutation(
+    rel: Option<pg_sys::Oid>,
+    op: Option<String>,
+    key: Option<JsonB>,
+    new_values: Option<JsonB>,
+    base_version: Option<i64>,
+    base_values: Option<JsonB>,
+    client_id: Option<String>,
+    mutation_id: Option<i64>,
+    hlc: Option<String>,
+) -> JsonB {
+    let args = MutationArgs {
+        relid: rel,
+        op,
+        key: key.map(|k| k.0),
+        new_values: new_values.map(|v| v.0),
+        base_version,
+        base_values: base_values.map(|v| v.0),
+        client_id,
+        mutation_id,
+        hlc,
+    };
+    match args
+        .check()
+        .and_then(|m| Spi::connect_mut(|client| apply::apply(client, m)))
+    {
+        Ok(result) => JsonB(result),
+        Err(e) => e.to_raise(),
+    }
+}
+
+/// One element of `livesync.write_batch`'s array, applied like `livesync.write`.
+#[pg_extern(name = "_write_json", volatile, parallel_unsafe)]
+pub fn write_json(mutation: JsonB) -> JsonB {
+    let applied = MutationArgs::from_json(&mutation.0)
+        .and_then(MutationArgs::check)
+        .and_then(|m| Spi::connect_mut(|client| apply::apply(client, m)));
+    match applied {
+        Ok(result) => JsonB(result),
+        Err(e) => e.to_raise(),
+    }
+}
+
+const READ_CONFLICT: &str = "
+SELECT relation::oid, key, column_name, mine, resolved_at IS NOT NULL
+FROM livesync._conflicts WHERE id = $1 FOR UPDATE";
+
+const SETTLE_CONFLICT: &str = "
+UPDATE livesync._conflicts SET resolved_at = now(), resolution = $2 WHERE id = $1";
+
+/// The body of `livesync.resolve_conflict` (a SQL wrapper raises what this reports).
+#[pg_extern(name = "_resolve_conflict", volatile, parallel_unsafe)]
+pub fn resolve_conflict(conflict_id: i64, choice: &str, value: Option<JsonB>) -> JsonB {
+    match resolve(conflict_id, choice, value.map(|v| v.0)) {
+        Ok(result) => JsonB(result),
+        Err(e) => e.to_raise(),
+    }
+}
+
+fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value, WriteError> {
+    type Conflict = (pg_sys::Oid, JsonB, String, JsonB, bool);
+    let conflict: Option<Conflict> = crate::internal_spi::as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let table = client.update(READ_CONFLICT, Some(1), &[conflict_id.into()])?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            let row = table.first();
+            Ok::<_, pgrx::spi::SpiError>(Some((
+                row.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                row.get::<JsonB>(2)?.unwrap_or(JsonB(Value::Null)),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<JsonB>(4)?.unwrap_or(JsonB(Value::Null)),
+                row.get::<bool>(5)?.unwrap_or(false),
+            )))
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("livesync: reading conflict {conflict_id} failed: {e}"));
+    let Some((relid, JsonB(key), column, JsonB(mine), resolved)) = conflict else {
+        return Err(WriteError::NoConflict(conflict_id));
+    };
+    if resolved {
+        return Err(WriteError::ConflictResolved(conflict_id));
+    }
+    let chosen = match choice {
+        "mine" => Some(mine),
+        "value" => Some(value.ok_or(WriteError::ValueMissing)?),
+        "theirs" => None,
+        other => return Err(WriteError::BadChoice(other.to_string())),
+    };
+    let result = match &chosen {
+        // The stored value stands: nothing to write.
+        None => json!({"status": "applied"}),
+        Some(chosen) => {
+            let mutation = MutationArgs {
+                relid: Some(relid),
+                op: Some("update".into()),
+                key: Some(key),
+                new_values: Some(json!({ column.clone(): chosen })),
+                base_version: None,
+                base_values: None,
+                client_id: None,
+                mutation_id: None,
+                hlc: None,
+            }
+            .check()?;
+            debug_assert_eq!(mutation.op, Op::Update);
+            let result = Spi::connect_mut(|client| apply::apply_with(client, mutation, None))?;
+            if result["reason"] == "not_found" {
+                return Err(WriteError::ConflictRowGone(conflict_id));
+            }
+            result
+        }
+    };
+    let resolution = json!({"choice": choice, "value": chosen, "version": result.get("version")});
+    crate::internal_spi::as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    SETTLE_CONFLICT,
+                    None,
+                    &[conflict_id.into(), JsonB(resolution).into()],
+                )
+                .map(|_| ())
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("livesync: settling conflict {conflict_id} failed: {e}"));
+    Ok(result)
+}
