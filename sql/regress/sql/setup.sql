@@ -31,3 +31,25 @@ LANGUAGE sql AS $$
     SELECT c.position - after, c.relation, c.op, c.key, c.delta, c.actor
     FROM livesync.changes_since(after, max_changes) c ORDER BY c.position
 $$;
+
+-- A livesync.write result without what differs from run to run (the version
+-- number and conflict ids: whether they are there is kept), conflicts by column.
+CREATE FUNCTION public.shown(result jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT (result - 'version' - 'conflict_id' - 'conflicts')
+           || CASE WHEN result ? 'version' THEN '{"version": "present"}'::jsonb ELSE '{}'::jsonb END
+           || CASE WHEN result ? 'conflict_id' THEN '{"conflict_id": "present"}'::jsonb ELSE '{}'::jsonb END
+           || CASE WHEN result ? 'conflicts'
+                   THEN jsonb_build_object('conflicts',
+                            (SELECT jsonb_agg(c - 'conflict_id' ORDER BY c ->> 'column')
+                             FROM jsonb_array_elements(result -> 'conflicts') c))
+                   ELSE '{}'::jsonb END
+$$;
+
+-- One column of a livesync.write result in a line: "status: column = value (outcome)".
+CREATE FUNCTION public.outcome(result jsonb, col text) RETURNS text
+LANGUAGE sql AS $$
+    SELECT (result ->> 'status') || ': ' || col || ' = ' || coalesce(result -> 'row' ->> col, '<no row>')
+           || coalesce(' (' || (SELECT c ->> 'outcome' FROM jsonb_array_elements(result -> 'conflicts') c
+                                WHERE c ->> 'column' = col) || ')', '')
+$$;
