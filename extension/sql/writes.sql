@@ -19,6 +19,7 @@ UNION ALL
 SELECT p.relation, a.attname::text, p.policy, NULL, NULL
 FROM livesync._policies p
 JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped;
+GRANT SELECT ON livesync.policies TO PUBLIC;
 COMMENT ON VIEW livesync.policies IS
     'Merge policies of tracked tables: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
 
@@ -56,6 +57,7 @@ SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c
 WHERE has_table_privilege(c.relation, 'SELECT');
+GRANT SELECT ON livesync.conflicts TO PUBLIC;
 COMMENT ON VIEW livesync.conflicts IS
     'Conflicts on manual-policy columns (open ones have resolved_at NULL); settle them with livesync.resolve_conflict().';
 

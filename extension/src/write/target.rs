@@ -91,7 +91,10 @@ impl WriteTarget {
         let meta = as_extension_owner(|| {
             client
                 .select(&*plan, Some(1), &[relid.into()])
-                .and_then(|table| table.first().get_one::<JsonB>())
+                .and_then(|table| match table.is_empty() {
+                    true => Ok(None),
+                    false => table.first().get_one::<JsonB>(),
+                })
         })
         .unwrap_or_else(|e| pgrx::error!("livesync: reading write settings failed: {e}"));
         let Some(JsonB(meta)) = meta else {
