@@ -44,15 +44,16 @@ impl TestDb {
     }
 
     pub fn connect_with(&self, sequencer: Sequencer) -> Client {
+        Client::connect(&self.conninfo(sequencer), NoTls).unwrap()
+    }
+
+    /// The libpq connection string of this database (for psql and other programs).
+    pub fn conninfo(&self, sequencer: Sequencer) -> String {
         let options = match sequencer {
             Sequencer::Auto => "",
             Sequencer::Commit => " options='-c livesync.sequencer=commit'",
         };
-        Client::connect(
-            &format!("{} dbname={}{options}", server(), self.name),
-            NoTls,
-        )
-        .unwrap()
+        format!("{} dbname={}{options}", server(), self.name)
     }
 
     /// Waits until this database's sequencer worker runs (it needs
@@ -83,6 +84,27 @@ impl TestDb {
             .unwrap()
             .map(|row| row.get(0))
     }
+}
+
+/// Polls `condition` until it holds, failing the test after 30 s. For waiting on
+/// something observable (a backend blocked on a lock, a process gone), never on time.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether backend `pid` is waiting for a heavyweight lock.
+pub fn waits_on_lock(observer: &mut Client, pid: i32) -> bool {
+    observer
+        .query_opt(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            &[&pid],
+        )
+        .unwrap()
+        .is_some()
 }
 
 /// How a connection's commits get their positions (`livesync.sequencer`).
