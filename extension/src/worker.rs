@@ -175,6 +175,10 @@ fn note_start(database: u32) -> bool {
     };
     let slot = &mut registry.slots[index];
     slot.database = database;
+    // A restart after the worker was terminated (DROP DATABASE terminates it) finds
+    // its slot freed and claims one: stamp it so request_start() does not take it as
+    // stale and reset the count, or a dropped database's worker restarts forever.
+    slot.requested_at_ms = now_ms();
     slot.failed_starts += 1;
     if slot.failed_starts > MAX_FAILED_STARTS {
         *slot = Slot::default();

@@ -229,7 +229,7 @@ fn changes_by_mutation(client: &mut Client) -> i64 {
 /// Holds the sequencer lock a committing transaction needs (commit-mode
 /// sequencing takes it at pre-commit), so a write can be caught mid-commit.
 fn hold_commit(db: &TestDb) -> Client {
-    let mut locker = connect(&db);
+    let mut locker = connect(db);
     locker
         .batch_execute("BEGIN; LOCK TABLE livesync.commits IN EXCLUSIVE MODE")
         .unwrap();
