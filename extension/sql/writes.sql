@@ -104,6 +104,7 @@ BEGIN
     END IF;
     INSERT INTO livesync._policies (relation, attnum, policy) VALUES (rel, col.attnum, policy)
     ON CONFLICT ON CONSTRAINT _policies_pkey DO UPDATE SET policy = EXCLUDED.policy;
+    PERFORM livesync._forget_write_settings(rel);
 END
 $$;
 COMMENT ON FUNCTION livesync.set_policy(regclass, text, text) IS
@@ -124,6 +125,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
     END IF;
+    PERFORM livesync._forget_write_settings(rel);
 END
 $$;
 COMMENT ON FUNCTION livesync.set_policy(regclass, text) IS
@@ -146,6 +148,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
     END IF;
+    PERFORM livesync._forget_write_settings(rel);
 END
 $$;
 COMMENT ON FUNCTION livesync.set_conflict_rules(regclass, text, text) IS
@@ -178,9 +181,18 @@ CREATE FUNCTION livesync.write(
     mutation_id  bigint DEFAULT NULL,
     hlc          text   DEFAULT NULL
 ) RETURNS jsonb
-LANGUAGE sql VOLATILE AS $$
-    SELECT livesync._checked(livesync._write(rel, op, key, new_values, base_version, base_values,
-                                             client_id, mutation_id, hlc))
+-- PL/pgSQL rather than SQL: a SQL function called from a prepared statement is
+-- planned again on every call (PostgreSQL 15), a PL/pgSQL one keeps its plans.
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    result jsonb;
+BEGIN
+    result := livesync._write(rel, op, key, new_values, base_version, base_values, client_id, mutation_id, hlc);
+    IF result ? '_raise' THEN
+        PERFORM livesync._checked(result);
+    END IF;
+    RETURN result;
+END
 $$;
 COMMENT ON FUNCTION livesync.write(regclass, text, jsonb, jsonb, bigint, jsonb, text, bigint, text) IS
     'Applies one client mutation with a field-level three-way merge against its base; returns {status, version, row, conflicts, conflict_id}.';

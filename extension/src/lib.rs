@@ -54,6 +54,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     worker::init();
     sequencer::init();
+    write::init();
 }
 
 #[cfg(test)]

@@ -38,8 +38,9 @@ pub fn apply_with(
     if let Some(first) = mutation.id.as_ref().and_then(|id| id.lock_and_find(client)) {
         return Ok(first);
     }
-    let mut target = WriteTarget::load(client, mutation.relid)?;
+    let mut target = WriteTarget::cached(client, mutation.relid)?;
     if let Some((column, policy)) = force {
+        let target = std::rc::Rc::make_mut(&mut target);
         if let Some(p) = target.columns.get_mut(column) {
             *p = policy;
         }
@@ -61,28 +62,60 @@ pub fn apply_with(
         None => None,
     };
 
-    // Typed and printed as the table would store them, so they compare with
-    // stored values; a wrong type fails here, before anything is written.
-    let mut sent = mutation.key.clone();
-    sent.extend(mine);
-    let mut typed = target.canonical(client, &sent);
-    let key: Map<String, Value> = target
-        .key
-        .iter()
-        .map(|k| (k.clone(), typed.remove(k).unwrap_or(Value::Null)))
-        .collect();
-    let base = base.map(|base| target.canonical(client, &base));
-
     let _origin = OriginGuard::set(
         mutation
             .id
             .as_ref()
             .map(|id| (id.client_id.clone(), id.mutation_id)),
     );
+
+    // Fast path, the common case: an update from the row's current version (or a
+    // plain overwrite with no base) is one UPDATE guarded by that version. Only if
+    // it finds no such row is the row read and merged.
+    let fast = matches!(mutation.op, Op::Update | Op::Upsert)
+        && force.is_none()
+        && !mine.is_empty()
+        && (mutation.base_version.is_some() || base.is_none());
+    if fast {
+        let clock = match &client_clock {
+            Some(clock) => clock.clone(),
+            None => Hlc::stamp(now_ms(), std::iter::empty(), &node),
+        };
+        let entries: Map<String, Value> =
+            mine.keys().map(|c| (c.clone(), clock.to_entry())).collect();
+        if let Some(stored) = target.update(
+            client,
+            &mutation.key,
+            &mine,
+            &entries,
+            mutation.base_version,
+        ) {
+            let result = result("applied", Some(&stored), &[], None);
+            if let Some(id) = &mutation.id {
+                id.record(client, &result);
+            }
+            return Ok(result);
+        }
+    }
+
+    // The row, locked, and the client's values typed and printed as the table
+    // would store them (so they compare with stored values); a wrong type fails
+    // here, before anything is written.
+    let fetched = target.fetch_typed(client, &mutation.key, &mine);
+    let key: Map<String, Value> = match &fetched.row {
+        Some(row) => target
+            .key
+            .iter()
+            .map(|k| (k.clone(), row.values.get(k).cloned().unwrap_or(Value::Null)))
+            .collect(),
+        None => target.canonical(client, &mutation.key),
+    };
+    let base = base.map(|base| target.canonical(client, &base));
+
     let mut write = Write {
         target: &target,
         key,
-        mine: typed,
+        mine: fetched.mine,
         base,
         base_version: mutation.base_version,
         client_clock,
@@ -90,11 +123,12 @@ pub fn apply_with(
         actor,
         mutation: &mutation,
     };
+    let row = fetched.row;
     let result = match mutation.op {
-        Op::Insert => write.insert(client, false)?,
-        Op::Upsert => write.insert(client, true)?,
-        Op::Update => write.update(client)?,
-        Op::Delete => write.delete(client),
+        Op::Insert => write.insert(client, false, row)?,
+        Op::Upsert => write.insert(client, true, row)?,
+        Op::Update => write.update(client, row)?,
+        Op::Delete => write.delete(client, row),
     };
     if let Some(id) = &mutation.id {
         id.record(client, &result);
@@ -178,9 +212,11 @@ impl Write<'_> {
         Hlc::stamp(now_ms(), seen, &self.node)
     }
 
-    fn their_clock(row: &StoredRow, column: &str, theirs: &Value) -> Option<Hlc> {
+    fn their_clock(row: &StoredRow, column: &str) -> Option<Hlc> {
         let entry = ColumnClock::from_json(row.clocks.get(column)?)?;
-        entry.for_value(theirs).cloned()
+        entry
+            .for_hash(row.hashes.get(column).and_then(Value::as_str))
+            .cloned()
     }
 
     /// Per-column merge against the stored row. `merge` false: the row has not
@@ -206,7 +242,7 @@ impl Write<'_> {
                 }
                 continue;
             }
-            let their_clock = Self::their_clock(row, column, theirs);
+            let their_clock = Self::their_clock(row, column);
             let input = ColumnInput {
                 column,
                 policy: self.target.columns[column],
@@ -236,33 +272,40 @@ impl Write<'_> {
         merged
     }
 
-    /// The row's clocks after writing `writes` with this write's clock (never
-    /// moving a column's clock backwards).
-    fn clocks_after(
+    /// The clock entries for writing `writes` with this write's clock (never
+    /// moving a column's clock backwards); the statement adds the value hashes.
+    fn clock_entries(
         &self,
         row: Option<&StoredRow>,
         writes: &Map<String, Value>,
         clock: &Hlc,
     ) -> Map<String, Value> {
-        let mut clocks = row.map(|r| r.clocks.clone()).unwrap_or_default();
-        for (column, value) in writes {
-            let theirs = row.and_then(|r| {
-                Self::their_clock(r, column, r.values.get(column).unwrap_or(&Value::Null))
-            });
-            let newest = match theirs {
-                Some(theirs) if &theirs > clock => theirs,
-                _ => clock.clone(),
-            };
-            clocks.insert(column.clone(), ColumnClock::new(newest, value).to_json());
-        }
-        clocks
+        writes
+            .keys()
+            .map(|column| {
+                let theirs = row.and_then(|r| Self::their_clock(r, column));
+                let newest = match theirs {
+                    Some(theirs) if &theirs > clock => theirs,
+                    _ => clock.clone(),
+                };
+                (column.clone(), newest.to_entry())
+            })
+            .collect()
     }
 
-    fn insert(&mut self, client: &mut SpiClient<'_>, upsert: bool) -> Result<Value, WriteError> {
+    fn insert(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        upsert: bool,
+        mut row: Option<StoredRow>,
+    ) -> Result<Value, WriteError> {
         // Twice at most: a concurrent insert of the same key makes ours do nothing,
         // and the second round finds (and locks) the row it inserted.
-        for _ in 0..2 {
-            if let Some(row) = self.target.fetch_for_update(client, &self.key) {
+        for round in 0..2 {
+            if round > 0 {
+                row = self.target.fetch_for_update(client, &self.key);
+            }
+            if let Some(row) = row.take() {
                 if upsert {
                     return Ok(self.update_existing(client, row));
                 }
@@ -275,7 +318,7 @@ impl Write<'_> {
             }
             let mut row = self.key.clone();
             row.extend(self.mine.clone());
-            let clocks = self.clocks_after(None, &self.mine, &self.clock(None));
+            let clocks = self.clock_entries(None, &self.mine, &self.clock(None));
             if let Some(stored) = self.target.insert(client, &row, &clocks) {
                 return Ok(result("applied", Some(&stored), &[], None));
             }
@@ -283,8 +326,12 @@ impl Write<'_> {
         Err(WriteError::InsertRace(self.target.display.clone()))
     }
 
-    fn update(&mut self, client: &mut SpiClient<'_>) -> Result<Value, WriteError> {
-        match self.target.fetch_for_update(client, &self.key) {
+    fn update(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        row: Option<StoredRow>,
+    ) -> Result<Value, WriteError> {
+        match row {
             Some(row) => Ok(self.update_existing(client, row)),
             None if self.base_version.is_none() && self.base.is_none() => {
                 Ok(rejected("not_found", None))
@@ -298,7 +345,7 @@ impl Write<'_> {
                     row.extend(self.mine.clone());
                     let mut values = row.clone();
                     values.retain(|c, _| !self.target.is_key(c));
-                    let clocks = self.clocks_after(None, &values, &self.clock(None));
+                    let clocks = self.clock_entries(None, &values, &self.clock(None));
                     match self.target.insert(client, &row, &clocks) {
                         Some(stored) => {
                             let mut result = result("merged", Some(&stored), &[], None);
@@ -354,9 +401,9 @@ impl Write<'_> {
         let stored = if merged.writes.is_empty() {
             row
         } else {
-            let clocks = self.clocks_after(Some(&row), &merged.writes, &clock);
+            let clocks = self.clock_entries(Some(&row), &merged.writes, &clock);
             self.target
-                .update(client, &self.key, &merged.writes, &clocks)
+                .update(client, &self.key, &merged.writes, &clocks, None)
                 .unwrap_or_else(|| pgrx::error!("livesync: a row locked for update disappeared"))
         };
         let status = if conflict_ids.iter().any(Option::is_some) {
@@ -371,8 +418,8 @@ impl Write<'_> {
         result(status, Some(&stored), &contests, None)
     }
 
-    fn delete(&mut self, client: &mut SpiClient<'_>) -> Value {
-        let Some(row) = self.target.fetch_for_update(client, &self.key) else {
+    fn delete(&mut self, client: &mut SpiClient<'_>, row: Option<StoredRow>) -> Value {
+        let Some(row) = row else {
             // Already gone: the state the client asked for.
             return result("applied", None, &[], None);
         };

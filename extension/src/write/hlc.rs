@@ -52,9 +52,11 @@ impl Hlc {
     }
 }
 
-/// What `_livesync_clocks` holds for one column: the clock of the write that set
-/// it and a hash of the value it set. A later plain-SQL write changes the value
-/// but not the clock; the hash shows the clock no longer describes the value.
+/// What `_livesync_clocks` holds for one column: `[wall, counter, node, hash]`,
+/// the clock of the write that set it and the md5 of the value it set (as
+/// `to_jsonb(value)::text`, computed in SQL by the statement that wrote it). A later
+/// plain-SQL write changes the value but not the clock; the hash shows the clock no
+/// longer describes the value.
 #[derive(Clone, Debug)]
 pub struct ColumnClock {
     pub clock: Hlc,
@@ -62,13 +64,6 @@ pub struct ColumnClock {
 }
 
 impl ColumnClock {
-    pub fn new(clock: Hlc, value: &Value) -> Self {
-        ColumnClock {
-            clock,
-            value_hash: value_hash(value),
-        }
-    }
-
     pub fn from_json(entry: &Value) -> Option<Self> {
         let items = entry.as_array()?;
         let wall_ms = items.first()?.as_u64()?;
@@ -85,29 +80,16 @@ impl ColumnClock {
         })
     }
 
-    pub fn to_json(&self) -> Value {
-        json!([
-            self.clock.wall_ms,
-            self.clock.counter,
-            self.clock.node,
-            self.value_hash
-        ])
-    }
-
-    /// The clock, if it still describes `value`.
-    pub fn for_value(&self, value: &Value) -> Option<&Hlc> {
-        (self.value_hash == value_hash(value)).then_some(&self.clock)
+    /// The clock, if it still describes the stored value whose hash is given.
+    pub fn for_hash(&self, value_hash: Option<&str>) -> Option<&Hlc> {
+        (value_hash == Some(self.value_hash.as_str())).then_some(&self.clock)
     }
 }
 
-/// FNV-1a over the value's JSON text: stable across builds and platforms, which
-/// `std`'s hashers do not promise, and collisions only cost a clock comparison.
-fn value_hash(value: &Value) -> String {
-    let text = value.to_string();
-    let mut hash: u64 = 0xcbf29ce484222325;
-    for byte in text.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x100000001b3);
+impl Hlc {
+    /// The clock part of a `_livesync_clocks` entry; the writing statement appends
+    /// the value's hash.
+    pub fn to_entry(&self) -> Value {
+        json!([self.wall_ms, self.counter, self.node])
     }
-    format!("{hash:016x}")
 }

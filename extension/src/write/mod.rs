@@ -19,7 +19,9 @@ mod mutation;
 pub mod origin;
 mod policy;
 mod statements;
-mod target;
+pub mod target;
+
+pub use target::init;
 
 use mutation::{MutationArgs, Op};
 use pgrx::prelude::*;

@@ -15,7 +15,9 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 pub const VERSION_COLUMN: &str = "_livesync_version";
 pub const CLOCKS_COLUMN: &str = "_livesync_clocks";
@@ -42,6 +44,7 @@ JOIN pg_class c ON c.oid = t.relation
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE t.relation = $1";
 
+#[derive(Clone)]
 pub struct WriteTarget {
     pub relid: pg_sys::Oid,
     /// Schema-qualified, quoted: for statement text.
@@ -60,6 +63,9 @@ pub struct StoredRow {
     pub values: Map<String, Value>,
     pub version: i64,
     pub clocks: Map<String, Value>,
+    /// md5 of each column's `to_jsonb(value)::text`, when the row was read for a
+    /// merge (to check which clocks still describe their values).
+    pub hashes: Map<String, Value>,
 }
 
 impl StoredRow {
@@ -79,11 +85,56 @@ impl StoredRow {
             values,
             version,
             clocks,
+            hashes: Map::new(),
         }
     }
 }
 
+thread_local! {
+    /// Write settings per table, read once per backend: the catalog query costs
+    /// more than the write itself. Entries are dropped by relcache invalidation,
+    /// which DDL on the table and every settings change (`_forget_write_settings`)
+    /// send to all backends.
+    static TARGETS: RefCell<HashMap<pg_sys::Oid, Rc<WriteTarget>>> = RefCell::new(HashMap::new());
+}
+
+/// Registers the invalidation callback; called once per process from `_PG_init`.
+pub fn init() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    TARGETS.with(|targets| {
+        let mut targets = targets.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            targets.clear();
+        } else {
+            targets.remove(&relid);
+        }
+    });
+}
+
+/// Tells every backend that a table's write settings changed (at commit).
+#[pg_extern(name = "_forget_write_settings", volatile, parallel_unsafe)]
+pub fn forget_write_settings(rel: pg_sys::Oid) {
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
+}
+
 impl WriteTarget {
+    /// The table's write settings, from this backend's cache when it has them.
+    pub fn cached(
+        client: &SpiClient<'_>,
+        relid: pg_sys::Oid,
+    ) -> Result<Rc<WriteTarget>, WriteError> {
+        if let Some(target) = TARGETS.with(|targets| targets.borrow().get(&relid).cloned()) {
+            return Ok(target);
+        }
+        let target = Rc::new(Self::load(client, relid)?);
+        TARGETS.with(|targets| targets.borrow_mut().insert(relid, target.clone()));
+        Ok(target)
+    }
+
     pub fn load(client: &SpiClient<'_>, relid: pg_sys::Oid) -> Result<WriteTarget, WriteError> {
         // livesync's own catalog: read as the extension owner, so application roles
         // need no privileges on it.
@@ -144,13 +195,13 @@ impl WriteTarget {
         self.key.iter().any(|k| k == column)
     }
 
-    /// `t.k1 = r.k1 AND t.k2 = r.k2`
+    /// `livesync_t.k1 = livesync_r.k1 AND ...` (aliases no user column shadows)
     fn key_match(&self) -> String {
         self.key
             .iter()
             .map(|k| {
                 let k = spi::quote_identifier(k);
-                format!("t.{k} = r.{k}")
+                format!("livesync_t.{k} = livesync_r.{k}")
             })
             .collect::<Vec<_>>()
             .join(" AND ")
@@ -171,7 +222,10 @@ impl WriteTarget {
         if values.is_empty() {
             return Map::new();
         }
-        let sql = format!("SELECT to_jsonb(r) FROM {} r", self.record(1));
+        let sql = format!(
+            "SELECT to_jsonb(livesync_r) FROM {} livesync_r",
+            self.record(1)
+        );
         let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID)]);
         let typed = client
             .select(
@@ -181,14 +235,61 @@ impl WriteTarget {
             )
             .and_then(|table| table.first().get_one::<JsonB>())
             .unwrap_or_else(|e| pgrx::error!("livesync: typing values failed: {e}"));
-        let mut typed = match typed {
-            Some(JsonB(Value::Object(typed))) => typed,
-            _ => Map::new(),
-        };
-        values
-            .keys()
-            .map(|k| (k.clone(), typed.remove(k).unwrap_or(Value::Null)))
-            .collect()
+        pick(typed.map(|JsonB(t)| t).unwrap_or(Value::Null), values)
+    }
+
+    /// The row with this key, locked against concurrent writers until commit, and
+    /// the client's values typed as the table types them (see [`Self::canonical`]);
+    /// the typed values come back even when no row does.
+    pub fn fetch_typed(
+        &self,
+        client: &SpiClient<'_>,
+        key: &Map<String, Value>,
+        mine: &Map<String, Value>,
+    ) -> Fetched {
+        let sql = format!(
+            "SELECT to_jsonb(livesync_t), to_jsonb(livesync_r),
+                    (SELECT jsonb_object_agg(e.key, md5(e.value::text)) FROM jsonb_each(to_jsonb(livesync_t)) e)
+             FROM {} livesync_t, {} livesync_r WHERE {} FOR UPDATE OF livesync_t",
+            self.name,
+            self.record(1),
+            self.key_match()
+        );
+        let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID)]);
+        let mut sent = key.clone();
+        sent.extend(mine.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let found = client
+            .select(&*plan, None, &[JsonB(Value::Object(sent.clone())).into()])
+            .and_then(|table| {
+                if table.is_empty() {
+                    return Ok(None);
+                }
+                let row = table.first();
+                Ok(Some((
+                    row.get::<JsonB>(1)?,
+                    row.get::<JsonB>(2)?,
+                    row.get::<JsonB>(3)?,
+                )))
+            })
+            .unwrap_or_else(|e| {
+                pgrx::error!("livesync: reading a row of {} failed: {e}", self.display)
+            });
+        match found {
+            Some((Some(JsonB(row)), Some(JsonB(typed)), hashes)) => {
+                let mut row = StoredRow::from_json(row);
+                if let Some(JsonB(Value::Object(hashes))) = hashes {
+                    row.hashes = hashes;
+                }
+                Fetched {
+                    row: Some(row),
+                    mine: pick(typed, mine),
+                }
+            }
+            _ => Fetched {
+                row: None,
+                mine: self.canonical(client, mine),
+            },
+        }
     }
 
     /// The row with this key, locked against concurrent writers until commit.
@@ -197,22 +298,39 @@ impl WriteTarget {
         client: &SpiClient<'_>,
         key: &Map<String, Value>,
     ) -> Option<StoredRow> {
-        let sql = format!(
-            "SELECT to_jsonb(t) FROM {} t, {} r WHERE {} FOR UPDATE OF t",
-            self.name,
-            self.record(1),
-            self.key_match()
-        );
-        self.run_returning_row(client, &sql, &[Value::Object(key.clone())])
+        self.fetch_typed(client, key, &Map::new()).row
     }
 
-    /// Writes `values` (and the clocks) into the row `key` names.
+    /// `_livesync_clocks` after writing `entries` (`{column: [wall, counter, node]}`):
+    /// each entry gets the hash of the value this statement writes.
+    fn clocks_expression(&self, entries: &Map<String, Value>, existing: bool) -> String {
+        let items: Vec<String> = entries
+            .keys()
+            .map(|c| {
+                let literal = spi::quote_literal(c);
+                let column = spi::quote_identifier(c);
+                format!(
+                    "{literal}, ($2 -> {literal}) || jsonb_build_array(md5(to_jsonb(livesync_r.{column})::text))"
+                )
+            })
+            .collect();
+        let new = format!("jsonb_build_object({})", items.join(", "));
+        if existing {
+            format!("coalesce(livesync_t.{CLOCKS_COLUMN}, '{{}}'::jsonb) || {new}")
+        } else {
+            new
+        }
+    }
+
+    /// Writes `values` and their clock entries into the row `key` names; with
+    /// `expected_version`, only if the row still has that version (`None` if not).
     pub fn update(
         &self,
         client: &mut SpiClient<'_>,
         key: &Map<String, Value>,
         values: &Map<String, Value>,
-        clocks: &Map<String, Value>,
+        clock_entries: &Map<String, Value>,
+        expected_version: Option<i64>,
     ) -> Option<StoredRow> {
         let mut row = key.clone();
         row.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -220,22 +338,34 @@ impl WriteTarget {
             .keys()
             .map(|c| {
                 let c = spi::quote_identifier(c);
-                format!("{c} = r.{c}")
+                format!("{c} = livesync_r.{c}")
             })
-            .chain(std::iter::once(format!("{CLOCKS_COLUMN} = $2")))
+            .chain(std::iter::once(format!(
+                "{CLOCKS_COLUMN} = {}",
+                self.clocks_expression(clock_entries, true)
+            )))
             .collect();
+        let version_check = match expected_version {
+            Some(_) => format!(" AND livesync_t.{VERSION_COLUMN} = $3"),
+            None => String::new(),
+        };
         let sql = format!(
-            "UPDATE {} t SET {} FROM {} r WHERE {} RETURNING to_jsonb(t)",
+            "UPDATE {} livesync_t SET {} FROM {} livesync_r WHERE {}{version_check} RETURNING to_jsonb(livesync_t)",
             self.name,
             assignments.join(", "),
             self.record(1),
             self.key_match()
         );
-        self.run_returning_row(
-            client,
-            &sql,
-            &[Value::Object(row), Value::Object(clocks.clone())],
-        )
+        let mut args = vec![
+            JsonB(Value::Object(row)).into(),
+            JsonB(Value::Object(clock_entries.clone())).into(),
+        ];
+        let mut types = vec![PgOid::from(pg_sys::JSONBOID); 2];
+        if let Some(version) = expected_version {
+            args.push(version.into());
+            types.push(PgOid::from(pg_sys::INT8OID));
+        }
+        self.run_returning_row(client, &sql, &types, &args)
     }
 
     /// Inserts a row; `None` when a concurrent transaction inserted the key first.
@@ -243,28 +373,29 @@ impl WriteTarget {
         &self,
         client: &mut SpiClient<'_>,
         row: &Map<String, Value>,
-        clocks: &Map<String, Value>,
+        clock_entries: &Map<String, Value>,
     ) -> Option<StoredRow> {
         let columns: Vec<String> = row.keys().map(spi::quote_identifier).collect();
         let key: Vec<String> = self.key.iter().map(spi::quote_identifier).collect();
         let sql = format!(
-            "INSERT INTO {} AS t ({}, {CLOCKS_COLUMN}) SELECT {}, $2 FROM {} r
-             ON CONFLICT ({}) DO NOTHING RETURNING to_jsonb(t)",
+            "INSERT INTO {} AS livesync_t ({}, {CLOCKS_COLUMN}) SELECT {}, {} FROM {} livesync_r
+             ON CONFLICT ({}) DO NOTHING RETURNING to_jsonb(livesync_t)",
             self.name,
             columns.join(", "),
             columns
                 .iter()
-                .map(|c| format!("r.{c}"))
+                .map(|c| format!("livesync_r.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            self.clocks_expression(clock_entries, false),
             self.record(1),
             key.join(", ")
         );
-        self.run_returning_row(
-            client,
-            &sql,
-            &[Value::Object(row.clone()), Value::Object(clocks.clone())],
-        )
+        let args = [
+            JsonB(Value::Object(row.clone())).into(),
+            JsonB(Value::Object(clock_entries.clone())).into(),
+        ];
+        self.run_returning_row(client, &sql, &[PgOid::from(pg_sys::JSONBOID); 2], &args)
     }
 
     pub fn delete(
@@ -273,27 +404,27 @@ impl WriteTarget {
         key: &Map<String, Value>,
     ) -> Option<StoredRow> {
         let sql = format!(
-            "DELETE FROM {} t USING {} r WHERE {} RETURNING to_jsonb(t)",
+            "DELETE FROM {} livesync_t USING {} livesync_r WHERE {} RETURNING to_jsonb(livesync_t)",
             self.name,
             self.record(1),
             self.key_match()
         );
-        self.run_returning_row(client, &sql, &[Value::Object(key.clone())])
+        let args = [JsonB(Value::Object(key.clone())).into()];
+        self.run_returning_row(client, &sql, &[PgOid::from(pg_sys::JSONBOID)], &args)
     }
 
     fn run_returning_row(
         &self,
         client: &SpiClient<'_>,
         sql: &str,
-        args: &[Value],
+        types: &[PgOid],
+        args: &[pgrx::datum::DatumWithOid<'_>],
     ) -> Option<StoredRow> {
-        let types = vec![PgOid::from(pg_sys::JSONBOID); args.len()];
-        let plan = kept(client, sql, &types);
-        let args: Vec<_> = args.iter().map(|a| JsonB(a.clone()).into()).collect();
+        let plan = kept(client, sql, types);
         // No row limit: a limit stops a data-modifying statement's executor early,
         // and its AFTER STATEMENT triggers (capture) would never fire.
         let row = client
-            .select(&*plan, None, &args)
+            .select(&*plan, None, args)
             .and_then(|table| {
                 if table.is_empty() {
                     Ok(None)
@@ -318,7 +449,8 @@ impl WriteTarget {
     ) -> Value {
         let c = spi::quote_identifier(column);
         let sql = format!(
-            "SELECT to_jsonb({}) FROM (SELECT a.{c} AS a, b.{c} AS b, c.{c} AS c FROM {} a, {} b, {} c) v",
+            "SELECT to_jsonb({}) FROM (SELECT livesync_a.{c} AS a, livesync_b.{c} AS b, livesync_c.{c} AS c \
+             FROM {} livesync_a, {} livesync_b, {} livesync_c) v",
             expression,
             self.record(1),
             self.record(2),
@@ -340,6 +472,23 @@ impl WriteTarget {
             .map(|JsonB(v)| v)
             .unwrap_or(Value::Null)
     }
+}
+
+/// What [`WriteTarget::fetch_typed`] read.
+pub struct Fetched {
+    pub row: Option<StoredRow>,
+    pub mine: Map<String, Value>,
+}
+
+/// The columns named in `sent`, taken from a typed whole record.
+fn pick(typed: Value, sent: &Map<String, Value>) -> Map<String, Value> {
+    let mut typed = match typed {
+        Value::Object(typed) => typed,
+        _ => Map::new(),
+    };
+    sent.keys()
+        .map(|k| (k.clone(), typed.remove(k).unwrap_or(Value::Null)))
+        .collect()
 }
 
 /// Typed merges through SQL, in the column's own type.

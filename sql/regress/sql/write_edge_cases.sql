@@ -117,7 +117,7 @@ SELECT count(*) AS written FROM livesync.changes_since(:p2);
 SELECT id, title, done, n FROM tasks WHERE id = 1;
 
 -- Identifiers are always quoted.
-CREATE TABLE "Odd Table" ("Key" text PRIMARY KEY, "the value" int, "select" text);
+CREATE TABLE "Odd Table" ("Key" text PRIMARY KEY, "the value" int, "select" text, t int, r int, b int);
 SELECT livesync.track('"Odd Table"');
 SELECT shown(livesync.write('"Odd Table"', 'insert', '{"Key": "k"}', '{"the value": 1, "select": "from"}'));
 SELECT shown(livesync.write('"Odd Table"', 'update', '{"Key": "k"}', '{"the value": 2}', 0, '{"the value": 1}'));
