@@ -215,7 +215,7 @@ impl Write<'_> {
     fn their_clock(row: &StoredRow, column: &str) -> Option<Hlc> {
         let entry = ColumnClock::from_json(row.clocks.get(column)?)?;
         entry
-            .for_hash(row.hashes.get(column).and_then(Value::as_str))
+            .for_hash(row.hashes.get(column).and_then(Value::as_i64))
             .cloned()
     }
 

@@ -53,14 +53,15 @@ impl Hlc {
 }
 
 /// What `_livesync_clocks` holds for one column: `[wall, counter, node, hash]`,
-/// the clock of the write that set it and the md5 of the value it set (as
-/// `to_jsonb(value)::text`, computed in SQL by the statement that wrote it). A later
+/// the clock of the write that set it and a hash of the value it set
+/// (`jsonb_hash_extended(to_jsonb(value), 0)`, computed by the statement that wrote
+/// it: equal values hash equally however the client spelled them). A later
 /// plain-SQL write changes the value but not the clock; the hash shows the clock no
 /// longer describes the value.
 #[derive(Clone, Debug)]
 pub struct ColumnClock {
     pub clock: Hlc,
-    pub value_hash: String,
+    pub value_hash: i64,
 }
 
 impl ColumnClock {
@@ -69,7 +70,7 @@ impl ColumnClock {
         let wall_ms = items.first()?.as_u64()?;
         let counter = items.get(1)?.as_u64()?;
         let node = items.get(2)?.as_str()?.to_string();
-        let value_hash = items.get(3)?.as_str()?.to_string();
+        let value_hash = items.get(3)?.as_i64()?;
         Some(ColumnClock {
             clock: Hlc {
                 wall_ms,
@@ -81,8 +82,8 @@ impl ColumnClock {
     }
 
     /// The clock, if it still describes the stored value whose hash is given.
-    pub fn for_hash(&self, value_hash: Option<&str>) -> Option<&Hlc> {
-        (value_hash == Some(self.value_hash.as_str())).then_some(&self.clock)
+    pub fn for_hash(&self, value_hash: Option<i64>) -> Option<&Hlc> {
+        (value_hash == Some(self.value_hash)).then_some(&self.clock)
     }
 }
 

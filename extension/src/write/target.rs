@@ -63,7 +63,7 @@ pub struct StoredRow {
     pub values: Map<String, Value>,
     pub version: i64,
     pub clocks: Map<String, Value>,
-    /// md5 of each column's `to_jsonb(value)::text`, when the row was read for a
+    /// `jsonb_hash_extended(to_jsonb(value), 0)` of each column, when the row was read for a
     /// merge (to check which clocks still describe their values).
     pub hashes: Map<String, Value>,
 }
@@ -249,7 +249,7 @@ impl WriteTarget {
     ) -> Fetched {
         let sql = format!(
             "SELECT to_jsonb(livesync_t), to_jsonb(livesync_r),
-                    (SELECT jsonb_object_agg(e.key, md5(e.value::text)) FROM jsonb_each(to_jsonb(livesync_t)) e)
+                    (SELECT jsonb_object_agg(e.key, jsonb_hash_extended(e.value, 0)) FROM jsonb_each(to_jsonb(livesync_t)) e)
              FROM {} livesync_t, {} livesync_r WHERE {} FOR UPDATE OF livesync_t",
             self.name,
             self.record(1),
@@ -310,7 +310,7 @@ impl WriteTarget {
                 let literal = spi::quote_literal(c);
                 let column = spi::quote_identifier(c);
                 format!(
-                    "{literal}, ($2 -> {literal}) || jsonb_build_array(md5(to_jsonb(livesync_r.{column})::text))"
+                    "{literal}, ($2 -> {literal}) || jsonb_build_array(jsonb_hash_extended(to_jsonb(livesync_r.{column}), 0))"
                 )
             })
             .collect();
@@ -350,7 +350,7 @@ impl WriteTarget {
             None => String::new(),
         };
         let sql = format!(
-            "UPDATE {} livesync_t SET {} FROM {} livesync_r WHERE {}{version_check} RETURNING to_jsonb(livesync_t)",
+            "UPDATE {} livesync_t SET {} FROM {} livesync_r WHERE {}{version_check} RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
             assignments.join(", "),
             self.record(1),
@@ -379,7 +379,7 @@ impl WriteTarget {
         let key: Vec<String> = self.key.iter().map(spi::quote_identifier).collect();
         let sql = format!(
             "INSERT INTO {} AS livesync_t ({}, {CLOCKS_COLUMN}) SELECT {}, {} FROM {} livesync_r
-             ON CONFLICT ({}) DO NOTHING RETURNING to_jsonb(livesync_t)",
+             ON CONFLICT ({}) DO NOTHING RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
             columns.join(", "),
             columns
@@ -404,7 +404,7 @@ impl WriteTarget {
         key: &Map<String, Value>,
     ) -> Option<StoredRow> {
         let sql = format!(
-            "DELETE FROM {} livesync_t USING {} livesync_r WHERE {} RETURNING to_jsonb(livesync_t)",
+            "DELETE FROM {} livesync_t USING {} livesync_r WHERE {} RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
             self.record(1),
             self.key_match()

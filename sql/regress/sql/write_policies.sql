@@ -72,7 +72,7 @@ SELECT jsonb_pretty(shown(livesync.write('items', 'update', '{"id": 1}',
 -- the stored row: every decision above, and status still A's (manual waits for a person)
 SELECT id, title, notes, duration, low, due, tags, playlist, likes, balance, owner, color, status,
        (_livesync_clocks -> 'title') - 3 AS title_clock,
-       _livesync_clocks -> 'title' ->> 3 = md5(to_jsonb(title)::text) AS clock_hash_matches
+       (_livesync_clocks -> 'title' ->> 3)::int8 = jsonb_hash_extended(to_jsonb(title), 0) AS clock_hash_matches
 FROM items WHERE id = 1;
 -- both devices' writes are in the log, each tagged with its client and mutation
 SELECT pos, op, delta, actor FROM log_after(:p0);
