@@ -39,6 +39,7 @@ regress:
 e2e:
 	cargo test -p livesync-e2e
 
-## bench: the capture benchmark (bench/capture); prints ratios to untracked writes
+## bench: the benchmarks; each prints ratios to a baseline measured in the same run
 bench: install
 	bench/capture/run
+	bench/writes/run
