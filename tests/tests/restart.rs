@@ -1,0 +1,93 @@
+//! A mutation's idempotency record survives a crash of the server: after an
+//! immediate shutdown (no checkpoint, recovery from WAL at start) the retry returns
+//! the first result and changes nothing.
+//!
+//! Alone in its test binary on purpose: cargo runs test binaries one after another,
+//! so restarting the server here cannot disturb the other tests.
+
+use livesync_e2e::{wait_until, Sequencer, TestDb};
+use postgres::Client;
+use serde_json::{json, Value};
+use std::process::Command;
+
+/// Crashes and restarts the local PostgreSQL 15 (the cluster `make test` uses).
+fn crash_and_restart_server() {
+    let mut command = if is_root() {
+        Command::new("pg_ctlcluster")
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["-n", "pg_ctlcluster"]);
+        sudo
+    };
+    let status = command
+        .args([
+            "--skip-systemctl-redirect",
+            "15",
+            "main",
+            "restart",
+            "-m",
+            "immediate",
+        ])
+        .status()
+        .expect("run pg_ctlcluster");
+    assert!(status.success(), "could not restart PostgreSQL 15 main");
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}
+
+fn write(client: &mut Client, n: i64) -> Value {
+    client
+        .query_one(
+            "SELECT livesync.write('counters', 'update', '{\"id\": 1}', $1, NULL, '{\"n\": 0}', 'phone', 7)",
+            &[&json!({ "n": n })],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_retry_after_a_server_crash_returns_the_committed_result() {
+    let db = TestDb::create("writes_restart");
+    let mut client = db.connect_with(Sequencer::Commit);
+    client
+        .batch_execute(
+            "CREATE TABLE counters (id int PRIMARY KEY, n int);
+             SELECT livesync.track('counters');
+             SELECT livesync.set_policy('counters', 'n', 'sum');
+             INSERT INTO counters VALUES (1, 0);",
+        )
+        .unwrap();
+    let first = write(&mut client, 1);
+    assert_eq!(first["row"]["n"], 1);
+    drop(client);
+
+    crash_and_restart_server();
+    let mut client = None;
+    wait_until("the server accepts connections again", || {
+        client = std::panic::catch_unwind(|| db.connect_with(Sequencer::Commit)).ok();
+        client.is_some()
+    });
+    let mut client = client.unwrap();
+
+    // The retry (a sum: applying it twice would make 2) returns the first result.
+    assert_eq!(write(&mut client, 1), first);
+    let n: i32 = client
+        .query_one("SELECT n FROM counters WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let changes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM livesync.changes_since(0) WHERE client_id = 'phone'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(changes, 1);
+}
