@@ -167,9 +167,8 @@ unsafe fn push_whole(
     slot: *mut pg_sys::TupleTableSlot,
 ) {
     unsafe {
-        let whole = encoder.whole(slot);
-        let row = Some(encoder.without_metadata(whole));
-        let key = Some(encoder.key_of(whole));
+        let row = Some(encoder.row(slot));
+        let key = Some(encoder.key(slot));
         if op == b'i' {
             batch.push(op, key, None, row, encoder.version(slot));
         } else {
@@ -222,14 +221,12 @@ unsafe fn capture_rekeyed_updates(
     unsafe {
         let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
         for (i, &old) in olds.iter().enumerate() {
-            let whole = encoder.whole(old);
-            old_by_key.insert(jsonb_bytes(encoder.key_of(whole)), i);
+            old_by_key.insert(jsonb_bytes(encoder.key(old)), i);
         }
         let mut pairs = Vec::with_capacity(news.len());
         let mut paired = vec![false; olds.len()];
         for &new in &news {
-            let whole = encoder.whole(new);
-            let old = old_by_key.get(&jsonb_bytes(encoder.key_of(whole))).copied();
+            let old = old_by_key.get(&jsonb_bytes(encoder.key(new))).copied();
             if let Some(i) = old {
                 paired[i] = true;
             }
@@ -259,10 +256,8 @@ unsafe fn push_update(
     new: *mut pg_sys::TupleTableSlot,
 ) {
     unsafe {
-        let old_whole = encoder.whole(old);
-        let new_whole = encoder.whole(new);
-        let (old_changed, new_changed) = encoder.changed_only(old, new, old_whole, new_whole);
-        let key = encoder.key_of(new_whole);
+        let (old_changed, new_changed) = encoder.changed_only(old, new);
+        let key = encoder.key(new);
         batch.push(
             b'u',
             Some(key),

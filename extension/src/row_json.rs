@@ -1,11 +1,13 @@
 //! Turning a tracked table's tuples into the jsonb the change log stores: the key
 //! (primary-key columns), the whole row, or just the columns an update changed.
 //!
-//! Values are converted by Postgres's own `to_jsonb`, so the log shows exactly what
-//! `SELECT to_jsonb(t) FROM t` would (timestamps in ISO form, numerics as numbers,
-//! nested arrays and composites as JSON). Dropped columns are skipped; the
-//! `_livesync_version` and `_livesync_clocks` columns are metadata and never
-//! appear in a key, row or delta.
+//! Objects are built column by column with Postgres's jsonb builder, so an update
+//! that changes one column encodes three values (key, old, new), not two whole rows.
+//! Values render exactly as `to_jsonb` renders them: integers, booleans and text are
+//! converted directly (the same JSON `to_jsonb` gives), every other type through
+//! `to_jsonb` itself (timestamps in ISO form, numerics as numbers, arrays and
+//! composites as JSON). Dropped columns are skipped; the `_livesync_version` and
+//! `_livesync_clocks` columns are metadata and never appear in a key, row or delta.
 
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
@@ -13,6 +15,21 @@ use std::ffi::CStr;
 
 pub const VERSION_COLUMN: &CStr = c"_livesync_version";
 pub const CLOCKS_COLUMN: &CStr = c"_livesync_clocks";
+
+/// How one column's values become JSON.
+enum ColumnKind {
+    /// Dropped, or livesync's metadata: never encoded.
+    Skipped,
+    Int2,
+    Int4,
+    Int8,
+    Bool,
+    /// `text` / `varchar`: the string itself.
+    Text,
+    /// Anything else: `to_jsonb(value)`, with an expression attached so it knows
+    /// the argument's type.
+    ToJsonb(Box<pg_sys::FmgrInfo>),
+}
 
 /// Per-statement encoder for one relation's tuples. Built once per trigger call,
 /// so it always reflects the table's current columns and primary key.
@@ -22,19 +39,7 @@ pub struct RowEncoder {
     key_columns: Vec<usize>,
     /// 0-based index of `_livesync_version`.
     version_column: usize,
-    /// 0-based index of `_livesync_clocks`.
-    clocks_column: Option<usize>,
-    /// Column names as `text` datums, by 0-based index (null for dropped columns).
-    names: Vec<pg_sys::Datum>,
-    /// `to_jsonb(<table row type>)`, with an expression attached so it knows its input type.
-    to_jsonb: pg_sys::FmgrInfo,
-    /// Names to delete from a whole row to leave only its key.
-    non_key_names: pg_sys::Datum,
-    /// `{_livesync_version, _livesync_clocks}`: deleted from whole rows.
-    metadata_names: pg_sys::Datum,
-    /// The last update's unchanged columns and their names as `text[]`: the rows of
-    /// one statement usually change the same columns, so the array is built once.
-    last_unchanged: Option<(Vec<usize>, pg_sys::Datum)>,
+    kinds: Vec<ColumnKind>,
 }
 
 impl RowEncoder {
@@ -55,120 +60,133 @@ impl RowEncoder {
                 return Err(LivesyncError::NoPrimaryKey(relname()));
             }
 
-            let mut names = Vec::with_capacity(natts);
             let mut version_column = None;
-            let mut clocks_column = None;
-            let mut non_key = Vec::new();
+            let mut kinds = Vec::with_capacity(natts);
             for i in 0..natts {
                 let att = attr(tupdesc, i);
-                if att.attisdropped {
-                    names.push(pg_sys::Datum::from(0usize));
-                    continue;
-                }
                 let name = CStr::from_ptr(att.attname.data.as_ptr());
-                let text = pg_sys::Datum::from(pg_sys::cstring_to_text(name.as_ptr()));
                 if name == VERSION_COLUMN && att.atttypid == pg_sys::INT8OID {
                     version_column = Some(i);
                 }
-                if name == CLOCKS_COLUMN {
-                    clocks_column = Some(i);
-                }
-                if !key_columns.contains(&i) {
-                    non_key.push(text);
-                }
-                names.push(text);
+                let metadata = name == VERSION_COLUMN || name == CLOCKS_COLUMN;
+                kinds.push(if att.attisdropped || metadata {
+                    ColumnKind::Skipped
+                } else {
+                    column_kind(att.atttypid)
+                });
             }
             let version_column =
                 version_column.ok_or_else(|| LivesyncError::NoVersionColumn(relname()))?;
-
-            let mut metadata = vec![names[version_column]];
-            metadata.extend(clocks_column.map(|i| names[i]));
-            let metadata_names = text_array(&metadata);
-            let non_key_names = text_array(&non_key);
-
-            // to_jsonb(anyelement) asks its call expression for the argument's type;
-            // give it one that says "this table's row type".
-            let mut to_jsonb = std::mem::zeroed::<pg_sys::FmgrInfo>();
-            pg_sys::fmgr_info(to_jsonb_oid(), &mut to_jsonb);
-            let arg = pg_sys::makeNullConst((*(*rel).rd_rel).reltype, -1, pg_sys::InvalidOid);
-            let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
-            let call = pg_sys::makeFuncExpr(
-                to_jsonb.fn_oid,
-                pg_sys::JSONBOID,
-                args,
-                pg_sys::InvalidOid,
-                pg_sys::InvalidOid,
-                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-            );
-            to_jsonb.fn_expr = call.cast();
-
             Ok(RowEncoder {
                 tupdesc,
                 key_columns,
                 version_column,
-                clocks_column,
-                names,
-                to_jsonb,
-                non_key_names,
-                metadata_names,
-                last_unchanged: None,
+                kinds,
             })
         }
     }
 
-    /// The whole row as jsonb, `_livesync_version` included.
+    /// The key object: the primary-key columns.
     ///
     /// # Safety
     /// `slot` must hold a tuple of this encoder's relation.
-    pub unsafe fn whole(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+    pub unsafe fn key(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
         unsafe {
-            let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
-            pg_sys::FunctionCall1Coll(&mut self.to_jsonb, pg_sys::InvalidOid, row)
+            let mut object = ObjectBuilder::new();
+            for k in 0..self.key_columns.len() {
+                let i = self.key_columns[k];
+                self.push_column(&mut object, slot, i);
+            }
+            object.finish()
         }
     }
 
-    /// The key object of a whole-row jsonb.
-    pub unsafe fn key_of(&self, whole: pg_sys::Datum) -> pg_sys::Datum {
-        unsafe { jsonb_delete_keys(whole, self.non_key_names) }
-    }
-
-    /// A whole-row jsonb without the metadata columns: what an insert or delete logs.
-    pub unsafe fn without_metadata(&self, whole: pg_sys::Datum) -> pg_sys::Datum {
-        unsafe { jsonb_delete_keys(whole, self.metadata_names) }
+    /// The whole row without the metadata columns: what an insert or delete logs.
+    ///
+    /// # Safety
+    /// `slot` must hold a tuple of this encoder's relation.
+    pub unsafe fn row(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+        unsafe {
+            let mut object = ObjectBuilder::new();
+            for i in 0..self.kinds.len() {
+                if !matches!(self.kinds[i], ColumnKind::Skipped) {
+                    self.push_column(&mut object, slot, i);
+                }
+            }
+            object.finish()
+        }
     }
 
     /// Both sides of an update, reduced to the columns whose stored value changed.
+    ///
+    /// # Safety
+    /// Both slots must hold tuples of this encoder's relation.
     pub unsafe fn changed_only(
         &mut self,
         old_slot: *mut pg_sys::TupleTableSlot,
         new_slot: *mut pg_sys::TupleTableSlot,
-        old_whole: pg_sys::Datum,
-        new_whole: pg_sys::Datum,
     ) -> (pg_sys::Datum, pg_sys::Datum) {
         unsafe {
-            let unchanged: Vec<usize> = (0..self.names.len())
-                .filter(|&i| {
-                    i != self.version_column
-                        && Some(i) != self.clocks_column
-                        && !attr(self.tupdesc, i).attisdropped
-                        && self.same_value(old_slot, new_slot, i)
-                })
-                .collect();
-            let drop = match &self.last_unchanged {
-                Some((columns, names)) if *columns == unchanged => *names,
-                _ => {
-                    let mut names: Vec<_> = unchanged.iter().map(|&i| self.names[i]).collect();
-                    names.push(self.names[self.version_column]);
-                    names.extend(self.clocks_column.map(|i| self.names[i]));
-                    let names = text_array(&names);
-                    self.last_unchanged = Some((unchanged, names));
-                    names
+            let mut old = ObjectBuilder::new();
+            let mut new = ObjectBuilder::new();
+            for i in 0..self.kinds.len() {
+                if matches!(self.kinds[i], ColumnKind::Skipped)
+                    || self.same_value(old_slot, new_slot, i)
+                {
+                    continue;
                 }
-            };
-            (
-                jsonb_delete_keys(old_whole, drop),
-                jsonb_delete_keys(new_whole, drop),
-            )
+                self.push_column(&mut old, old_slot, i);
+                self.push_column(&mut new, new_slot, i);
+            }
+            (old.finish(), new.finish())
+        }
+    }
+
+    /// Adds column `i` of the tuple in `slot` to `object`.
+    unsafe fn push_column(
+        &mut self,
+        object: &mut ObjectBuilder,
+        slot: *mut pg_sys::TupleTableSlot,
+        i: usize,
+    ) {
+        unsafe {
+            let att = attr(self.tupdesc, i);
+            let name = att.attname.data.as_ptr();
+            let (datum, null) = column(slot, i);
+            let mut value = std::mem::zeroed::<pg_sys::JsonbValue>();
+            if null {
+                value.type_ = pg_sys::jbvType::jbvNull;
+                object.push(name, &mut value);
+                return;
+            }
+            match &mut self.kinds[i] {
+                ColumnKind::Skipped => unreachable!("skipped columns are never encoded"),
+                ColumnKind::Int2 => numeric(&mut value, i64::from(datum.value() as i16)),
+                ColumnKind::Int4 => numeric(&mut value, i64::from(datum.value() as i32)),
+                ColumnKind::Int8 => numeric(&mut value, datum.value() as i64),
+                ColumnKind::Bool => {
+                    value.type_ = pg_sys::jbvType::jbvBool;
+                    value.val.boolean = datum.value() != 0;
+                }
+                ColumnKind::Text => {
+                    let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+                    let bytes = pgrx::varlena::varlena_to_byte_slice(text);
+                    value.type_ = pg_sys::jbvType::jbvString;
+                    value.val.string.len = bytes.len() as i32;
+                    value.val.string.val = bytes.as_ptr().cast_mut().cast();
+                }
+                ColumnKind::ToJsonb(to_jsonb) => {
+                    // A jsonb value of its own; the builder copies its contents in.
+                    let jsonb =
+                        pg_sys::FunctionCall1Coll(&mut **to_jsonb, pg_sys::InvalidOid, datum);
+                    let jsonb =
+                        pg_sys::pg_detoast_datum(jsonb.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
+                    value.type_ = pg_sys::jbvType::jbvBinary;
+                    value.val.binary.data = &mut (*jsonb).root;
+                    value.val.binary.len = pgrx::varlena::varsize_any(jsonb.cast()) as i32;
+                }
+            }
+            object.push(name, &mut value);
         }
     }
 
@@ -290,27 +308,86 @@ unsafe fn column(slot: *mut pg_sys::TupleTableSlot, i: usize) -> (pg_sys::Datum,
     }
 }
 
-unsafe fn text_array(items: &[pg_sys::Datum]) -> pg_sys::Datum {
-    unsafe {
-        let array = pg_sys::construct_array(
-            items.as_ptr().cast_mut(),
-            items.len() as i32,
-            pg_sys::TEXTOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as _,
-        );
-        pg_sys::Datum::from(array)
+fn column_kind(type_oid: pg_sys::Oid) -> ColumnKind {
+    match type_oid {
+        pg_sys::INT2OID => ColumnKind::Int2,
+        pg_sys::INT4OID => ColumnKind::Int4,
+        pg_sys::INT8OID => ColumnKind::Int8,
+        pg_sys::BOOLOID => ColumnKind::Bool,
+        pg_sys::TEXTOID | pg_sys::VARCHAROID => ColumnKind::Text,
+        _ => unsafe {
+            // to_jsonb(anyelement) asks its call expression for the argument's
+            // type; give it one that says "this column's type".
+            let mut to_jsonb = Box::new(std::mem::zeroed::<pg_sys::FmgrInfo>());
+            pg_sys::fmgr_info(pg_sys::Oid::from(pg_sys::F_TO_JSONB), &mut *to_jsonb);
+            let arg = pg_sys::makeNullConst(type_oid, -1, pg_sys::InvalidOid);
+            let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
+            let call = pg_sys::makeFuncExpr(
+                to_jsonb.fn_oid,
+                pg_sys::JSONBOID,
+                args,
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+            );
+            to_jsonb.fn_expr = call.cast();
+            ColumnKind::ToJsonb(to_jsonb)
+        },
     }
 }
 
-unsafe fn jsonb_delete_keys(jsonb: pg_sys::Datum, names: pg_sys::Datum) -> pg_sys::Datum {
-    unsafe {
-        pgrx::direct_function_call_as_datum(pg_sys::jsonb_delete_array, &[Some(jsonb), Some(names)])
-            .expect("jsonb - text[] never returns NULL for non-NULL input")
-    }
+/// An integer as a JSON number (what `to_jsonb` makes of it).
+unsafe fn numeric(value: &mut pg_sys::JsonbValue, n: i64) {
+    value.type_ = pg_sys::jbvType::jbvNumeric;
+    value.val.numeric = unsafe { pg_sys::int64_to_numeric(n) };
 }
 
-fn to_jsonb_oid() -> pg_sys::Oid {
-    pg_sys::Oid::from(pg_sys::F_TO_JSONB)
+/// A jsonb object under construction.
+struct ObjectBuilder {
+    state: *mut pg_sys::JsonbParseState,
+}
+
+impl ObjectBuilder {
+    unsafe fn new() -> Self {
+        let mut state = std::ptr::null_mut();
+        unsafe {
+            pg_sys::pushJsonbValue(
+                &mut state,
+                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
+                std::ptr::null_mut(),
+            )
+        };
+        ObjectBuilder { state }
+    }
+
+    /// Adds `name: value` (`name` a NUL-terminated column name).
+    unsafe fn push(&mut self, name: *const std::ffi::c_char, value: &mut pg_sys::JsonbValue) {
+        unsafe {
+            let mut key = std::mem::zeroed::<pg_sys::JsonbValue>();
+            key.type_ = pg_sys::jbvType::jbvString;
+            key.val.string.len = CStr::from_ptr(name).count_bytes() as i32;
+            key.val.string.val = name.cast_mut();
+            pg_sys::pushJsonbValue(
+                &mut self.state,
+                pg_sys::JsonbIteratorToken::WJB_KEY,
+                &mut key,
+            );
+            pg_sys::pushJsonbValue(
+                &mut self.state,
+                pg_sys::JsonbIteratorToken::WJB_VALUE,
+                value,
+            );
+        }
+    }
+
+    unsafe fn finish(mut self) -> pg_sys::Datum {
+        unsafe {
+            let object = pg_sys::pushJsonbValue(
+                &mut self.state,
+                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
+                std::ptr::null_mut(),
+            );
+            pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(object))
+        }
+    }
 }

@@ -124,3 +124,35 @@ INSERT INTO todos (id, title) VALUES (70, 'prepared');
 PREPARE TRANSACTION 'livesync_regress';
 SELECT count(*) AS captured FROM livesync.changes_since(:p10);
 SELECT count(*) AS rows_kept FROM todos WHERE id = 70;
+
+-- values render exactly as to_jsonb renders them, for every kind of column: the
+-- logged row of each insert equals to_jsonb of the stored row
+CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+CREATE TYPE mood AS ENUM ('calm', 'busy');
+CREATE TABLE kinds (
+    id int8 PRIMARY KEY, s int2, i int4, b bool, t text, v varchar(20), c char(3),
+    f float8, r real, n numeric(8,3), d date, ts timestamp, tz timestamptz, iv interval,
+    u uuid, j json, jb jsonb, ta text[], ia int[], p positive, m mood, bt bytea, pt point
+);
+SELECT livesync.track('kinds');
+SELECT livesync.current_position() AS p11 \gset
+INSERT INTO kinds VALUES
+    (1, -2, 2147483647, true, E'quote " backslash \\ newline \n tab \t é ☃', 'varchar', 'ab',
+     1.5e300, 'NaN', -12.345, '2026-01-02', '2026-01-02 03:04:05.678', '2026-01-02 03:04:05+02', '1 day 02:03:04',
+     'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"b": 1, "a": [true, null]}', '{"z": {"y": 1}}', '{"x", NULL, "z"}',
+     '{1,2,3}', 7, 'busy', '\xdeadbeef', '(1,2)'),
+    (-9223372036854775808, NULL, NULL, false, '', NULL, NULL, '-Infinity', -0.0, 'NaN', NULL, NULL, NULL, NULL,
+     NULL, 'null', '[]', '{}', NULL, NULL, NULL, NULL, NULL);
+SELECT k.id, l.delta_new = to_jsonb(k) - '_livesync_version' - '_livesync_clocks' AS same_as_to_jsonb
+FROM kinds k
+JOIN (SELECT (c.key ->> 'id')::int8 AS id,
+             (SELECT jsonb_object_agg(e.key, e.value -> 'new') FROM jsonb_each(c.delta) e) AS delta_new
+      FROM livesync.changes_since(:p11) c) l ON l.id = k.id
+ORDER BY k.id;
+-- and an update logs the changed columns' old and new values the same way
+SELECT livesync.current_position() AS p12 \gset
+UPDATE kinds SET t = 'plain', tz = '2027-01-01 00:00:00+00', ta = NULL, n = 1 WHERE id = 1;
+SELECT key, delta FROM livesync.changes_since(:p12);
+DROP TABLE kinds;
+DROP TYPE mood;
+DROP DOMAIN positive;
