@@ -17,7 +17,7 @@ use super::hlc::{ColumnClock, Hlc};
 use super::merge::{merge_column, ColumnInput, ColumnMerge, Contest, Decision};
 use super::mutation::{Mutation, Op};
 use super::origin::OriginGuard;
-use super::policy::{DeleteRace, ExistingInsert, Policy};
+use super::policy::{DeleteRace, ExistingInsert};
 use super::target::{SqlTypedOps, StoredRow, WriteTarget};
 use super::WriteError;
 use pgrx::spi::SpiClient;
@@ -26,32 +26,16 @@ use serde_json::{json, Map, Value};
 /// Applies `mutation` and returns its result object. Raises (does not return) on
 /// input that cannot be applied at all; see `WriteError`.
 pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Value, WriteError> {
-    apply_with(client, mutation, None)
-}
-
-/// As [`apply`], with one column's policy overridden (conflict resolution).
-pub fn apply_with(
-    client: &mut SpiClient<'_>,
-    mutation: Mutation,
-    force: Option<(&str, Policy)>,
-) -> Result<Value, WriteError> {
     if let Some(first) = mutation.id.as_ref().and_then(|id| id.lock_and_find(client)) {
         return Ok(first);
     }
-    let mut target = WriteTarget::cached(client, mutation.relid)?;
-    if let Some((column, policy)) = force {
-        let target = std::rc::Rc::make_mut(&mut target);
-        if let Some(p) = target.columns.get_mut(column) {
-            *p = policy;
-        }
-    }
+    let target = WriteTarget::cached(client, mutation.relid)?;
     check_key(&target, &mutation.key)?;
-    let mine = check_values(&target, &mutation.key, &mutation.new_values, "new_values")?;
+    let mine = check_values(&target, &mutation.key, &mutation.new_values, true)?;
     let base = match &mutation.base_values {
-        Some(base) => Some(check_values(&target, &mutation.key, base, "base_values")?),
+        Some(base) => Some(check_values(&target, &mutation.key, base, false)?),
         None => None,
     };
-
     let actor = crate::gucs::current_actor();
     let node = match &mutation.id {
         Some(id) => id.client_id.clone(),
@@ -68,54 +52,10 @@ pub fn apply_with(
             .as_ref()
             .map(|id| (id.client_id.clone(), id.mutation_id)),
     );
-
-    // Fast path, the common case: an update from the row's current version (or a
-    // plain overwrite with no base) is one UPDATE guarded by that version. Only if
-    // it finds no such row is the row read and merged.
-    let fast = matches!(mutation.op, Op::Update | Op::Upsert)
-        && force.is_none()
-        && !mine.is_empty()
-        && (mutation.base_version.is_some() || base.is_none());
-    if fast {
-        let clock = match &client_clock {
-            Some(clock) => clock.clone(),
-            None => Hlc::stamp(now_ms(), std::iter::empty(), &node),
-        };
-        let entries: Map<String, Value> =
-            mine.keys().map(|c| (c.clone(), clock.to_entry())).collect();
-        if let Some(stored) = target.update(
-            client,
-            &mutation.key,
-            &mine,
-            &entries,
-            mutation.base_version,
-        ) {
-            let result = result("applied", Some(&stored), &[], None);
-            if let Some(id) = &mutation.id {
-                id.record(client, &result);
-            }
-            return Ok(result);
-        }
-    }
-
-    // The row, locked, and the client's values typed and printed as the table
-    // would store them (so they compare with stored values); a wrong type fails
-    // here, before anything is written.
-    let fetched = target.fetch_typed(client, &mutation.key, &mine);
-    let key: Map<String, Value> = match &fetched.row {
-        Some(row) => target
-            .key
-            .iter()
-            .map(|k| (k.clone(), row.values.get(k).cloned().unwrap_or(Value::Null)))
-            .collect(),
-        None => target.canonical(client, &mutation.key),
-    };
-    let base = base.map(|base| target.canonical(client, &base));
-
     let mut write = Write {
         target: &target,
-        key,
-        mine: fetched.mine,
+        key: mutation.key.clone(),
+        mine,
         base,
         base_version: mutation.base_version,
         client_clock,
@@ -123,12 +63,9 @@ pub fn apply_with(
         actor,
         mutation: &mutation,
     };
-    let row = fetched.row;
-    let result = match mutation.op {
-        Op::Insert => write.insert(client, false, row)?,
-        Op::Upsert => write.insert(client, true, row)?,
-        Op::Update => write.update(client, row)?,
-        Op::Delete => write.delete(client, row),
+    let result = match write.fast(client) {
+        Some(result) => result,
+        None => write.merged(client)?,
     };
     if let Some(id) = &mutation.id {
         id.record(client, &result);
@@ -155,7 +92,7 @@ fn check_values(
     target: &WriteTarget,
     key: &Map<String, Value>,
     values: &Map<String, Value>,
-    what: &'static str,
+    new_values: bool,
 ) -> Result<Map<String, Value>, WriteError> {
     let mut columns = Map::new();
     for (column, value) in values {
@@ -166,7 +103,7 @@ fn check_values(
             });
         }
         if target.is_key(column) {
-            if what == "new_values" && key.get(column) != Some(value) {
+            if new_values && key.get(column) != Some(value) {
                 return Err(WriteError::KeyChange(column.clone()));
             }
             continue;
@@ -179,7 +116,7 @@ fn check_values(
 struct Write<'a> {
     target: &'a WriteTarget,
     key: Map<String, Value>,
-    /// The client's new values (non-key columns), typed.
+    /// The client's new values (non-key columns); typed on the merge path.
     mine: Map<String, Value>,
     base: Option<Map<String, Value>>,
     base_version: Option<i64>,
@@ -198,6 +135,52 @@ struct Merged {
 }
 
 impl Write<'_> {
+    /// The common case: an update from the row's current version (or a plain
+    /// overwrite with no base) is one UPDATE guarded by that version. `None` when
+    /// it does not apply or found no such row: the row is then read and merged.
+    fn fast(&mut self, client: &mut SpiClient<'_>) -> Option<Value> {
+        let fast = matches!(self.mutation.op, Op::Update | Op::Upsert)
+            && !self.mine.is_empty()
+            && (self.base_version.is_some() || self.base.is_none());
+        if !fast {
+            return None;
+        }
+        let clock = self.clock(None);
+        let entries = self.clock_entries(None, &self.mine, &clock);
+        let stored =
+            self.target
+                .update(client, &self.key, &self.mine, &entries, self.base_version)?;
+        Some(result("applied", Some(&stored), &[], None))
+    }
+
+    /// Reads the row (locked) with the client's values typed and printed as the
+    /// table would store them, so they compare with stored values (a wrong type
+    /// fails here, before anything is written), then decides by the operation.
+    fn merged(&mut self, client: &mut SpiClient<'_>) -> Result<Value, WriteError> {
+        let fetched = self.target.fetch_typed(client, &self.key, &self.mine);
+        self.key = match &fetched.row {
+            Some(row) => self
+                .target
+                .key
+                .iter()
+                .map(|k| (k.clone(), row.values.get(k).cloned().unwrap_or(Value::Null)))
+                .collect(),
+            None => self.target.canonical(client, &self.key),
+        };
+        self.mine = fetched.mine;
+        self.base = self
+            .base
+            .take()
+            .map(|base| self.target.canonical(client, &base));
+        let row = fetched.row;
+        match self.mutation.op {
+            Op::Insert => self.insert(client, false, row),
+            Op::Upsert => self.insert(client, true, row),
+            Op::Update => self.update(client, row),
+            Op::Delete => Ok(self.delete(client, row)),
+        }
+    }
+
     /// The clock this write carries: the client's, or one the server stamps now,
     /// after every clock the row holds.
     fn clock(&self, row: Option<&StoredRow>) -> Hlc {

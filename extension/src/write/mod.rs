@@ -226,7 +226,8 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
             }
             .check()?;
             debug_assert_eq!(mutation.op, Op::Update);
-            let result = Spi::connect_mut(|client| apply::apply_with(client, mutation, None))?;
+            // No base: a plain overwrite of the one column, whatever its policy.
+            let result = Spi::connect_mut(|client| apply::apply(client, mutation))?;
             if result["reason"] == "not_found" {
                 return Err(WriteError::ConflictRowGone(conflict_id));
             }

@@ -44,7 +44,6 @@ JOIN pg_class c ON c.oid = t.relation
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE t.relation = $1";
 
-#[derive(Clone)]
 pub struct WriteTarget {
     pub relid: pg_sys::Oid,
     /// Schema-qualified, quoted: for statement text.
