@@ -170,6 +170,7 @@ BEGIN
 END
 $$;
 
+-- A C-interface function (src/write/mod.rs): it raises livesync's own SQLSTATEs itself.
 CREATE FUNCTION livesync.write(
     rel          regclass,
     op           text,
@@ -181,19 +182,7 @@ CREATE FUNCTION livesync.write(
     mutation_id  bigint DEFAULT NULL,
     hlc          text   DEFAULT NULL
 ) RETURNS jsonb
--- PL/pgSQL rather than SQL: a SQL function called from a prepared statement is
--- planned again on every call (PostgreSQL 15), a PL/pgSQL one keeps its plans.
-LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    result jsonb;
-BEGIN
-    result := livesync._write(rel, op, key, new_values, base_version, base_values, client_id, mutation_id, hlc);
-    IF result ? '_raise' THEN
-        PERFORM livesync._checked(result);
-    END IF;
-    RETURN result;
-END
-$$;
+LANGUAGE c VOLATILE CALLED ON NULL INPUT AS 'MODULE_PATHNAME', 'livesync_write';
 COMMENT ON FUNCTION livesync.write(regclass, text, jsonb, jsonb, bigint, jsonb, text, bigint, text) IS
     'Applies one client mutation with a field-level three-way merge against its base; returns {status, version, row, conflicts, conflict_id}.';
 

@@ -41,12 +41,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/writes.sql",
     name = "writes",
-    requires = [
-        "tracking",
-        write::write_mutation,
-        write::write_json,
-        write::resolve_conflict
-    ]
+    requires = ["tracking", write::write_json, write::resolve_conflict]
 );
 
 #[pg_guard]
