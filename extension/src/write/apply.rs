@@ -20,14 +20,46 @@ use super::origin::OriginGuard;
 use super::policy::{DeleteRace, ExistingInsert};
 use super::target::{SqlTypedOps, StoredRow, WriteTarget};
 use super::WriteError;
+use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
+use pgrx::{FromDatum, IntoDatum};
 use serde_json::{json, Map, Value};
 
 /// Applies `mutation` and returns its result object. Raises (does not return) on
 /// input that cannot be applied at all; see `WriteError`.
-pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Value, WriteError> {
+/// A write's result: built in Rust, or (the fast path) built as jsonb by the
+/// statement itself and already in the caller's memory context.
+pub enum Applied {
+    Value(Value),
+    Jsonb(pg_sys::Datum),
+}
+
+impl Applied {
+    pub fn into_value(self) -> Value {
+        match self {
+            Applied::Value(value) => value,
+            Applied::Jsonb(datum) => unsafe {
+                pgrx::JsonB::from_polymorphic_datum(datum, false, pg_sys::JSONBOID)
+                    .map(|j| j.0)
+                    .unwrap_or(Value::Null)
+            },
+        }
+    }
+
+    /// As a jsonb datum, allocated in the current memory context.
+    pub fn into_datum(self) -> pg_sys::Datum {
+        match self {
+            Applied::Value(value) => pgrx::JsonB(value)
+                .into_datum()
+                .expect("jsonb is never NULL"),
+            Applied::Jsonb(datum) => datum,
+        }
+    }
+}
+
+pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, WriteError> {
     if let Some(first) = mutation.id.as_ref().and_then(|id| id.lock_and_find(client)) {
-        return Ok(first);
+        return Ok(Applied::Value(first));
     }
     let target = WriteTarget::cached(client, mutation.relid)?;
     check_key(&target, &mutation.key)?;
@@ -65,7 +97,7 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Value, Wr
     };
     let result = match write.fast(client) {
         Some(result) => result,
-        None => write.merged(client)?,
+        None => Applied::Value(write.merged(client)?),
     };
     if let Some(id) = &mutation.id {
         id.record(client, &result);
@@ -138,7 +170,7 @@ impl Write<'_> {
     /// The common case: an update from the row's current version (or a plain
     /// overwrite with no base) is one UPDATE guarded by that version. `None` when
     /// it does not apply or found no such row: the row is then read and merged.
-    fn fast(&mut self, client: &mut SpiClient<'_>) -> Option<Value> {
+    fn fast(&mut self, client: &mut SpiClient<'_>) -> Option<Applied> {
         let fast = matches!(self.mutation.op, Op::Update | Op::Upsert)
             && !self.mine.is_empty()
             && (self.base_version.is_some() || self.base.is_none());
@@ -146,11 +178,18 @@ impl Write<'_> {
             return None;
         }
         let clock = self.clock(None);
+        if let Some(raw) = self.mutation.raw {
+            let columns: Vec<&String> = self.mine.keys().collect();
+            return self
+                .target
+                .update_applied(client, raw, &columns, &clock, self.base_version)
+                .map(Applied::Jsonb);
+        }
         let entries = self.clock_entries(None, &self.mine, &clock);
         let stored =
             self.target
                 .update(client, &self.key, &self.mine, &entries, self.base_version)?;
-        Some(result("applied", Some(&stored), &[], None))
+        Some(Applied::Value(result("applied", Some(&stored), &[], None)))
     }
 
     /// Reads the row (locked) with the client's values typed and printed as the

@@ -56,7 +56,13 @@ impl MutationId {
         found.map(|JsonB(result)| result)
     }
 
-    pub fn record(&self, client: &SpiClient<'_>, result: &Value) {
+    pub fn record(&self, client: &SpiClient<'_>, result: &super::apply::Applied) {
+        let result = match result {
+            super::apply::Applied::Value(value) => JsonB(value.clone()).into(),
+            super::apply::Applied::Jsonb(datum) => unsafe {
+                pgrx::datum::DatumWithOid::new(*datum, pg_sys::JSONBOID)
+            },
+        };
         let types = [
             PgOid::from(pg_sys::TEXTOID),
             PgOid::from(pg_sys::INT8OID),
@@ -70,7 +76,7 @@ impl MutationId {
                 &[
                     self.client_id.as_str().into(),
                     self.mutation_id.into(),
-                    JsonB(result.clone()).into(),
+                    result,
                 ],
             )
         })

@@ -178,12 +178,18 @@ unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> W
             mutation_id: pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 7),
             hlc: pgrx::fcinfo::pg_getarg::<String>(fcinfo, 8),
         };
-        match args
-            .check()
-            .and_then(|m| Spi::connect_mut(|client| apply::apply(client, m)))
-        {
+        let applied = args.check().and_then(|mut m| {
+            if let (Some(key), Some(new_values)) = (
+                pgrx::fcinfo::pg_getarg_datum(fcinfo, 2),
+                pgrx::fcinfo::pg_getarg_datum(fcinfo, 3),
+            ) {
+                m.raw = Some((key, new_values));
+            }
+            Spi::connect_mut(|client| apply::apply(client, m))
+        });
+        match applied {
             Ok(result) => WriteOutcome {
-                result: JsonB(result).into_datum().expect("jsonb is never NULL"),
+                result: result.into_datum(),
                 error: std::ptr::null_mut(),
             },
             Err(e) => {
@@ -254,7 +260,7 @@ pub fn write_json(mutation: JsonB) -> JsonB {
         .and_then(MutationArgs::check)
         .and_then(|m| Spi::connect_mut(|client| apply::apply(client, m)));
     match applied {
-        Ok(result) => JsonB(result),
+        Ok(result) => JsonB(result.into_value()),
         Err(e) => e.to_raise(),
     }
 }
@@ -324,7 +330,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
             .check()?;
             debug_assert_eq!(mutation.op, Op::Update);
             // No base: a plain overwrite of the one column, whatever its policy.
-            let result = Spi::connect_mut(|client| apply::apply(client, mutation))?;
+            let result = Spi::connect_mut(|client| apply::apply(client, mutation))?.into_value();
             if result["reason"] == "not_found" {
                 return Err(WriteError::ConflictRowGone(conflict_id));
             }

@@ -35,6 +35,10 @@ pub struct Mutation {
     pub base_values: Option<Map<String, Value>>,
     pub id: Option<MutationId>,
     pub hlc: Option<String>,
+    /// `key` and `new_values` as the jsonb datums the caller passed, when it passed
+    /// datums (`livesync.write`): the fast path hands them to its statement as they
+    /// are instead of printing them again.
+    pub raw: Option<(pg_sys::Datum, pg_sys::Datum)>,
 }
 
 /// The arguments of `livesync.write`, before checking.
@@ -89,6 +93,7 @@ impl MutationArgs {
             base_values: object(self.base_values, "base_values")?,
             id,
             hlc: self.hlc,
+            raw: None,
         })
     }
 

@@ -367,6 +367,86 @@ impl WriteTarget {
         self.run_returning_row(client, &sql, &types, &args)
     }
 
+    /// The fast path's statement: writes `columns` from the caller's own `key` and
+    /// `new_values` datums, with one clock for all of them, only if the row still has
+    /// `expected_version` (when given), and returns the whole `applied` result as
+    /// jsonb built by the statement itself (copied out of SPI's memory), or `None`.
+    pub fn update_applied(
+        &self,
+        client: &mut SpiClient<'_>,
+        (key, new_values): (pg_sys::Datum, pg_sys::Datum),
+        columns: &[&String],
+        clock: &super::hlc::Hlc,
+        expected_version: Option<i64>,
+    ) -> Option<pg_sys::Datum> {
+        let assignments: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let c = spi::quote_identifier(c);
+                format!("{c} = livesync_r.{c}")
+            })
+            .collect();
+        let entries: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}, jsonb_build_array($3, $4, $5, jsonb_hash_extended(to_jsonb(livesync_r.{}), 0))",
+                    spi::quote_literal(c),
+                    spi::quote_identifier(c)
+                )
+            })
+            .collect();
+        let version_check = match expected_version {
+            Some(_) => format!(" AND livesync_t.{VERSION_COLUMN} = $6"),
+            None => String::new(),
+        };
+        let sql = format!(
+            "UPDATE {name} livesync_t SET {assignments}, {CLOCKS_COLUMN} = \
+                 coalesce(livesync_t.{CLOCKS_COLUMN}, '{{}}'::jsonb) || jsonb_build_object({entries}) \
+             FROM jsonb_populate_record(NULL::{name}, $1 || $2) livesync_r \
+             WHERE {key_match}{version_check} \
+             RETURNING jsonb_build_object('status', 'applied', 'version', livesync_t.{VERSION_COLUMN}, \
+                 'row', to_jsonb(livesync_t) - '{VERSION_COLUMN}' - '{CLOCKS_COLUMN}')",
+            name = self.name,
+            assignments = assignments.join(", "),
+            entries = entries.join(", "),
+            key_match = self.key_match(),
+        );
+        let mut types = vec![
+            PgOid::from(pg_sys::JSONBOID),
+            PgOid::from(pg_sys::JSONBOID),
+            PgOid::from(pg_sys::INT8OID),
+            PgOid::from(pg_sys::INT8OID),
+            PgOid::from(pg_sys::TEXTOID),
+        ];
+        let mut args = unsafe {
+            vec![
+                pgrx::datum::DatumWithOid::new(key, pg_sys::JSONBOID),
+                pgrx::datum::DatumWithOid::new(new_values, pg_sys::JSONBOID),
+                (clock.wall_ms as i64).into(),
+                (clock.counter as i64).into(),
+                clock.node.as_str().into(),
+            ]
+        };
+        if let Some(version) = expected_version {
+            types.push(PgOid::from(pg_sys::INT8OID));
+            args.push(version.into());
+        }
+        let plan = kept(client, &sql, &types);
+        // No row limit: see run_returning_row.
+        client
+            .select(&*plan, None, &args)
+            .and_then(|table| {
+                if table.is_empty() {
+                    Ok(None)
+                } else {
+                    table.first().get_datum_by_ordinal(1)
+                }
+            })
+            .unwrap_or_else(|e| pgrx::error!("livesync: statement on {} failed: {e}", self.display))
+            .map(|datum| unsafe { pg_sys::SPI_datumTransfer(datum, false, -1) })
+    }
+
     /// Inserts a row; `None` when a concurrent transaction inserted the key first.
     pub fn insert(
         &self,
