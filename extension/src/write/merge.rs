@@ -141,52 +141,51 @@ pub fn merge_column(input: &ColumnInput, my_clock: &Hlc, ops: &mut dyn TypedOps)
             }
             None => ColumnMerge::NeedsBase,
         },
-        Policy::Union => computed(union(input.base, input.mine, input.theirs)),
-        Policy::Append => computed(append(input.base, input.mine, input.theirs)),
+        Policy::Union => computed(merge_lists(input.base, input.mine, input.theirs, true)),
+        Policy::Append => computed(merge_lists(input.base, input.mine, input.theirs, false)),
         Policy::Concat => computed(concat(input.mine, input.theirs)),
         Policy::Manual => settled(Decision::Manual, Some(contest("manual"))),
     }
 }
 
-fn items(value: Option<&Value>) -> &[Value] {
+/// An array's items; a NULL (or non-array) value counts as empty.
+fn items(value: &Value) -> &[Value] {
     match value {
-        Some(Value::Array(items)) => items,
+        Value::Array(items) => items,
         _ => &[],
     }
 }
 
-/// Sets: everything either side added is kept, stored order first; an item the
-/// client removed since its base is removed (with no base, nothing is removed).
-fn union(base: Option<&Value>, mine: &Value, theirs: &Value) -> Value {
-    let (base, mine_items, their_items) = (items(base), items(Some(mine)), items(Some(theirs)));
-    let removed: Vec<&Value> = base
-        .iter()
-        .filter(|item| !mine_items.contains(item))
-        .collect();
+/// Sets (`union`, deduplicated) and ordered lists (`append`): the stored items, minus
+/// those the client removed since its base, then the items the client added since its
+/// base that are not already there (both sides adding the same item keeps one). With
+/// no base, every item the client sent counts as added and nothing as removed.
+/// Removals made by others stay removed: only the client's additions are added.
+fn merge_lists(base: Option<&Value>, mine: &Value, theirs: &Value, set: bool) -> Value {
+    let mine_items = items(mine);
+    let (removed, added): (Vec<&Value>, Vec<&Value>) = match base {
+        Some(base) => {
+            let base = items(base);
+            (
+                base.iter()
+                    .filter(|item| !mine_items.contains(item))
+                    .collect(),
+                mine_items
+                    .iter()
+                    .filter(|item| !base.contains(item))
+                    .collect(),
+            )
+        }
+        None => (Vec::new(), mine_items.iter().collect()),
+    };
     let mut merged: Vec<Value> = Vec::new();
-    for item in their_items.iter().chain(mine_items) {
-        if !removed.contains(&item) && !merged.contains(item) {
+    for item in items(theirs) {
+        let kept = !removed.contains(&item);
+        let duplicate = set && merged.contains(item);
+        if kept && !duplicate {
             merged.push(item.clone());
         }
     }
-    Value::Array(merged)
-}
-
-/// Ordered lists: the stored list, then the items the client added since its base
-/// that are not already there (both sides appending the same item keeps one);
-/// items the client removed since its base are removed.
-fn append(base: Option<&Value>, mine: &Value, theirs: &Value) -> Value {
-    let (base, mine_items, their_items) = (items(base), items(Some(mine)), items(Some(theirs)));
-    let removed: Vec<&Value> = base
-        .iter()
-        .filter(|item| !mine_items.contains(item))
-        .collect();
-    let added = mine_items.iter().filter(|item| !base.contains(item));
-    let mut merged: Vec<Value> = their_items
-        .iter()
-        .filter(|item| !removed.contains(item))
-        .cloned()
-        .collect();
     for item in added {
         if !merged.contains(item) {
             merged.push(item.clone());

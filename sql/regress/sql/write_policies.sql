@@ -118,6 +118,24 @@ SELECT n, amount FROM counters;
 SELECT shown(livesync.write('counters', 'update', '{"id": 1}', '{"n": 9}', :c0, '{}'));
 SELECT n FROM counters;
 
+-- union and append in detail: only the client's own additions and removals since its
+-- base are applied to the stored list; what others removed stays removed
+CREATE TABLE lists (id int PRIMARY KEY, tags text[], songs jsonb);
+SELECT livesync.track('lists');
+SELECT livesync.set_policy('lists', 'tags', 'union');
+SELECT livesync.set_policy('lists', 'songs', 'append');
+INSERT INTO lists VALUES (1, '{a,b}', '["s1", "s2", "s1"]');
+SELECT livesync.row_version('lists', '{"id": 1}') AS l0 \gset
+UPDATE lists SET tags = '{a,d}', songs = '["s1", "s1", "s3"]' WHERE id = 1;  -- others: -b +d, -s2 +s3
+-- the client removed a, added c (tags) and appended s4 (songs), from the old base
+SELECT outcome(r, 'tags'), outcome(r, 'songs')
+FROM livesync.write('lists', 'update', '{"id": 1}', '{"tags": ["b", "c"], "songs": ["s1", "s2", "s1", "s4"]}',
+                    :l0, '{"tags": ["a", "b"], "songs": ["s1", "s2", "s1"]}') AS r;
+-- with no base value, nothing counts as removed and every item sent as added
+SELECT outcome(r, 'tags')
+FROM livesync.write('lists', 'update', '{"id": 1}', '{"tags": ["z", "d"]}', :l0) AS r;
+DROP TABLE lists;
+
 -- manual: resolve_conflict settles the stored conflict, itself a captured write
 SELECT id AS conflict FROM livesync.conflicts WHERE column_name = 'status' \gset
 SELECT livesync.current_position() AS p1 \gset
