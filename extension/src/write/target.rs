@@ -300,16 +300,22 @@ impl WriteTarget {
         self.fetch_typed(client, key, &Map::new()).row
     }
 
-    /// `_livesync_clocks` after writing `entries` (`{column: [wall, counter, node]}`):
-    /// each entry gets the hash of the value this statement writes.
-    fn clocks_expression(&self, entries: &Map<String, Value>, existing: bool) -> String {
-        let items: Vec<String> = entries
-            .keys()
+    /// `_livesync_clocks` after writing `columns`: each column's entry is `clock` (an
+    /// SQL expression for `[wall, counter, node]`, given the column as a literal)
+    /// followed by the hash of the value this statement writes.
+    fn clocks_expression<'c>(
+        &self,
+        columns: impl Iterator<Item = &'c String>,
+        clock: impl Fn(&str) -> String,
+        existing: bool,
+    ) -> String {
+        let items: Vec<String> = columns
             .map(|c| {
                 let literal = spi::quote_literal(c);
                 let column = spi::quote_identifier(c);
                 format!(
-                    "{literal}, ($2 -> {literal}) || jsonb_build_array(jsonb_hash_extended(to_jsonb(livesync_r.{column}), 0))"
+                    "{literal}, {} || jsonb_build_array(jsonb_hash_extended(to_jsonb(livesync_r.{column}), 0))",
+                    clock(&literal)
                 )
             })
             .collect();
@@ -319,6 +325,17 @@ impl WriteTarget {
         } else {
             new
         }
+    }
+
+    /// `c1 = livesync_r.c1, c2 = livesync_r.c2, ...`
+    fn assignments<'c>(columns: impl Iterator<Item = &'c String>) -> String {
+        columns
+            .map(|c| {
+                let c = spi::quote_identifier(c);
+                format!("{c} = livesync_r.{c}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Writes `values` and their clock entries into the row `key` names; with
@@ -333,25 +350,16 @@ impl WriteTarget {
     ) -> Option<StoredRow> {
         let mut row = key.clone();
         row.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let assignments: Vec<String> = values
-            .keys()
-            .map(|c| {
-                let c = spi::quote_identifier(c);
-                format!("{c} = livesync_r.{c}")
-            })
-            .chain(std::iter::once(format!(
-                "{CLOCKS_COLUMN} = {}",
-                self.clocks_expression(clock_entries, true)
-            )))
-            .collect();
+        // Each column's clock comes from the `{column: [wall, counter, node]}` argument.
+        let clocks = self.clocks_expression(clock_entries.keys(), |c| format!("($2 -> {c})"), true);
         let version_check = match expected_version {
             Some(_) => format!(" AND livesync_t.{VERSION_COLUMN} = $3"),
             None => String::new(),
         };
         let sql = format!(
-            "UPDATE {} livesync_t SET {} FROM {} livesync_r WHERE {}{version_check} RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
+            "UPDATE {} livesync_t SET {}, {CLOCKS_COLUMN} = {clocks} FROM {} livesync_r WHERE {}{version_check} RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
-            assignments.join(", "),
+            Self::assignments(values.keys()),
             self.record(1),
             self.key_match()
         );
@@ -379,37 +387,24 @@ impl WriteTarget {
         clock: &super::hlc::Hlc,
         expected_version: Option<i64>,
     ) -> Option<pg_sys::Datum> {
-        let assignments: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                let c = spi::quote_identifier(c);
-                format!("{c} = livesync_r.{c}")
-            })
-            .collect();
-        let entries: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                format!(
-                    "{}, jsonb_build_array($3, $4, $5, jsonb_hash_extended(to_jsonb(livesync_r.{}), 0))",
-                    spi::quote_literal(c),
-                    spi::quote_identifier(c)
-                )
-            })
-            .collect();
+        // One clock for every column: wall, counter and node are $3, $4, $5.
+        let clocks = self.clocks_expression(
+            columns.iter().copied(),
+            |_| "jsonb_build_array($3, $4, $5)".to_string(),
+            true,
+        );
         let version_check = match expected_version {
             Some(_) => format!(" AND livesync_t.{VERSION_COLUMN} = $6"),
             None => String::new(),
         };
         let sql = format!(
-            "UPDATE {name} livesync_t SET {assignments}, {CLOCKS_COLUMN} = \
-                 coalesce(livesync_t.{CLOCKS_COLUMN}, '{{}}'::jsonb) || jsonb_build_object({entries}) \
+            "UPDATE {name} livesync_t SET {assignments}, {CLOCKS_COLUMN} = {clocks} \
              FROM jsonb_populate_record(NULL::{name}, $1 || $2) livesync_r \
              WHERE {key_match}{version_check} \
              RETURNING jsonb_build_object('status', 'applied', 'version', livesync_t.{VERSION_COLUMN}, \
                  'row', to_jsonb(livesync_t) - '{VERSION_COLUMN}' - '{CLOCKS_COLUMN}')",
             name = self.name,
-            assignments = assignments.join(", "),
-            entries = entries.join(", "),
+            assignments = Self::assignments(columns.iter().copied()),
             key_match = self.key_match(),
         );
         let mut types = vec![
@@ -466,7 +461,7 @@ impl WriteTarget {
                 .map(|c| format!("livesync_r.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            self.clocks_expression(clock_entries, false),
+            self.clocks_expression(clock_entries.keys(), |c| format!("($2 -> {c})"), false),
             self.record(1),
             key.join(", ")
         );
