@@ -2,8 +2,8 @@
 //!
 //! - `_stamp_version` (BEFORE INSERT OR UPDATE, per row) stamps the row's next version.
 //! - `_capture` (AFTER INSERT / UPDATE / DELETE per statement, with transition
-//!   tables; AFTER TRUNCATE) writes the statement's changes to `livesync.changes` in
-//!   one insert, however many rows the statement touched.
+//!   tables; AFTER TRUNCATE) writes the statement's changes to `livesync.changes`,
+//!   up to a thousand changes per log row (`StatementLog`).
 //!
 //! Updates are paired old-to-new by primary key. Postgres fills the two transition
 //! tables in step, so the pairs normally line up and are checked cheaply; when a
@@ -13,9 +13,8 @@
 
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
-use crate::log_writer::{self, ChangeRow};
-use crate::row_json::{RowEncoder, VERSION_COLUMN};
-use crate::sequencer;
+use crate::log_writer::LogAppender;
+use crate::row_json::{JsonbBuilder, RowEncoder, VERSION_COLUMN};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -96,32 +95,111 @@ fn next_version() -> i64 {
     }
 }
 
-/// One statement's changes, in the order they will be numbered.
-#[derive(Default)]
-struct ChangeBatch {
-    rows: Vec<ChangeRow>,
+/// Limits on one log row: a run of changes longer than either continues in a new
+/// row. They bound the memory a huge statement holds at once and keep every row far
+/// below jsonb's 256 MB limit; past a few hundred changes a longer row saves nothing.
+const MAX_CHANGES_PER_ROW: i32 = 1000;
+const MAX_BYTES_PER_ROW: usize = 8 << 20;
+
+/// One statement's changes on their way into the log. Consecutive changes of one
+/// kind are collected into a single jsonb array (`[key, old, new, version]` per
+/// change) and written as one log row, so a 100-row statement costs one heap insert
+/// and one index insert, and TOAST compresses the batch as a whole.
+struct StatementLog {
+    relation: pg_sys::Oid,
+    /// Opened at the first write: a statement that changed nothing opens nothing.
+    appender: Option<LogAppender>,
+    /// Holds the run being collected; reset after every row written.
+    context: pg_sys::MemoryContext,
+    run: Option<Run>,
 }
 
-impl ChangeBatch {
-    fn push(
-        &mut self,
-        op: u8,
-        key: Option<pg_sys::Datum>,
-        old: Option<pg_sys::Datum>,
-        new: Option<pg_sys::Datum>,
-        version: Option<i64>,
-    ) {
-        self.rows.push(ChangeRow {
-            op,
-            key,
-            old,
-            new,
-            version,
-        });
+struct Run {
+    op: u8,
+    entries: JsonbBuilder,
+    count: i32,
+}
+
+impl StatementLog {
+    fn new(relation: pg_sys::Oid) -> Self {
+        let context = unsafe {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CurrentMemoryContext,
+                c"livesync capture".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
+        StatementLog {
+            relation,
+            appender: None,
+            context,
+            run: None,
+        }
     }
 
-    fn len(&self) -> usize {
-        self.rows.len()
+    /// Adds one change: `fill` pushes its key, old and new values (objects, or
+    /// nulls where a kind of change has none).
+    fn change(&mut self, op: u8, version: Option<i64>, fill: impl FnOnce(&mut JsonbBuilder)) {
+        if self.run.as_ref().is_some_and(|run| run.op != op) {
+            self.write_run();
+        }
+        unsafe {
+            let outer = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = self.context;
+            let run = self.run.get_or_insert_with(|| {
+                let mut entries = JsonbBuilder::new();
+                entries.begin_array();
+                Run {
+                    op,
+                    entries,
+                    count: 0,
+                }
+            });
+            run.entries.begin_array();
+            fill(&mut run.entries);
+            match version {
+                Some(version) => run.entries.int_element(version),
+                None => run.entries.null_element(),
+            }
+            run.entries.end_array();
+            run.count += 1;
+            pg_sys::CurrentMemoryContext = outer;
+        }
+        let run = self.run.as_ref().expect("a run was just extended");
+        if run.count >= MAX_CHANGES_PER_ROW || run.entries.size() >= MAX_BYTES_PER_ROW {
+            self.write_run();
+        }
+    }
+
+    fn write_run(&mut self) {
+        let Some(mut run) = self.run.take() else {
+            return;
+        };
+        unsafe {
+            let appender = self.appender.get_or_insert_with(|| {
+                let actor = crate::gucs::current_actor();
+                let origin = crate::write::origin::current();
+                LogAppender::open(self.relation, &actor, origin.as_ref())
+            });
+            let outer = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = self.context;
+            run.entries.end_array();
+            let entries = run.entries.finish();
+            pg_sys::CurrentMemoryContext = outer;
+            appender.append(run.op, run.count, entries);
+            pg_sys::MemoryContextReset(self.context);
+        }
+    }
+
+    /// Writes what is left and closes the log.
+    fn finish(mut self) {
+        self.write_run();
+        if let Some(appender) = self.appender.take() {
+            appender.close();
+        }
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
 }
 
@@ -129,10 +207,14 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
     unsafe {
         let rel = td.tg_relation;
         let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
-        let mut batch = ChangeBatch::default();
+        let mut log = StatementLog::new((*rel).rd_id);
 
         if event == pg_sys::TRIGGER_EVENT_TRUNCATE {
-            batch.push(b't', None, None, None, None);
+            log.change(b't', None, |out| {
+                for _ in 0..3 {
+                    out.null_element();
+                }
+            });
         } else {
             let mut encoder = RowEncoder::new(rel).unwrap_or_else(|e| e.raise());
             let tupdesc = (*rel).rd_att;
@@ -140,41 +222,45 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
                 pg_sys::TRIGGER_EVENT_INSERT => {
                     let mut rows = TransitionReader::new(td.tg_newtable, tupdesc);
                     while rows.next() {
-                        push_whole(&mut batch, &mut encoder, b'i', rows.slot);
+                        log_whole(&mut log, &mut encoder, b'i', rows.slot);
                     }
                 }
                 pg_sys::TRIGGER_EVENT_DELETE => {
                     let mut rows = TransitionReader::new(td.tg_oldtable, tupdesc);
                     while rows.next() {
-                        push_whole(&mut batch, &mut encoder, b'd', rows.slot);
+                        log_whole(&mut log, &mut encoder, b'd', rows.slot);
                     }
                 }
-                _ => capture_updates(td, tupdesc, &mut encoder, &mut batch),
+                _ => capture_updates(td, tupdesc, &mut encoder, &mut log),
             }
         }
-        if batch.len() == 0 {
-            return;
-        }
-        write_batch((*rel).rd_id, &batch);
+        log.finish();
     }
 }
 
 /// Logs an insert or delete: the key and the whole row.
-unsafe fn push_whole(
-    batch: &mut ChangeBatch,
+unsafe fn log_whole(
+    log: &mut StatementLog,
     encoder: &mut RowEncoder,
     op: u8,
     slot: *mut pg_sys::TupleTableSlot,
 ) {
     unsafe {
-        let row = Some(encoder.row(slot));
-        let key = Some(encoder.key(slot));
         if op == b'i' {
-            batch.push(op, key, None, row, encoder.version(slot));
+            let version = encoder.version(slot);
+            log.change(op, version, |out| {
+                encoder.push_key(out, slot);
+                out.null_element();
+                encoder.push_row(out, slot);
+            });
         } else {
             // The row is gone, but its key gets a new version all the same: the
             // tombstone is newer than anything a client holds for that key.
-            batch.push(op, key, row, None, Some(next_version()));
+            log.change(op, Some(next_version()), |out| {
+                encoder.push_key(out, slot);
+                encoder.push_row(out, slot);
+                out.null_element();
+            });
         }
     }
 }
@@ -183,7 +269,7 @@ unsafe fn capture_updates(
     td: &pg_sys::TriggerData,
     tupdesc: pg_sys::TupleDesc,
     encoder: &mut RowEncoder,
-    batch: &mut ChangeBatch,
+    log: &mut StatementLog,
 ) {
     unsafe {
         // Postgres fills both transition tables in step: read them side by side, and
@@ -202,10 +288,10 @@ unsafe fn capture_updates(
         news.rewind();
         if in_step {
             while olds.next() && news.next() {
-                push_update(batch, encoder, olds.slot, news.slot);
+                log_update(log, encoder, olds.slot, news.slot);
             }
         } else {
-            capture_rekeyed_updates(encoder, batch, olds.copy_all(), news.copy_all());
+            capture_rekeyed_updates(encoder, log, olds.copy_all(), news.copy_all());
         }
     }
 }
@@ -214,7 +300,7 @@ unsafe fn capture_updates(
 /// with no partner is a delete and a new one an insert.
 unsafe fn capture_rekeyed_updates(
     encoder: &mut RowEncoder,
-    batch: &mut ChangeBatch,
+    log: &mut StatementLog,
     olds: Vec<*mut pg_sys::TupleTableSlot>,
     news: Vec<*mut pg_sys::TupleTableSlot>,
 ) {
@@ -234,13 +320,13 @@ unsafe fn capture_rekeyed_updates(
         }
         for (i, &old) in olds.iter().enumerate() {
             if !paired[i] {
-                push_whole(batch, encoder, b'd', old);
+                log_whole(log, encoder, b'd', old);
             }
         }
         for (old, new) in pairs {
             match old {
-                Some(i) => push_update(batch, encoder, olds[i], new),
-                None => push_whole(batch, encoder, b'i', new),
+                Some(i) => log_update(log, encoder, olds[i], new),
+                None => log_whole(log, encoder, b'i', new),
             }
         }
         for slot in olds.into_iter().chain(news) {
@@ -249,22 +335,18 @@ unsafe fn capture_rekeyed_updates(
     }
 }
 
-unsafe fn push_update(
-    batch: &mut ChangeBatch,
+unsafe fn log_update(
+    log: &mut StatementLog,
     encoder: &mut RowEncoder,
     old: *mut pg_sys::TupleTableSlot,
     new: *mut pg_sys::TupleTableSlot,
 ) {
     unsafe {
-        let (old_changed, new_changed) = encoder.changed_only(old, new);
-        let key = encoder.key(new);
-        batch.push(
-            b'u',
-            Some(key),
-            Some(old_changed),
-            Some(new_changed),
-            encoder.version(new),
-        );
+        let version = encoder.version(new);
+        log.change(b'u', version, |out| {
+            encoder.push_key(out, new);
+            encoder.push_changed(out, old, new);
+        });
     }
 }
 
@@ -338,22 +420,5 @@ unsafe fn jsonb_bytes(jsonb: pg_sys::Datum) -> Vec<u8> {
     unsafe {
         let value = pg_sys::pg_detoast_datum_packed(jsonb.cast_mut_ptr());
         pgrx::varlena::varlena_to_byte_slice(value).to_vec()
-    }
-}
-
-unsafe fn write_batch(relation: pg_sys::Oid, batch: &ChangeBatch) {
-    unsafe {
-        let first_ordinal = sequencer::reserve_ordinals(batch.len() as i32);
-        let fxid = pg_sys::GetTopFullTransactionId().value;
-        let actor = crate::gucs::current_actor();
-        let origin = crate::write::origin::current();
-        log_writer::append(
-            relation,
-            fxid,
-            first_ordinal,
-            &actor,
-            origin.as_ref(),
-            &batch.rows,
-        );
     }
 }

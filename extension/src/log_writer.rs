@@ -1,5 +1,6 @@
-//! Appending change rows to `livesync.changes`: heap inserts and index inserts
-//! made directly, without the executor.
+//! Appending rows to `livesync.changes`: heap inserts and index inserts made
+//! directly, without the executor. One log row carries a run of changes (see
+//! `capture.rs`), so a 100-row statement costs one insert, not a hundred.
 //!
 //! Capture runs inside every write to a tracked table, so this is the hottest path
 //! livesync has. Going through SPI cost an executor start-up, a plan-cache check, a
@@ -10,101 +11,124 @@
 
 use crate::catalog::{index_oids, livesync_relation};
 use crate::error::LivesyncError;
+use crate::sequencer;
 use pgrx::pg_sys;
 
-/// One change, ready to be appended.
-pub struct ChangeRow {
-    pub op: u8,
-    pub key: Option<pg_sys::Datum>,
-    pub old: Option<pg_sys::Datum>,
-    pub new: Option<pg_sys::Datum>,
-    pub version: Option<i64>,
-}
-
 /// The columns of `livesync.changes`, in table order.
-const COLUMNS: usize = 11;
+const COLUMNS: usize = 9;
 
-/// Appends `rows` as the changes `first_ordinal`, `first_ordinal + 1`, ... of the
-/// transaction `fxid`, made to `relation` by `actor` (for the client mutation
-/// `origin`, when `livesync.write` made them).
-///
-/// # Safety
-/// Must run inside a transaction; the datums in `rows` must be valid jsonb values.
-pub unsafe fn append(
+/// Appends log rows for one statement's changes to one relation. Opens the log
+/// table and its indexes once, however many rows the statement writes.
+pub struct LogAppender {
+    table: pg_sys::Relation,
+    indexes: Vec<OpenIndex>,
     relation: pg_sys::Oid,
     fxid: u64,
-    first_ordinal: i32,
-    actor: &str,
-    origin: Option<&(String, i64)>,
-    rows: &[ChangeRow],
-) {
-    unsafe {
-        let Some(table_oid) = livesync_relation(c"changes") else {
-            LivesyncError::NotInstalled.raise();
-        };
-        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let table = pg_sys::table_open(table_oid, lock);
-        let tupdesc = (*table).rd_att;
-        if (*tupdesc).natts as usize != COLUMNS {
-            LivesyncError::LogTableChanged.raise();
-        }
-        let indexes = open_indexes(table, lock);
+    actor: pg_sys::Datum,
+    /// The client mutation `livesync.write` is applying, if any.
+    client_id: Option<pg_sys::Datum>,
+    mutation_id: Option<pg_sys::Datum>,
+}
 
-        let actor_text = pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-            actor.as_ptr().cast(),
-            actor.len() as i32,
-        ));
-        let null = pg_sys::Datum::from(0usize);
-        let (client_id, mutation_id) = match origin {
-            Some((client_id, mutation_id)) => (
-                Some(pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-                    client_id.as_ptr().cast(),
-                    client_id.len() as i32,
-                ))),
-                Some(pg_sys::Datum::from(*mutation_id)),
-            ),
-            None => (None, None),
-        };
-        for (i, row) in rows.iter().enumerate() {
+impl LogAppender {
+    /// Opens the log for appending changes made to `relation` by `actor` in the
+    /// current transaction (for the client mutation `origin`, when
+    /// `livesync.write` made them).
+    ///
+    /// # Safety
+    /// Must run inside a transaction; call `close` when done.
+    pub unsafe fn open(relation: pg_sys::Oid, actor: &str, origin: Option<&(String, i64)>) -> Self {
+        unsafe {
+            let Some(table_oid) = livesync_relation(c"changes") else {
+                LivesyncError::NotInstalled.raise();
+            };
+            let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+            let table = pg_sys::table_open(table_oid, lock);
+            if (*(*table).rd_att).natts as usize != COLUMNS {
+                LivesyncError::LogTableChanged.raise();
+            }
+            let indexes = open_indexes(table, lock);
+            let (client_id, mutation_id) = match origin {
+                Some((client_id, mutation_id)) => (
+                    Some(text_datum(client_id)),
+                    Some(pg_sys::Datum::from(*mutation_id)),
+                ),
+                None => (None, None),
+            };
+            LogAppender {
+                table,
+                indexes,
+                relation,
+                fxid: pg_sys::GetTopFullTransactionId().value,
+                actor: text_datum(actor),
+                client_id,
+                mutation_id,
+            }
+        }
+    }
+
+    /// Appends one log row: `count` changes of kind `op`, given as the jsonb array
+    /// `entries` (one `[key, old, new, version]` array per change). They take the
+    /// transaction's next `count` ordinals.
+    ///
+    /// # Safety
+    /// `entries` must be a valid jsonb value.
+    pub unsafe fn append(&mut self, op: u8, count: i32, entries: pg_sys::Datum) {
+        unsafe {
+            let first_ordinal = sequencer::reserve_ordinals(count);
+            let null = pg_sys::Datum::from(0usize);
             let mut values = [
-                pg_sys::Datum::from(fxid),
-                pg_sys::Datum::from(first_ordinal + i as i32),
-                pg_sys::Datum::from(relation),
-                pg_sys::Datum::from(row.op),
-                row.key.unwrap_or(null),
-                row.old.unwrap_or(null),
-                row.new.unwrap_or(null),
-                pg_sys::Datum::from(row.version.unwrap_or(0)),
-                actor_text,
-                client_id.unwrap_or(null),
-                mutation_id.unwrap_or(null),
+                pg_sys::Datum::from(self.fxid),
+                pg_sys::Datum::from(first_ordinal),
+                pg_sys::Datum::from(count),
+                pg_sys::Datum::from(self.relation),
+                pg_sys::Datum::from(op),
+                entries,
+                self.actor,
+                self.client_id.unwrap_or(null),
+                self.mutation_id.unwrap_or(null),
             ];
             let mut nulls = [
                 false,
                 false,
                 false,
                 false,
-                row.key.is_none(),
-                row.old.is_none(),
-                row.new.is_none(),
-                row.version.is_none(),
                 false,
-                client_id.is_none(),
-                mutation_id.is_none(),
+                false,
+                false,
+                self.client_id.is_none(),
+                self.mutation_id.is_none(),
             ];
+            let tupdesc = (*self.table).rd_att;
             let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            pg_sys::simple_heap_insert(table, tuple);
-            for index in &indexes {
-                index.insert(&values, &nulls, tuple, table);
+            // Large batches are compressed and, past a page's worth, moved to TOAST
+            // by the heap insert itself.
+            pg_sys::simple_heap_insert(self.table, tuple);
+            for index in &self.indexes {
+                index.insert(&values, &nulls, tuple, self.table);
             }
             pg_sys::heap_freetuple(tuple);
         }
+    }
 
-        for index in indexes {
-            pg_sys::index_close(index.relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+    /// Closes the log table; its lock is kept until the end of the transaction, as
+    /// for any insert.
+    pub fn close(self) {
+        unsafe {
+            for index in self.indexes {
+                pg_sys::index_close(index.relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+            pg_sys::table_close(self.table, pg_sys::NoLock as pg_sys::LOCKMODE);
         }
-        // Locks are kept until the end of the transaction, as for any insert.
-        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+}
+
+fn text_datum(text: &str) -> pg_sys::Datum {
+    unsafe {
+        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+            text.as_ptr().cast(),
+            text.len() as i32,
+        ))
     }
 }
 

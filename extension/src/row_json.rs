@@ -40,6 +40,8 @@ pub struct RowEncoder {
     /// 0-based index of `_livesync_version`.
     version_column: usize,
     kinds: Vec<ColumnKind>,
+    /// Scratch: the columns an update changed (kept to reuse its allocation).
+    changed: Vec<usize>,
 }
 
 impl RowEncoder {
@@ -82,70 +84,92 @@ impl RowEncoder {
                 key_columns,
                 version_column,
                 kinds,
+                changed: Vec::new(),
             })
         }
     }
 
-    /// The key object: the primary-key columns.
+    /// The key object (the primary-key columns) as a jsonb value of its own.
     ///
     /// # Safety
     /// `slot` must hold a tuple of this encoder's relation.
     pub unsafe fn key(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
         unsafe {
-            let mut object = ObjectBuilder::new();
-            for k in 0..self.key_columns.len() {
-                let i = self.key_columns[k];
-                self.push_column(&mut object, slot, i);
-            }
-            object.finish()
+            let mut builder = JsonbBuilder::new();
+            self.push_key(&mut builder, slot);
+            builder.finish()
         }
     }
 
-    /// The whole row without the metadata columns: what an insert or delete logs.
+    /// Pushes the key object: the primary-key columns.
     ///
     /// # Safety
     /// `slot` must hold a tuple of this encoder's relation.
-    pub unsafe fn row(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+    pub unsafe fn push_key(&mut self, out: &mut JsonbBuilder, slot: *mut pg_sys::TupleTableSlot) {
         unsafe {
-            let mut object = ObjectBuilder::new();
-            for i in 0..self.kinds.len() {
-                if !matches!(self.kinds[i], ColumnKind::Skipped) {
-                    self.push_column(&mut object, slot, i);
-                }
+            out.begin_object();
+            for k in 0..self.key_columns.len() {
+                let i = self.key_columns[k];
+                self.push_column(out, slot, i);
             }
-            object.finish()
+            out.end_object();
         }
     }
 
-    /// Both sides of an update, reduced to the columns whose stored value changed.
+    /// Pushes the whole row without the metadata columns: what an insert or delete
+    /// logs.
+    ///
+    /// # Safety
+    /// `slot` must hold a tuple of this encoder's relation.
+    pub unsafe fn push_row(&mut self, out: &mut JsonbBuilder, slot: *mut pg_sys::TupleTableSlot) {
+        unsafe {
+            out.begin_object();
+            for i in 0..self.kinds.len() {
+                if !matches!(self.kinds[i], ColumnKind::Skipped) {
+                    self.push_column(out, slot, i);
+                }
+            }
+            out.end_object();
+        }
+    }
+
+    /// Pushes both sides of an update, reduced to the columns whose stored value
+    /// changed: the old object, then the new one.
     ///
     /// # Safety
     /// Both slots must hold tuples of this encoder's relation.
-    pub unsafe fn changed_only(
+    pub unsafe fn push_changed(
         &mut self,
+        out: &mut JsonbBuilder,
         old_slot: *mut pg_sys::TupleTableSlot,
         new_slot: *mut pg_sys::TupleTableSlot,
-    ) -> (pg_sys::Datum, pg_sys::Datum) {
+    ) {
         unsafe {
-            let mut old = ObjectBuilder::new();
-            let mut new = ObjectBuilder::new();
+            let mut changed = std::mem::take(&mut self.changed);
+            changed.clear();
             for i in 0..self.kinds.len() {
-                if matches!(self.kinds[i], ColumnKind::Skipped)
-                    || self.same_value(old_slot, new_slot, i)
+                if !matches!(self.kinds[i], ColumnKind::Skipped)
+                    && !self.same_value(old_slot, new_slot, i)
                 {
-                    continue;
+                    changed.push(i);
                 }
-                self.push_column(&mut old, old_slot, i);
-                self.push_column(&mut new, new_slot, i);
             }
-            (old.finish(), new.finish())
+            for slot in [old_slot, new_slot] {
+                out.begin_object();
+                for &i in &changed {
+                    self.push_column(out, slot, i);
+                }
+                out.end_object();
+            }
+            self.changed = changed;
         }
     }
 
-    /// Adds column `i` of the tuple in `slot` to `object`.
+    /// Adds column `i` of the tuple in `slot` to the object `out` is building.
+    /// Everything pushed is copied out of the slot: the builder outlives the tuple.
     unsafe fn push_column(
         &mut self,
-        object: &mut ObjectBuilder,
+        out: &mut JsonbBuilder,
         slot: *mut pg_sys::TupleTableSlot,
         i: usize,
     ) {
@@ -156,7 +180,7 @@ impl RowEncoder {
             let mut value = std::mem::zeroed::<pg_sys::JsonbValue>();
             if null {
                 value.type_ = pg_sys::jbvType::jbvNull;
-                object.push(name, &mut value);
+                out.key_value(name, &mut value);
                 return;
             }
             match &mut self.kinds[i] {
@@ -173,10 +197,11 @@ impl RowEncoder {
                     let bytes = pgrx::varlena::varlena_to_byte_slice(text);
                     value.type_ = pg_sys::jbvType::jbvString;
                     value.val.string.len = bytes.len() as i32;
-                    value.val.string.val = bytes.as_ptr().cast_mut().cast();
+                    value.val.string.val = out.copy_bytes(bytes);
                 }
                 ColumnKind::ToJsonb(to_jsonb) => {
-                    // A jsonb value of its own; the builder copies its contents in.
+                    // A fresh jsonb value of its own (not the slot's memory), which the
+                    // builder refers into until it finishes.
                     let jsonb =
                         pg_sys::FunctionCall1Coll(&mut **to_jsonb, pg_sys::InvalidOid, datum);
                     let jsonb =
@@ -184,9 +209,10 @@ impl RowEncoder {
                     value.type_ = pg_sys::jbvType::jbvBinary;
                     value.val.binary.data = &mut (*jsonb).root;
                     value.val.binary.len = pgrx::varlena::varsize_any(jsonb.cast()) as i32;
+                    out.add_size(value.val.binary.len as usize);
                 }
             }
-            object.push(name, &mut value);
+            out.key_value(name, &mut value);
         }
     }
 
@@ -342,52 +368,111 @@ unsafe fn numeric(value: &mut pg_sys::JsonbValue, n: i64) {
     value.val.numeric = unsafe { pg_sys::int64_to_numeric(n) };
 }
 
-/// A jsonb object under construction.
-struct ObjectBuilder {
+/// A jsonb value under construction: objects and arrays nested to any depth,
+/// serialised once by `finish`. Pushed strings are copied into the current memory
+/// context, so a builder can collect values from many tuples in turn.
+pub struct JsonbBuilder {
     state: *mut pg_sys::JsonbParseState,
+    /// What the last push returned: after the outermost end token, the whole value.
+    last: *mut pg_sys::JsonbValue,
+    /// Roughly how many bytes the finished value will take.
+    size: usize,
 }
 
-impl ObjectBuilder {
-    unsafe fn new() -> Self {
-        let mut state = std::ptr::null_mut();
-        unsafe {
-            pg_sys::pushJsonbValue(
-                &mut state,
-                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
-                std::ptr::null_mut(),
-            )
-        };
-        ObjectBuilder { state }
+impl JsonbBuilder {
+    pub fn new() -> Self {
+        JsonbBuilder {
+            state: std::ptr::null_mut(),
+            last: std::ptr::null_mut(),
+            size: 0,
+        }
     }
 
-    /// Adds `name: value` (`name` a NUL-terminated column name).
-    unsafe fn push(&mut self, name: *const std::ffi::c_char, value: &mut pg_sys::JsonbValue) {
+    /// Roughly how many bytes the value pushed so far will take once serialised.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn begin_object(&mut self) {
+        self.token(
+            pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
+            std::ptr::null_mut(),
+        );
+    }
+
+    pub fn end_object(&mut self) {
+        self.token(
+            pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
+            std::ptr::null_mut(),
+        );
+    }
+
+    pub fn begin_array(&mut self) {
+        self.token(
+            pg_sys::JsonbIteratorToken::WJB_BEGIN_ARRAY,
+            std::ptr::null_mut(),
+        );
+    }
+
+    pub fn end_array(&mut self) {
+        self.token(
+            pg_sys::JsonbIteratorToken::WJB_END_ARRAY,
+            std::ptr::null_mut(),
+        );
+    }
+
+    /// Adds an array element: JSON null.
+    pub fn null_element(&mut self) {
+        let mut value = unsafe { std::mem::zeroed::<pg_sys::JsonbValue>() };
+        value.type_ = pg_sys::jbvType::jbvNull;
+        self.token(pg_sys::JsonbIteratorToken::WJB_ELEM, &mut value);
+    }
+
+    /// Adds an array element: an integer.
+    pub fn int_element(&mut self, n: i64) {
+        let mut value = unsafe { std::mem::zeroed::<pg_sys::JsonbValue>() };
+        unsafe { numeric(&mut value, n) };
+        self.token(pg_sys::JsonbIteratorToken::WJB_ELEM, &mut value);
+    }
+
+    /// Adds `name: value` to the object being built (`name` a NUL-terminated
+    /// column name that outlives the builder).
+    unsafe fn key_value(&mut self, name: *const std::ffi::c_char, value: &mut pg_sys::JsonbValue) {
         unsafe {
             let mut key = std::mem::zeroed::<pg_sys::JsonbValue>();
             key.type_ = pg_sys::jbvType::jbvString;
             key.val.string.len = CStr::from_ptr(name).count_bytes() as i32;
             key.val.string.val = name.cast_mut();
-            pg_sys::pushJsonbValue(
-                &mut self.state,
-                pg_sys::JsonbIteratorToken::WJB_KEY,
-                &mut key,
-            );
-            pg_sys::pushJsonbValue(
-                &mut self.state,
-                pg_sys::JsonbIteratorToken::WJB_VALUE,
-                value,
-            );
+            self.size += key.val.string.len as usize + 16;
+            self.token(pg_sys::JsonbIteratorToken::WJB_KEY, &mut key);
+            self.token(pg_sys::JsonbIteratorToken::WJB_VALUE, value);
         }
     }
 
-    unsafe fn finish(mut self) -> pg_sys::Datum {
+    /// A copy of `bytes` in the current memory context.
+    fn copy_bytes(&mut self, bytes: &[u8]) -> *mut std::ffi::c_char {
+        self.size += bytes.len();
         unsafe {
-            let object = pg_sys::pushJsonbValue(
-                &mut self.state,
-                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
-                std::ptr::null_mut(),
-            );
-            pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(object))
+            let copy = pg_sys::palloc(bytes.len().max(1)).cast::<u8>();
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), copy, bytes.len());
+            copy.cast()
         }
+    }
+
+    fn add_size(&mut self, bytes: usize) {
+        self.size += bytes;
+    }
+
+    fn token(&mut self, token: pg_sys::JsonbIteratorToken::Type, value: *mut pg_sys::JsonbValue) {
+        self.last = unsafe { pg_sys::pushJsonbValue(&mut self.state, token, value) };
+    }
+
+    /// The finished value. Call after the outermost `end_object` / `end_array`.
+    pub fn finish(self) -> pg_sys::Datum {
+        assert!(
+            self.state.is_null() && !self.last.is_null(),
+            "jsonb builder finished with unclosed containers"
+        );
+        unsafe { pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(self.last)) }
     }
 }

@@ -129,13 +129,15 @@ const TICK: &CStr = c"
         -- xid, $1, which its own snapshot leaves out; a two-sided range also keeps the
         -- generic plan on the index), and those in its xip list (all below its xmax,
         -- so the two sets are disjoint).
-        SELECT u.tx, pg_catalog.max(u.ordinal)::int8 AS n
+        SELECT u.tx, pg_catalog.max(u.last)::int8 AS n
         FROM (
-            SELECT c.tx, c.ordinal FROM livesync.changes c
+            SELECT c.tx, c.ordinal OPERATOR(pg_catalog.+) c.count OPERATOR(pg_catalog.-) 1 AS last
+            FROM livesync.changes c
             WHERE c.tx OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax((SELECT snapshot FROM prev))
               AND c.tx OPERATOR(pg_catalog.<) GREATEST(pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()), $1)
             UNION ALL
-            SELECT c.tx, c.ordinal FROM livesync.changes c
+            SELECT c.tx, c.ordinal OPERATOR(pg_catalog.+) c.count OPERATOR(pg_catalog.-) 1
+            FROM livesync.changes c
             WHERE c.tx OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip((SELECT snapshot FROM prev))))
         ) AS u
         -- A correlated probe, not an anti-join: candidates are few, commits are many.

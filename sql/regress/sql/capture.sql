@@ -156,3 +156,23 @@ SELECT key, delta FROM livesync.changes_since(:p12);
 DROP TABLE kinds;
 DROP TYPE mood;
 DROP DOMAIN positive;
+
+-- a statement's changes are stored in runs of up to 1000 (one log row each) and read
+-- back one change per row, in statement order, at consecutive positions
+CREATE TABLE bulk (id int PRIMARY KEY, v text);
+SELECT livesync.track('bulk');
+SELECT livesync.current_position() AS p13 \gset
+INSERT INTO bulk SELECT g, 'v' || g FROM generate_series(1, 2500) g;
+SELECT count(*) AS changes, count(DISTINCT position) AS positions,
+       max(position) - min(position) + 1 AS span,
+       bool_and((key ->> 'id')::int = position - :p13) AS in_statement_order,
+       bool_and(delta -> 'v' ->> 'new' = 'v' || (key ->> 'id')) AS values_match
+FROM livesync.changes_since(:p13, 5000);
+SELECT op, ordinal, count FROM livesync.changes WHERE relation = 'bulk'::regclass ORDER BY ordinal;
+-- very large rows end a run early (past 8 MB), however few changes it holds
+SELECT livesync.current_position() AS p14 \gset
+UPDATE bulk SET v = repeat(id::text, 5000000) WHERE id <= 3;
+SELECT key, length(delta -> 'v' ->> 'new') AS new_length FROM livesync.changes_since(:p14) ORDER BY position;
+SELECT op, count FROM livesync.changes
+WHERE relation = 'bulk'::regclass AND op = 'u' ORDER BY ordinal;
+DROP TABLE bulk;
