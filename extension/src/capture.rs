@@ -17,6 +17,7 @@ use crate::log_writer::LogAppender;
 use crate::row_json::{JsonbBuilder, RowEncoder, VERSION_COLUMN};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::cell::Cell;
 use std::collections::HashMap;
 
 /// The capture trigger raises its errors directly (`LivesyncError::raise`); this
@@ -26,7 +27,8 @@ pub enum CaptureError {}
 
 /// `livesync._stamp_version()`: BEFORE INSERT OR UPDATE, per row. Written against
 /// the C trigger interface (declared in `lib.rs`) because it runs for every row
-/// written: it modifies the one column in place instead of copying the tuple twice.
+/// written: it replaces the one column (one tuple copy, not pgrx's two) and looks
+/// nothing up in the catalogs.
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_livesync_stamp_version() -> &'static pg_sys::Pg_finfo_record {
     const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
@@ -51,12 +53,11 @@ pub unsafe extern "C-unwind" fn livesync_stamp_version(
             td.tg_trigtuple
         };
         let rel = td.tg_relation;
-        let attnum = pg_sys::get_attnum((*rel).rd_id, VERSION_COLUMN.as_ptr());
-        if attnum <= 0 {
+        let Some(attnum) = version_attnum(rel) else {
             let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr());
             LivesyncError::NoVersionColumn(name.to_string_lossy().into_owned()).raise();
-        }
-        let mut columns = [attnum as i32];
+        };
+        let mut columns = [attnum];
         let mut values = [pg_sys::Datum::from(next_version())];
         let mut nulls = [false];
         let stamped = pg_sys::heap_modify_tuple_by_cols(
@@ -68,6 +69,35 @@ pub unsafe extern "C-unwind" fn livesync_stamp_version(
             nulls.as_mut_ptr(),
         );
         pg_sys::Datum::from(stamped)
+    }
+}
+
+thread_local! {
+    /// Where the last stamped table keeps its version column: checked against the
+    /// tuple descriptor on every use, so it is only ever a hint.
+    static VERSION_ATTNUM: Cell<(pg_sys::Oid, i32)> = const { Cell::new((pg_sys::InvalidOid, 0)) };
+}
+
+/// The 1-based attribute number of `_livesync_version` in `rel`, found from its
+/// tuple descriptor (no catalog lookup: this runs for every row written).
+unsafe fn version_attnum(rel: pg_sys::Relation) -> Option<i32> {
+    unsafe {
+        let tupdesc = (*rel).rd_att;
+        let natts = (*tupdesc).natts;
+        let is_version = |attnum: i32| {
+            let att = &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1);
+            !att.attisdropped
+                && att.atttypid == pg_sys::INT8OID
+                && std::ffi::CStr::from_ptr(att.attname.data.as_ptr()) == VERSION_COLUMN
+        };
+        let (relid, hint) = VERSION_ATTNUM.get();
+        if relid == (*rel).rd_id && (1..=natts).contains(&hint) && is_version(hint) {
+            return Some(hint);
+        }
+        // Added by track(), so usually among the last columns.
+        let attnum = (1..=natts).rev().find(|&attnum| is_version(attnum))?;
+        VERSION_ATTNUM.set(((*rel).rd_id, attnum));
+        Some(attnum)
     }
 }
 
@@ -216,7 +246,7 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
                 }
             });
         } else {
-            let mut encoder = RowEncoder::new(rel).unwrap_or_else(|e| e.raise());
+            let mut encoder = RowEncoder::take(rel).unwrap_or_else(|e| e.raise());
             let tupdesc = (*rel).rd_att;
             match event {
                 pg_sys::TRIGGER_EVENT_INSERT => {
@@ -233,6 +263,7 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
                 }
                 _ => capture_updates(td, tupdesc, &mut encoder, &mut log),
             }
+            RowEncoder::give_back(encoder);
         }
         log.finish();
     }

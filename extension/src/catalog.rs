@@ -1,13 +1,52 @@
 //! Catalog lookups for C-level code paths (triggers, commit callbacks, the worker):
-//! livesync's own tables and sequences, and a relation's indexes. livesync's
-//! relations are looked up by name on each use (two syscache probes), so a dropped
-//! and re-created extension is always found afresh.
+//! livesync's own tables and sequences, and a relation's indexes.
+//!
+//! livesync's relations are looked up by name once per backend and remembered: the
+//! version trigger needs the sequence for every row it stamps. A relcache
+//! invalidation of a remembered relation (dropping it, or the whole extension, sends
+//! one to every backend) or a full reset forgets them all, so a re-created
+//! extension is found afresh.
 
 use pgrx::pg_sys;
+use std::cell::RefCell;
 use std::ffi::CStr;
 
+thread_local! {
+    static KNOWN: RefCell<Vec<(&'static CStr, pg_sys::Oid)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers the invalidation callback; called once per process from `_PG_init`.
+pub fn init() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    KNOWN.with(|known| {
+        let mut known = known.borrow_mut();
+        if relid == pg_sys::InvalidOid || known.iter().any(|&(_, oid)| oid == relid) {
+            known.clear();
+        }
+    });
+}
+
 /// The oid of `livesync.<name>`, if the extension is installed in this database.
-pub fn livesync_relation(name: &CStr) -> Option<pg_sys::Oid> {
+pub fn livesync_relation(name: &'static CStr) -> Option<pg_sys::Oid> {
+    if let Some(oid) = KNOWN.with(|known| {
+        known
+            .borrow()
+            .iter()
+            .find(|&&(known_name, _)| known_name == name)
+            .map(|&(_, oid)| oid)
+    }) {
+        return Some(oid);
+    }
+    let oid = look_up(name)?;
+    KNOWN.with(|known| known.borrow_mut().push((name, oid)));
+    Some(oid)
+}
+
+fn look_up(name: &CStr) -> Option<pg_sys::Oid> {
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
         if namespace == pg_sys::InvalidOid {

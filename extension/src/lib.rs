@@ -47,6 +47,8 @@ extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    catalog::init();
+    row_json::init();
     worker::init();
     sequencer::init();
     write::init();

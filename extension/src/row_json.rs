@@ -11,6 +11,8 @@
 
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ffi::CStr;
 
 pub const VERSION_COLUMN: &CStr = c"_livesync_version";
@@ -24,17 +26,22 @@ enum ColumnKind {
     Int4,
     Int8,
     Bool,
-    /// `text` / `varchar`: the string itself.
+    /// `text` / `varchar` / `char(n)`: the string itself.
     Text,
     /// Anything else: `to_jsonb(value)`, with an expression attached so it knows
     /// the argument's type.
     ToJsonb(Box<pg_sys::FmgrInfo>),
 }
 
-/// Per-statement encoder for one relation's tuples. Built once per trigger call,
-/// so it always reflects the table's current columns and primary key.
+/// Encoder for one relation's tuples. Kept per backend (`RowEncoder::take` /
+/// `give_back`) and dropped when the relation's relcache entry is invalidated, which
+/// any change to its columns or primary key causes.
 pub struct RowEncoder {
+    relid: pg_sys::Oid,
     tupdesc: pg_sys::TupleDesc,
+    /// Holds what the encoder allocates in Postgres memory (the `to_jsonb` call
+    /// expressions); deleted with the encoder.
+    context: pg_sys::MemoryContext,
     /// 0-based indexes of the primary-key columns.
     key_columns: Vec<usize>,
     /// 0-based index of `_livesync_version`.
@@ -44,10 +51,110 @@ pub struct RowEncoder {
     changed: Vec<usize>,
 }
 
+thread_local! {
+    static ENCODERS: RefCell<HashMap<pg_sys::Oid, RowEncoder>> = RefCell::new(HashMap::new());
+    /// Bumped by every invalidation, so an encoder taken out before one is not put back.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Registers the invalidation callback; called once per process from `_PG_init`.
+pub fn init() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    GENERATION.set(GENERATION.get() + 1);
+    ENCODERS.with(|encoders| {
+        let mut encoders = encoders.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            encoders.clear();
+        } else {
+            encoders.remove(&relid);
+        }
+    });
+}
+
+/// An encoder lent out by `RowEncoder::take`.
+pub struct Lent {
+    encoder: RowEncoder,
+    generation: u64,
+}
+
+impl std::ops::Deref for Lent {
+    type Target = RowEncoder;
+    fn deref(&self) -> &RowEncoder {
+        &self.encoder
+    }
+}
+
+impl std::ops::DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut RowEncoder {
+        &mut self.encoder
+    }
+}
+
 impl RowEncoder {
+    /// The backend's encoder for `rel`, built when there is none or the relation's
+    /// descriptor changed since. Hand it back with `give_back` for the next
+    /// statement; an encoder dropped instead (an error unwound) is simply rebuilt.
+    ///
     /// # Safety
-    /// `rel` must be an open relation that stays open for the encoder's lifetime.
-    pub unsafe fn new(rel: pg_sys::Relation) -> Result<Self, LivesyncError> {
+    /// `rel` must be an open relation that stays open while the encoder is used.
+    pub unsafe fn take(rel: pg_sys::Relation) -> Result<Lent, LivesyncError> {
+        unsafe {
+            let relid = (*rel).rd_id;
+            let generation = GENERATION.get();
+            let cached = ENCODERS.with(|encoders| encoders.borrow_mut().remove(&relid));
+            let encoder = match cached {
+                Some(encoder) if encoder.tupdesc == (*rel).rd_att => encoder,
+                _ => RowEncoder::new(rel)?,
+            };
+            Ok(Lent {
+                encoder,
+                generation,
+            })
+        }
+    }
+
+    /// Keeps a lent encoder for the next statement, unless an invalidation arrived
+    /// while it was out.
+    pub fn give_back(lent: Lent) {
+        if GENERATION.get() == lent.generation {
+            ENCODERS.with(|encoders| {
+                encoders
+                    .borrow_mut()
+                    .insert(lent.encoder.relid, lent.encoder)
+            });
+        }
+    }
+
+    /// # Safety
+    /// `rel` must be an open relation.
+    unsafe fn new(rel: pg_sys::Relation) -> Result<Self, LivesyncError> {
+        unsafe {
+            let context = pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CacheMemoryContext,
+                c"livesync row encoder".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            );
+            let outer = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = context;
+            let built = RowEncoder::build(rel, context);
+            pg_sys::CurrentMemoryContext = outer;
+            if built.is_err() {
+                pg_sys::MemoryContextDelete(context);
+            }
+            built
+        }
+    }
+
+    unsafe fn build(
+        rel: pg_sys::Relation,
+        context: pg_sys::MemoryContext,
+    ) -> Result<Self, LivesyncError> {
         unsafe {
             let tupdesc = (*rel).rd_att;
             let natts = (*tupdesc).natts as usize;
@@ -80,7 +187,9 @@ impl RowEncoder {
             let version_column =
                 version_column.ok_or_else(|| LivesyncError::NoVersionColumn(relname()))?;
             Ok(RowEncoder {
+                relid: (*rel).rd_id,
                 tupdesc,
+                context,
                 key_columns,
                 version_column,
                 kinds,
@@ -258,6 +367,12 @@ impl RowEncoder {
     }
 }
 
+impl Drop for RowEncoder {
+    fn drop(&mut self) {
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
 /// Whether two non-null values of one type are stored identically (Postgres's
 /// `datum_image_eq`, which pgrx does not bind).
 unsafe fn same_image(a: pg_sys::Datum, b: pg_sys::Datum, by_value: bool, len: i16) -> bool {
@@ -340,7 +455,8 @@ fn column_kind(type_oid: pg_sys::Oid) -> ColumnKind {
         pg_sys::INT4OID => ColumnKind::Int4,
         pg_sys::INT8OID => ColumnKind::Int8,
         pg_sys::BOOLOID => ColumnKind::Bool,
-        pg_sys::TEXTOID | pg_sys::VARCHAROID => ColumnKind::Text,
+        // char(n) too: stored padded, and rendered as stored.
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => ColumnKind::Text,
         _ => unsafe {
             // to_jsonb(anyelement) asks its call expression for the argument's
             // type; give it one that says "this column's type".
