@@ -3,10 +3,11 @@
 -- Capture writes the changes of one statement as a few `changes` rows: each row
 -- holds a run of up to a thousand changes of one kind, as a jsonb array, keyed by
 -- (transaction, ordinal of the run's first change within the transaction). Positions
--- are not stored per change: at commit the transaction is given one contiguous block
--- of positions, recorded as one `commits` row, and a change's position is
--- `first_position + ordinal - 1`. That keeps the commit-time work at one row per
--- transaction, and the capture work at one row per run, however many rows changed.
+-- are not stored per change: once it has committed, the transaction is given one
+-- contiguous block of positions by a sequencing tick, and a change's position is
+-- `first_position + ordinal - 1`. A tick records the blocks of all the transactions
+-- it sequenced in one `batches` row. That keeps the sequencing work at one row per
+-- tick, and the capture work at one row per run, however many rows changed.
 
 -- Only livesync writes the log tables. They carry no CHECK constraints: Postgres
 -- re-reads those from the catalog on every internal insert.
@@ -38,26 +39,32 @@ EXCEPTION WHEN feature_not_supported THEN
 END
 $$;
 
-CREATE TABLE livesync.commits (
+CREATE TABLE livesync.batches (
     last_position  int8        PRIMARY KEY,
     first_position int8        NOT NULL,
-    tx             xid8        NOT NULL UNIQUE,
+    -- The transactions the tick sequenced, in position order, and the first position
+    -- of each (a transaction's block ends where the next one's starts).
+    txs            xid8[]      NOT NULL,
+    firsts         int8[]      NOT NULL,
     committed_at   timestamptz NOT NULL
 );
-COMMENT ON TABLE livesync.commits IS
-    'One row per committed transaction that changed tracked rows: the block of positions it was given at commit.';
+COMMENT ON TABLE livesync.batches IS
+    'One row per sequencing tick: the committed transactions it gave positions to, and their blocks of positions.';
 
 -- Positions are drawn from this sequence by the sequencer, under the sequencer lock
--- (ExclusiveLock on livesync.commits); a tick that fails after drawing leaves a
+-- (ExclusiveLock on livesync.batches); a tick that fails after drawing leaves a
 -- numeric gap that no reader waits on.
 CREATE SEQUENCE livesync.position_seq AS int8 MINVALUE 1;
 
 -- The snapshot the last sequencing tick ran with: every transaction visible in it
 -- has been given positions. The next tick looks only at transactions that were
--- still running then (its xip list) or started after (at or past its xmax).
+-- still running then (its xip list) or started after (at or past its xmax), except
+-- those the last tick sequenced: a tick run by a committing transaction includes
+-- that transaction, which its own snapshot does not yet show as committed.
 CREATE TABLE livesync._sequencer (
-    only_row bool PRIMARY KEY DEFAULT true,
-    snapshot pg_snapshot NOT NULL
+    only_row  bool        PRIMARY KEY DEFAULT true,
+    snapshot  pg_snapshot NOT NULL,
+    sequenced xid8[]      NOT NULL DEFAULT '{}'
 );
 INSERT INTO livesync._sequencer (snapshot) VALUES (pg_current_snapshot());
 
@@ -79,7 +86,7 @@ INSERT INTO livesync._retention DEFAULT VALUES;
 CREATE FUNCTION livesync.current_position() RETURNS bigint
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT greatest(
-        (SELECT max(last_position) FROM livesync.commits),
+        (SELECT max(last_position) FROM livesync.batches),
         (SELECT horizon FROM livesync._retention)
     )
 $$;
@@ -140,19 +147,28 @@ BEGIN
 
     RETURN QUERY
     WITH txs AS (
+        -- The transactions of the next batches (each holds at least one change, so
+        -- max_changes batches are always enough), each with its block of positions.
+        SELECT u.tx, u.first AS first_position,
+               coalesce(b.firsts[u.i + 1] - 1, b.last_position) AS last_position,
+               b.committed_at
+        FROM (SELECT * FROM livesync.batches k
+              WHERE k.last_position > after
+              ORDER BY k.last_position
+              LIMIT max_changes) AS b
+        CROSS JOIN LATERAL unnest(b.txs, b.firsts) WITH ORDINALITY AS u(tx, first, i)
+    ), running AS (
         -- Whole transactions in position order, as many as fit in max_changes; the
         -- first one always comes back whole however large it is.
-        SELECT k.tx, k.first_position, k.committed_at,
-               sum(k.last_position - greatest(k.first_position, after + 1) + 1)
-                   OVER (ORDER BY k.last_position) AS running
-        FROM (SELECT * FROM livesync.commits c
-              WHERE c.last_position > after
-              ORDER BY c.last_position
-              LIMIT max_changes) AS k
+        SELECT t.*,
+               sum(t.last_position - greatest(t.first_position, after + 1) + 1)
+                   OVER (ORDER BY t.last_position) AS total
+        FROM txs t
+        WHERE t.last_position > after
     ), chosen AS (
-        SELECT t.* FROM txs t
-        WHERE t.running <= max_changes
-           OR t.first_position = (SELECT min(first_position) FROM txs)
+        SELECT r.* FROM running r
+        WHERE r.total <= max_changes
+           OR r.first_position = (SELECT min(first_position) FROM running)
     )
     SELECT t.first_position + c.ordinal + e.n - 2,
            c.relation,
@@ -188,14 +204,17 @@ BEGIN
     -- Cut at a position, not a time: the kept log must stay a suffix of positions
     -- even when commit timestamps are not perfectly ordered.
     SELECT max(last_position) INTO new_horizon
-    FROM livesync.commits WHERE committed_at < now() - older_than;
+    FROM livesync.batches WHERE committed_at < now() - older_than;
     IF new_horizon IS NULL THEN
         RETURN 0;
     END IF;
     WITH gone AS (
-        DELETE FROM livesync.commits WHERE last_position <= new_horizon RETURNING tx
+        DELETE FROM livesync.batches WHERE last_position <= new_horizon RETURNING txs
     ), gone_changes AS (
-        DELETE FROM livesync.changes c USING gone WHERE c.tx = gone.tx RETURNING c.count
+        DELETE FROM livesync.changes c
+        USING (SELECT unnest(gone.txs) AS tx FROM gone) AS g
+        WHERE c.tx = g.tx
+        RETURNING c.count
     )
     SELECT coalesce(sum(count), 0) INTO removed FROM gone_changes;
     UPDATE livesync._retention SET horizon = greatest(horizon, new_horizon);

@@ -4,12 +4,12 @@
 //! While a transaction runs, capture numbers its changes 1, 2, 3, ... (the
 //! *ordinal*) and files them under the transaction's `xid8`. Positions are handed out
 //! later by a *tick*, in the manner of PgQ's ticks: under the sequencer lock
-//! (ExclusiveLock on `livesync.commits`) a tick takes a fresh snapshot S and finds the
+//! (ExclusiveLock on `livesync.batches`) a tick takes a fresh snapshot S and finds the
 //! transactions whose changes are visible in S but were not visible in the previous
 //! tick's snapshot P (those in P's xip list or at/after P's xmax). It gives each of
-//! them a contiguous block of positions (in xid order), records one `livesync.commits`
-//! row per transaction, stores S as the new P, and queues one NOTIFY carrying the last
-//! position — all in one transaction. Because ticks are serialised by the lock and each
+//! them a contiguous block of positions (in xid order), records them all in one
+//! `livesync.batches` row, stores S as the new P, and queues one NOTIFY carrying the
+//! last position — all in one transaction. Because ticks are serialised by the lock and each
 //! one only adds transactions that became visible since the last, readers always see
 //! a prefix of positions, and an open transaction (idle or still writing) holds
 //! nothing back: it is simply not in any batch until it commits.
@@ -23,8 +23,12 @@
 //!   its own snapshot, so its tick includes it, and it holds the lock through commit,
 //!   so its block becomes visible before any later block.
 //!
-//! Both kinds of tick run the same statement and can interleave freely: a transaction
-//! already given positions is never given them again (`commits.tx` is unique).
+//! Both kinds of tick run the same statement and can interleave freely. The one
+//! transaction a tick can see without its being committed in the tick's snapshot is
+//! the ticking transaction itself; the next tick would find it again in the stored
+//! snapshot, so `_sequencer.sequenced` remembers what the last tick sequenced and it is
+//! left out. (Any other transaction a tick sequences is committed, hence visible in the
+//! stored snapshot and never a candidate again.)
 
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
@@ -122,13 +126,14 @@ unsafe fn before_commit() {
 /// when no transaction became visible since the last tick.
 const TICK: &CStr = c"
     WITH prev AS MATERIALIZED (
-        SELECT snapshot FROM livesync._sequencer
+        SELECT snapshot, sequenced FROM livesync._sequencer
     ), fresh AS MATERIALIZED (
         -- Transactions not visible to the previous tick: those at or past its xmax
         -- (bounded by this snapshot's xmax, or past the ticking transaction's own
         -- xid, $1, which its own snapshot leaves out; a two-sided range also keeps the
         -- generic plan on the index), and those in its xip list (all below its xmax,
-        -- so the two sets are disjoint).
+        -- so the two sets are disjoint) -- less the ones the previous tick sequenced:
+        -- when a committing transaction ticked, its snapshot still shows it running.
         SELECT u.tx, pg_catalog.max(u.last)::int8 AS n
         FROM (
             SELECT c.tx, c.ordinal OPERATOR(pg_catalog.+) c.count OPERATOR(pg_catalog.-) 1 AS last
@@ -140,9 +145,10 @@ const TICK: &CStr = c"
             FROM livesync.changes c
             WHERE c.tx OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip((SELECT snapshot FROM prev))))
         ) AS u
-        -- A correlated probe, not an anti-join: candidates are few, commits are many.
-        WHERE (SELECT true FROM livesync.commits k WHERE k.tx OPERATOR(pg_catalog.=) u.tx) IS NULL
+        WHERE u.tx OPERATOR(pg_catalog.<>) ALL ((SELECT sequenced FROM prev)::pg_catalog.xid8[])
         GROUP BY u.tx
+    ), numbered AS MATERIALIZED (
+        SELECT f.tx, f.n, pg_catalog.sum(f.n) OVER (ORDER BY f.tx)::int8 AS upto FROM fresh f
     ), drawn AS MATERIALIZED (
         SELECT pg_catalog.nextval('livesync.position_seq'::pg_catalog.regclass) AS first, t.total
         FROM (SELECT pg_catalog.sum(n)::int8 AS total FROM fresh) AS t
@@ -152,18 +158,23 @@ const TICK: &CStr = c"
                pg_catalog.setval('livesync.position_seq'::pg_catalog.regclass,
                                  d.first OPERATOR(pg_catalog.+) d.total OPERATOR(pg_catalog.-) 1) AS last
         FROM drawn d
-    ), numbered AS (
-        SELECT f.tx, f.n, pg_catalog.sum(f.n) OVER (ORDER BY f.tx)::int8 AS upto FROM fresh f
     ), recorded AS (
-        INSERT INTO livesync.commits (first_position, last_position, tx, committed_at)
-        SELECT b.first OPERATOR(pg_catalog.+) nb.upto OPERATOR(pg_catalog.-) nb.n,
-               b.first OPERATOR(pg_catalog.+) nb.upto OPERATOR(pg_catalog.-) 1,
-               nb.tx,
+        -- One row for the whole batch, however many transactions it holds.
+        INSERT INTO livesync.batches (first_position, last_position, txs, firsts, committed_at)
+        SELECT b.first, b.last,
+               ARRAY(SELECT nb.tx FROM numbered nb ORDER BY nb.tx),
+               ARRAY(SELECT b.first OPERATOR(pg_catalog.+) nb.upto OPERATOR(pg_catalog.-) nb.n
+                     FROM numbered nb ORDER BY nb.tx),
                pg_catalog.clock_timestamp()
-        FROM numbered nb, block b
+        FROM block b
         RETURNING last_position
     ), advanced AS (
-        UPDATE livesync._sequencer SET snapshot = pg_catalog.pg_current_snapshot()
+        UPDATE livesync._sequencer
+        SET snapshot = pg_catalog.pg_current_snapshot(),
+            -- Only a transaction at or past the stored xmax would be found again: the
+            -- ticking transaction's own (every other one sequenced is committed).
+            sequenced = ARRAY(SELECT f.tx FROM fresh f
+                              WHERE f.tx OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()))
         WHERE EXISTS (SELECT FROM fresh)
     )
     SELECT pg_catalog.max(last_position) FROM recorded";
@@ -175,11 +186,11 @@ const TICK: &CStr = c"
 /// Must run inside a transaction, in a database where livesync is installed.
 pub unsafe fn tick() -> Option<i64> {
     unsafe {
-        let Some(commits) = livesync_relation(c"commits") else {
+        let Some(batches) = livesync_relation(c"batches") else {
             // The extension was dropped in this very transaction: nothing to sequence.
             return None;
         };
-        pg_sys::LockRelationOid(commits, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
+        pg_sys::LockRelationOid(batches, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
         // Our own changes must be visible to the tick's snapshot, and the snapshot must
         // be newer than the previous tick's whatever this transaction's isolation level.
         pg_sys::CommandCounterIncrement();

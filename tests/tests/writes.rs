@@ -231,7 +231,7 @@ fn changes_by_mutation(client: &mut Client) -> i64 {
 fn hold_commit(db: &TestDb) -> Client {
     let mut locker = connect(db);
     locker
-        .batch_execute("BEGIN; LOCK TABLE livesync.commits IN EXCLUSIVE MODE")
+        .batch_execute("BEGIN; LOCK TABLE livesync.batches IN EXCLUSIVE MODE")
         .unwrap();
     locker
 }

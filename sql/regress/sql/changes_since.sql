@@ -34,3 +34,8 @@ SELECT page, after - :p0 AS read_through FROM pages ORDER BY page;
 SELECT expect_error($$SELECT * FROM livesync.changes_since(0, 0)$$);
 SELECT regexp_replace(expect_error(format('SELECT * FROM livesync.changes_since(%s)', livesync.current_position() + 1)), '(position|through|is) [0-9]+', '\1 N', 'g') AS error;
 SELECT count(*) AS null_position_rows FROM livesync.changes_since(NULL);
+
+-- every transaction is in exactly one batch, also those that sequenced themselves at
+-- commit (which the stored snapshot still shows as running)
+SELECT count(*) > 0 AS has_batches, count(*) = count(DISTINCT t) AS each_once
+FROM livesync.batches, unnest(txs) AS t;
