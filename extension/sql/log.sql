@@ -146,17 +146,24 @@ BEGIN
     END IF;
 
     RETURN QUERY
-    WITH txs AS (
-        -- The transactions of the next batches (each holds at least one change, so
-        -- max_changes batches are always enough), each with its block of positions.
-        SELECT u.tx, u.first AS first_position,
-               coalesce(b.firsts[u.i + 1] - 1, b.last_position) AS last_position,
-               b.committed_at
+    WITH batches AS (
+        -- The next batches, up to the one that reaches max_changes (each batch holds
+        -- at least one change, so max_changes batches are always enough).
+        SELECT k.*,
+               sum(k.last_position - greatest(k.first_position, after + 1) + 1)
+                   OVER (ORDER BY k.last_position) AS upto
         FROM (SELECT * FROM livesync.batches k
               WHERE k.last_position > after
               ORDER BY k.last_position
-              LIMIT max_changes) AS b
+              LIMIT max_changes) AS k
+    ), txs AS (
+        -- Their transactions, each with its block of positions.
+        SELECT u.tx, u.first AS first_position,
+               coalesce(b.firsts[u.i + 1] - 1, b.last_position) AS last_position,
+               b.committed_at
+        FROM batches b
         CROSS JOIN LATERAL unnest(b.txs, b.firsts) WITH ORDINALITY AS u(tx, first, i)
+        WHERE b.upto - (b.last_position - greatest(b.first_position, after + 1) + 1) < max_changes
     ), running AS (
         -- Whole transactions in position order, as many as fit in max_changes; the
         -- first one always comes back whole however large it is.
