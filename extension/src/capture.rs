@@ -3,7 +3,7 @@
 //! - `_stamp_version` (BEFORE INSERT OR UPDATE, per row) stamps the row's next version.
 //! - `_capture` (AFTER INSERT / UPDATE / DELETE per statement, with transition
 //!   tables; AFTER TRUNCATE) writes the statement's changes to `livesync.changes`,
-//!   up to a thousand changes per log row (`StatementLog`).
+//!   up to a thousand changes per log row (`log_writer::StatementLog`).
 //!
 //! Updates are paired old-to-new by primary key. Postgres fills the two transition
 //! tables in step, so the pairs normally line up and are checked cheaply; when a
@@ -13,8 +13,8 @@
 
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
-use crate::log_writer::LogAppender;
-use crate::row_json::{JsonbBuilder, RowEncoder, VERSION_COLUMN};
+use crate::log_writer::StatementLog;
+use crate::row_json::{RowEncoder, VERSION_COLUMN};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -122,114 +122,6 @@ fn next_version() -> i64 {
             LivesyncError::NotInstalled.raise();
         };
         pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
-    }
-}
-
-/// Limits on one log row: a run of changes longer than either continues in a new
-/// row. They bound the memory a huge statement holds at once and keep every row far
-/// below jsonb's 256 MB limit; past a few hundred changes a longer row saves nothing.
-const MAX_CHANGES_PER_ROW: i32 = 1000;
-const MAX_BYTES_PER_ROW: usize = 8 << 20;
-
-/// One statement's changes on their way into the log. Consecutive changes of one
-/// kind are collected into a single jsonb array (`[key, old, new, version]` per
-/// change) and written as one log row, so a 100-row statement costs one heap insert
-/// and one index insert, and TOAST compresses the batch as a whole.
-struct StatementLog {
-    relation: pg_sys::Oid,
-    /// Opened at the first write: a statement that changed nothing opens nothing.
-    appender: Option<LogAppender>,
-    /// Holds the run being collected; reset after every row written.
-    context: pg_sys::MemoryContext,
-    run: Option<Run>,
-}
-
-struct Run {
-    op: u8,
-    entries: JsonbBuilder,
-    count: i32,
-}
-
-impl StatementLog {
-    fn new(relation: pg_sys::Oid) -> Self {
-        let context = unsafe {
-            pg_sys::AllocSetContextCreateInternal(
-                pg_sys::CurrentMemoryContext,
-                c"livesync capture".as_ptr(),
-                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-            )
-        };
-        StatementLog {
-            relation,
-            appender: None,
-            context,
-            run: None,
-        }
-    }
-
-    /// Adds one change: `fill` pushes its key, old and new values (objects, or
-    /// nulls where a kind of change has none).
-    fn change(&mut self, op: u8, version: Option<i64>, fill: impl FnOnce(&mut JsonbBuilder)) {
-        if self.run.as_ref().is_some_and(|run| run.op != op) {
-            self.write_run();
-        }
-        unsafe {
-            let outer = pg_sys::CurrentMemoryContext;
-            pg_sys::CurrentMemoryContext = self.context;
-            let run = self.run.get_or_insert_with(|| {
-                let mut entries = JsonbBuilder::new();
-                entries.begin_array();
-                Run {
-                    op,
-                    entries,
-                    count: 0,
-                }
-            });
-            run.entries.begin_array();
-            fill(&mut run.entries);
-            match version {
-                Some(version) => run.entries.int_element(version),
-                None => run.entries.null_element(),
-            }
-            run.entries.end_array();
-            run.count += 1;
-            pg_sys::CurrentMemoryContext = outer;
-        }
-        let run = self.run.as_ref().expect("a run was just extended");
-        if run.count >= MAX_CHANGES_PER_ROW || run.entries.size() >= MAX_BYTES_PER_ROW {
-            self.write_run();
-        }
-    }
-
-    fn write_run(&mut self) {
-        let Some(mut run) = self.run.take() else {
-            return;
-        };
-        unsafe {
-            let appender = self.appender.get_or_insert_with(|| {
-                let actor = crate::gucs::current_actor();
-                let origin = crate::write::origin::current();
-                LogAppender::open(self.relation, &actor, origin.as_ref())
-            });
-            let outer = pg_sys::CurrentMemoryContext;
-            pg_sys::CurrentMemoryContext = self.context;
-            run.entries.end_array();
-            let entries = run.entries.finish();
-            pg_sys::CurrentMemoryContext = outer;
-            appender.append(run.op, run.count, entries);
-            pg_sys::MemoryContextReset(self.context);
-        }
-    }
-
-    /// Writes what is left and closes the log.
-    fn finish(mut self) {
-        self.write_run();
-        if let Some(appender) = self.appender.take() {
-            appender.close();
-        }
-        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
 }
 

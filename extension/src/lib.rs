@@ -3,7 +3,8 @@
 //! - `capture`: the triggers that write every change of a tracked table to the log.
 //! - `catalog`: finding livesync's own tables from triggers, callbacks and the worker.
 //! - `row_json`: how a tuple becomes the key / row / delta jsonb the log stores.
-//! - `log_writer`: appending change rows to `livesync.changes` without the executor.
+//! - `log_writer`: a statement's changes collected into runs, appended to
+//!   `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
 //! - `worker`: the per-database background worker that runs the ticks.
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).

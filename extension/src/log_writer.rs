@@ -1,6 +1,7 @@
-//! Appending rows to `livesync.changes`: heap inserts and index inserts made
-//! directly, without the executor. One log row carries a run of changes (see
-//! `capture.rs`), so a 100-row statement costs one insert, not a hundred.
+//! Appending a statement's changes to `livesync.changes`: collected into runs
+//! (`StatementLog`), one log row per run, written with heap and index inserts made
+//! directly, without the executor (`LogAppender`). A 100-row statement costs one
+//! insert, not a hundred.
 //!
 //! Capture runs inside every write to a tracked table, so this is the hottest path
 //! livesync has. Going through SPI cost an executor start-up, a plan-cache check, a
@@ -11,15 +12,124 @@
 
 use crate::catalog::{index_oids, livesync_relation};
 use crate::error::LivesyncError;
+use crate::row_json::JsonbBuilder;
 use crate::sequencer;
 use pgrx::pg_sys;
 
 /// The columns of `livesync.changes`, in table order.
 const COLUMNS: usize = 9;
 
+/// Limits on one log row: a run of changes longer than either continues in a new
+/// row. They bound the memory a huge statement holds at once and keep every row far
+/// below jsonb's 256 MB limit; past a few hundred changes a longer row saves nothing.
+const MAX_CHANGES_PER_ROW: i32 = 1000;
+const MAX_BYTES_PER_ROW: usize = 8 << 20;
+
+/// One statement's changes on their way into the log. Consecutive changes of one
+/// kind are collected into a single jsonb array (`[key, old, new, version]` per
+/// change) and written as one log row, so a 100-row statement costs one heap insert
+/// and one index insert, and TOAST compresses the batch as a whole.
+pub struct StatementLog {
+    relation: pg_sys::Oid,
+    /// Opened at the first write: a statement that changed nothing opens nothing.
+    appender: Option<LogAppender>,
+    /// Holds the run being collected; reset after every row written.
+    context: pg_sys::MemoryContext,
+    run: Option<Run>,
+}
+
+struct Run {
+    op: u8,
+    entries: JsonbBuilder,
+    count: i32,
+}
+
+impl StatementLog {
+    pub fn new(relation: pg_sys::Oid) -> Self {
+        let context = unsafe {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CurrentMemoryContext,
+                c"livesync capture".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
+        StatementLog {
+            relation,
+            appender: None,
+            context,
+            run: None,
+        }
+    }
+
+    /// Adds one change: `fill` pushes its key, old and new values (objects, or
+    /// nulls where a kind of change has none).
+    pub fn change(&mut self, op: u8, version: Option<i64>, fill: impl FnOnce(&mut JsonbBuilder)) {
+        if self.run.as_ref().is_some_and(|run| run.op != op) {
+            self.write_run();
+        }
+        unsafe {
+            let outer = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = self.context;
+            let run = self.run.get_or_insert_with(|| {
+                let mut entries = JsonbBuilder::new();
+                entries.begin_array();
+                Run {
+                    op,
+                    entries,
+                    count: 0,
+                }
+            });
+            run.entries.begin_array();
+            fill(&mut run.entries);
+            match version {
+                Some(version) => run.entries.int_element(version),
+                None => run.entries.null_element(),
+            }
+            run.entries.end_array();
+            run.count += 1;
+            pg_sys::CurrentMemoryContext = outer;
+        }
+        let run = self.run.as_ref().expect("a run was just extended");
+        if run.count >= MAX_CHANGES_PER_ROW || run.entries.size() >= MAX_BYTES_PER_ROW {
+            self.write_run();
+        }
+    }
+
+    fn write_run(&mut self) {
+        let Some(mut run) = self.run.take() else {
+            return;
+        };
+        unsafe {
+            let appender = self.appender.get_or_insert_with(|| {
+                let actor = crate::gucs::current_actor();
+                let origin = crate::write::origin::current();
+                LogAppender::open(self.relation, &actor, origin.as_ref())
+            });
+            let outer = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = self.context;
+            run.entries.end_array();
+            let entries = run.entries.finish();
+            pg_sys::CurrentMemoryContext = outer;
+            appender.append(run.op, run.count, entries);
+            pg_sys::MemoryContextReset(self.context);
+        }
+    }
+
+    /// Writes what is left and closes the log.
+    pub fn finish(mut self) {
+        self.write_run();
+        if let Some(appender) = self.appender.take() {
+            appender.close();
+        }
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
 /// Appends log rows for one statement's changes to one relation. Opens the log
 /// table and its indexes once, however many rows the statement writes.
-pub struct LogAppender {
+struct LogAppender {
     table: pg_sys::Relation,
     indexes: Vec<OpenIndex>,
     relation: pg_sys::Oid,
@@ -37,7 +147,7 @@ impl LogAppender {
     ///
     /// # Safety
     /// Must run inside a transaction; call `close` when done.
-    pub unsafe fn open(relation: pg_sys::Oid, actor: &str, origin: Option<&(String, i64)>) -> Self {
+    unsafe fn open(relation: pg_sys::Oid, actor: &str, origin: Option<&(String, i64)>) -> Self {
         unsafe {
             let Some(table_oid) = livesync_relation(c"changes") else {
                 LivesyncError::NotInstalled.raise();
@@ -73,7 +183,7 @@ impl LogAppender {
     ///
     /// # Safety
     /// `entries` must be a valid jsonb value.
-    pub unsafe fn append(&mut self, op: u8, count: i32, entries: pg_sys::Datum) {
+    unsafe fn append(&mut self, op: u8, count: i32, entries: pg_sys::Datum) {
         unsafe {
             let first_ordinal = sequencer::reserve_ordinals(count);
             let null = pg_sys::Datum::from(0usize);
@@ -113,7 +223,7 @@ impl LogAppender {
 
     /// Closes the log table; its lock is kept until the end of the transaction, as
     /// for any insert.
-    pub fn close(self) {
+    fn close(self) {
         unsafe {
             for index in self.indexes {
                 pg_sys::index_close(index.relation, pg_sys::NoLock as pg_sys::LOCKMODE);
