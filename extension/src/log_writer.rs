@@ -107,12 +107,14 @@ impl StatementLog {
                 let origin = crate::write::origin::current();
                 LogAppender::open(self.relation, &actor, origin.as_ref())
             });
+            // Serialising, compressing and inserting all allocate in the run's
+            // context too, so a statement of many runs holds one run's memory at a time.
             let outer = pg_sys::CurrentMemoryContext;
             pg_sys::CurrentMemoryContext = self.context;
             run.entries.end_array();
             let entries = run.entries.finish();
-            pg_sys::CurrentMemoryContext = outer;
             appender.append(run.op, run.count, entries);
+            pg_sys::CurrentMemoryContext = outer;
             pg_sys::MemoryContextReset(self.context);
         }
     }
