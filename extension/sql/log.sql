@@ -14,7 +14,7 @@
 CREATE TABLE livesync.changes (
     tx       xid8     NOT NULL,
     ordinal  int4     NOT NULL, -- the first change's; the run holds ordinal .. ordinal + count - 1
-    count    int4     NOT NULL,
+    count    int4     NOT NULL, -- = jsonb_array_length(entries), kept so ticks never read entries
     relation regclass NOT NULL,
     op       "char"   NOT NULL, -- i(nsert), u(pdate), d(elete), t(runcate)
     -- One [key, old, new, version] array per change, in ordinal order. An insert
