@@ -42,7 +42,7 @@ impl LivesyncError {
             }
             LivesyncError::NotInstalled => "Run CREATE EXTENSION livesync in this database.",
             LivesyncError::LogTableChanged => {
-                "Run ALTER EXTENSION livesync UPDATE; indexes added to livesync.changes must be plain column indexes."
+                "The extension's tables are from another livesync version: run ALTER EXTENSION livesync UPDATE (before the first release there are no upgrade scripts: untrack the tables, re-create the extension, track them again). Indexes added to livesync.changes must be plain column indexes."
             }
         }
     }
