@@ -14,7 +14,7 @@
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::log_writer::StatementLog;
-use crate::row_json::{RowEncoder, VERSION_COLUMN};
+use crate::row_json::{attr, is_version_column, RowEncoder};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -84,12 +84,7 @@ unsafe fn version_attnum(rel: pg_sys::Relation) -> Option<i32> {
     unsafe {
         let tupdesc = (*rel).rd_att;
         let natts = (*tupdesc).natts;
-        let is_version = |attnum: i32| {
-            let att = &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1);
-            !att.attisdropped
-                && att.atttypid == pg_sys::INT8OID
-                && std::ffi::CStr::from_ptr(att.attname.data.as_ptr()) == VERSION_COLUMN
-        };
+        let is_version = |attnum: i32| is_version_column(attr(tupdesc, attnum as usize - 1));
         let (relid, hint) = VERSION_ATTNUM.get();
         if relid == (*rel).rd_id && (1..=natts).contains(&hint) && is_version(hint) {
             return Some(hint);

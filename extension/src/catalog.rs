@@ -9,6 +9,7 @@
 
 use pgrx::pg_sys;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CStr;
 
 thread_local! {
@@ -28,6 +29,17 @@ unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
             known.clear();
         }
     });
+}
+
+/// What a relcache invalidation means for a per-relation cache: drop the entry of
+/// `relid`, or everything when Postgres resets all caches (`relid` is invalid).
+pub fn forget_relation<V>(cache: &RefCell<HashMap<pg_sys::Oid, V>>, relid: pg_sys::Oid) {
+    let mut cache = cache.borrow_mut();
+    if relid == pg_sys::InvalidOid {
+        cache.clear();
+    } else {
+        cache.remove(&relid);
+    }
 }
 
 /// The oid of `livesync.<name>`, if the extension is installed in this database.

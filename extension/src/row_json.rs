@@ -65,14 +65,7 @@ pub fn init() {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     GENERATION.set(GENERATION.get() + 1);
-    ENCODERS.with(|encoders| {
-        let mut encoders = encoders.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            encoders.clear();
-        } else {
-            encoders.remove(&relid);
-        }
-    });
+    ENCODERS.with(|encoders| crate::catalog::forget_relation(encoders, relid));
 }
 
 /// An encoder lent out by `RowEncoder::take`.
@@ -174,7 +167,7 @@ impl RowEncoder {
             for i in 0..natts {
                 let att = attr(tupdesc, i);
                 let name = CStr::from_ptr(att.attname.data.as_ptr());
-                if name == VERSION_COLUMN && att.atttypid == pg_sys::INT8OID {
+                if is_version_column(att) {
                     version_column = Some(i);
                 }
                 let metadata = name == VERSION_COLUMN || name == CLOCKS_COLUMN;
@@ -435,7 +428,15 @@ unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Vec<usize> {
     }
 }
 
-unsafe fn attr<'a>(tupdesc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
+/// Whether a column is livesync's `_livesync_version` (a live `bigint` of that name).
+pub fn is_version_column(att: &pg_sys::FormData_pg_attribute) -> bool {
+    !att.attisdropped
+        && att.atttypid == pg_sys::INT8OID
+        && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == VERSION_COLUMN
+}
+
+/// Column `i` (0-based) of a tuple descriptor.
+pub unsafe fn attr<'a>(tupdesc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
     unsafe { &*(*tupdesc).attrs.as_ptr().add(i) }
 }
 

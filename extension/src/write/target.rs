@@ -104,14 +104,7 @@ pub fn init() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    TARGETS.with(|targets| {
-        let mut targets = targets.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            targets.clear();
-        } else {
-            targets.remove(&relid);
-        }
-    });
+    TARGETS.with(|targets| crate::catalog::forget_relation(targets, relid));
 }
 
 /// Tells every backend that a table's write settings changed (at commit).
