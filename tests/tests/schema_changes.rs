@@ -6,9 +6,18 @@
 use livesync_e2e::{current_position, Sequencer, TestDb};
 use postgres::Client;
 
-/// The key and delta of the newest change, as text.
-fn last_change(client: &mut Client, after: i64) -> (String, String) {
-    let row = client
+/// Runs `ddl` on the admin connection, then `write` on the writer's, and returns
+/// the key and delta (as text) of the change the write captured.
+fn ddl_then_write(
+    admin: &mut Client,
+    writer: &mut Client,
+    ddl: &str,
+    write: &str,
+) -> (String, String) {
+    admin.batch_execute(ddl).unwrap();
+    let after = current_position(writer);
+    writer.batch_execute(write).unwrap();
+    let row = writer
         .query_one(
             "SELECT key::text, delta::text FROM livesync.changes_since($1)
              ORDER BY position DESC LIMIT 1",
@@ -32,36 +41,30 @@ fn another_sessions_ddl_shows_in_the_writers_next_change() {
         .unwrap();
 
     // A column added and another dropped by the admin connection.
-    admin
-        .batch_execute("ALTER TABLE cards ADD COLUMN points int DEFAULT 3, DROP COLUMN color")
-        .unwrap();
-    let p = current_position(&mut writer);
-    writer
-        .batch_execute("INSERT INTO cards (id, title) VALUES (2, 'b')")
-        .unwrap();
-    let (_, delta) = last_change(&mut writer, p);
+    let (_, delta) = ddl_then_write(
+        &mut admin,
+        &mut writer,
+        "ALTER TABLE cards ADD COLUMN points int DEFAULT 3, DROP COLUMN color",
+        "INSERT INTO cards (id, title) VALUES (2, 'b')",
+    );
     assert!(delta.contains(r#""points": {"new": 3}"#), "{delta}");
     assert!(!delta.contains("color"), "{delta}");
 
     // A column retyped: the value is encoded as the new type.
-    admin
-        .batch_execute("ALTER TABLE cards ALTER COLUMN points TYPE numeric(6,2)")
-        .unwrap();
-    let p = current_position(&mut writer);
-    writer
-        .batch_execute("UPDATE cards SET points = 4 WHERE id = 2")
-        .unwrap();
-    let (_, delta) = last_change(&mut writer, p);
+    let (_, delta) = ddl_then_write(
+        &mut admin,
+        &mut writer,
+        "ALTER TABLE cards ALTER COLUMN points TYPE numeric(6,2)",
+        "UPDATE cards SET points = 4 WHERE id = 2",
+    );
     assert_eq!(delta, r#"{"points": {"new": 4.00, "old": 3.00}}"#);
 
     // A new primary key: changes are keyed by it from the next statement on.
-    admin
-        .batch_execute("ALTER TABLE cards DROP CONSTRAINT cards_pkey, ADD PRIMARY KEY (id, title)")
-        .unwrap();
-    let p = current_position(&mut writer);
-    writer
-        .batch_execute("UPDATE cards SET points = 5 WHERE id = 2")
-        .unwrap();
-    let (key, _) = last_change(&mut writer, p);
+    let (key, _) = ddl_then_write(
+        &mut admin,
+        &mut writer,
+        "ALTER TABLE cards DROP CONSTRAINT cards_pkey, ADD PRIMARY KEY (id, title)",
+        "UPDATE cards SET points = 5 WHERE id = 2",
+    );
     assert_eq!(key, r#"{"id": 2, "title": "b"}"#);
 }
