@@ -134,21 +134,25 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
             });
         } else {
             let mut encoder = RowEncoder::take(rel).unwrap_or_else(|e| e.raise());
-            let tupdesc = (*rel).rd_att;
+            let [first, second] = encoder.slots();
             match event {
                 pg_sys::TRIGGER_EVENT_INSERT => {
-                    let mut rows = TransitionReader::new(td.tg_newtable, tupdesc);
+                    let mut rows = TransitionReader::new(td.tg_newtable, first);
                     while rows.next() {
                         log_whole(&mut log, &mut encoder, b'i', rows.slot);
                     }
                 }
                 pg_sys::TRIGGER_EVENT_DELETE => {
-                    let mut rows = TransitionReader::new(td.tg_oldtable, tupdesc);
+                    let mut rows = TransitionReader::new(td.tg_oldtable, first);
                     while rows.next() {
                         log_whole(&mut log, &mut encoder, b'd', rows.slot);
                     }
                 }
-                _ => capture_updates(td, tupdesc, &mut encoder, &mut log),
+                _ => {
+                    let olds = TransitionReader::new(td.tg_oldtable, first);
+                    let news = TransitionReader::new(td.tg_newtable, second);
+                    capture_updates(olds, news, &mut encoder, &mut log);
+                }
             }
             RowEncoder::give_back(encoder);
         }
@@ -184,8 +188,8 @@ unsafe fn log_whole(
 }
 
 unsafe fn capture_updates(
-    td: &pg_sys::TriggerData,
-    tupdesc: pg_sys::TupleDesc,
+    mut olds: TransitionReader,
+    mut news: TransitionReader,
     encoder: &mut RowEncoder,
     log: &mut StatementLog,
 ) {
@@ -193,8 +197,6 @@ unsafe fn capture_updates(
         // Postgres fills both transition tables in step: read them side by side, and
         // only when some pair does not share a key (the statement changed primary
         // keys) fall back to pairing by key.
-        let mut olds = TransitionReader::new(td.tg_oldtable, tupdesc);
-        let mut news = TransitionReader::new(td.tg_newtable, tupdesc);
         let in_step = loop {
             match (olds.next(), news.next()) {
                 (true, true) if encoder.same_key(olds.slot, news.slot) => {}
@@ -269,18 +271,19 @@ unsafe fn log_update(
 }
 
 /// Reads a transition table through a read pointer of its own, so other triggers
-/// reading the same tuplestore are not disturbed.
+/// reading the same tuplestore are not disturbed, into a slot it borrows (the row
+/// encoder's, made once per relation rather than per statement).
 struct TransitionReader {
     store: *mut pg_sys::Tuplestorestate,
-    tupdesc: pg_sys::TupleDesc,
     /// The current tuple, after `next()` returned true.
     slot: *mut pg_sys::TupleTableSlot,
 }
 
 impl TransitionReader {
     /// # Safety
-    /// `store` is a transition table of the firing trigger (or null: no rows).
-    unsafe fn new(store: *mut pg_sys::Tuplestorestate, tupdesc: pg_sys::TupleDesc) -> Self {
+    /// `store` is a transition table of the firing trigger (or null: no rows);
+    /// `slot` an empty minimal-tuple slot for its relation's rows.
+    unsafe fn new(store: *mut pg_sys::Tuplestorestate, slot: *mut pg_sys::TupleTableSlot) -> Self {
         unsafe {
             if !store.is_null() {
                 let pointer =
@@ -288,12 +291,7 @@ impl TransitionReader {
                 pg_sys::tuplestore_select_read_pointer(store, pointer);
                 pg_sys::tuplestore_rescan(store);
             }
-            let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-            TransitionReader {
-                store,
-                tupdesc,
-                slot,
-            }
+            TransitionReader { store, slot }
         }
     }
 
@@ -313,8 +311,10 @@ impl TransitionReader {
         let mut slots = Vec::new();
         while self.next() {
             unsafe {
-                let copy =
-                    pg_sys::MakeSingleTupleTableSlot(self.tupdesc, &pg_sys::TTSOpsMinimalTuple);
+                let copy = pg_sys::MakeSingleTupleTableSlot(
+                    (*self.slot).tts_tupleDescriptor,
+                    &pg_sys::TTSOpsMinimalTuple,
+                );
                 pg_sys::ExecCopySlot(copy, self.slot);
                 slots.push(copy);
             }
@@ -329,7 +329,8 @@ impl Drop for TransitionReader {
             if !self.store.is_null() {
                 pg_sys::tuplestore_select_read_pointer(self.store, 0);
             }
-            pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            // The slot outlives the statement; the tuple it points to does not.
+            pg_sys::ExecClearTuple(self.slot);
         }
     }
 }

@@ -60,16 +60,3 @@ pub fn init() {
         GucFlags::default(),
     );
 }
-
-/// The actor to record for a write made now.
-pub fn current_actor() -> String {
-    match ACTOR.get() {
-        Some(actor) if !actor.as_bytes().is_empty() => actor.to_string_lossy().into_owned(),
-        _ => unsafe {
-            let name = pgrx::pg_sys::GetUserNameFromId(pgrx::pg_sys::GetUserId(), false);
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        },
-    }
-}

@@ -9,11 +9,13 @@
 //! - `worker`: the per-database background worker that runs the ticks.
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
 //! - `internal_spi`: running livesync's own statements from triggers and callbacks.
+//! - `actor`: who a change is recorded as made by.
 //! - `gucs`, `error`: settings and the error type.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
 
 use pgrx::prelude::*;
 
+mod actor;
 mod capture;
 mod catalog;
 mod error;
@@ -48,7 +50,9 @@ extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    actor::init();
     catalog::init();
+    log_writer::init();
     row_json::init();
     worker::init();
     sequencer::init();

@@ -9,12 +9,16 @@
 //! The log table is livesync's own, with no triggers, constraints or rules, so a
 //! direct insert does everything Postgres would. Every index on the table is kept up
 //! to date; one with expressions or a predicate is refused rather than skipped.
+//! What opening needs besides locks (the index list, each index's `IndexInfo`) is
+//! kept per backend (`LogLayout`) and forgotten on any invalidation of the table or
+//! its indexes, as the relcache itself would be.
 
 use crate::catalog::{index_oids, livesync_relation};
 use crate::error::LivesyncError;
 use crate::row_json::JsonbBuilder;
 use crate::sequencer;
 use pgrx::pg_sys;
+use std::cell::{Cell, RefCell};
 
 /// The columns of `livesync.changes`, in table order.
 const COLUMNS: usize = 9;
@@ -103,9 +107,8 @@ impl StatementLog {
         };
         unsafe {
             let appender = self.appender.get_or_insert_with(|| {
-                let actor = crate::gucs::current_actor();
                 let origin = crate::write::origin::current();
-                LogAppender::open(self.relation, &actor, origin.as_ref())
+                LogAppender::open(self.relation, origin.as_ref())
             });
             // Serialising, compressing and inserting all allocate in the run's
             // context too, so a statement of many runs holds one run's memory at a time.
@@ -133,7 +136,9 @@ impl StatementLog {
 /// table and its indexes once, however many rows the statement writes.
 struct LogAppender {
     table: pg_sys::Relation,
-    indexes: Vec<OpenIndex>,
+    /// The open indexes, in the layout's order.
+    indexes: Vec<pg_sys::Relation>,
+    layout: LentLayout,
     relation: pg_sys::Oid,
     fxid: u64,
     actor: pg_sys::Datum,
@@ -143,23 +148,30 @@ struct LogAppender {
 }
 
 impl LogAppender {
-    /// Opens the log for appending changes made to `relation` by `actor` in the
-    /// current transaction (for the client mutation `origin`, when
-    /// `livesync.write` made them).
+    /// Opens the log for appending changes made to `relation` in the current
+    /// transaction (for the client mutation `origin`, when `livesync.write` made
+    /// them).
     ///
     /// # Safety
     /// Must run inside a transaction; call `close` when done.
-    unsafe fn open(relation: pg_sys::Oid, actor: &str, origin: Option<&(String, i64)>) -> Self {
+    unsafe fn open(relation: pg_sys::Oid, origin: Option<&(String, i64)>) -> Self {
         unsafe {
             let Some(table_oid) = livesync_relation(c"changes") else {
                 LivesyncError::NotInstalled.raise();
             };
             let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+            // Locking first: any invalidation of the table or its index list is
+            // processed here, before the layout is looked at.
             let table = pg_sys::table_open(table_oid, lock);
             if (*(*table).rd_att).natts as usize != COLUMNS {
                 LivesyncError::LogTableChanged.raise();
             }
-            let indexes = open_indexes(table, lock);
+            let layout = LogLayout::take(table, lock);
+            let indexes = layout
+                .indexes
+                .iter()
+                .map(|index| pg_sys::index_open(index.oid, lock))
+                .collect();
             let (client_id, mutation_id) = match origin {
                 Some((client_id, mutation_id)) => (
                     Some(text_datum(client_id)),
@@ -170,9 +182,10 @@ impl LogAppender {
             LogAppender {
                 table,
                 indexes,
+                layout,
                 relation,
                 fxid: pg_sys::GetTopFullTransactionId().value,
-                actor: text_datum(actor),
+                actor: crate::actor::current_text(),
                 client_id,
                 mutation_id,
             }
@@ -216,8 +229,8 @@ impl LogAppender {
             // Large batches are compressed and, past a page's worth, moved to TOAST
             // by the heap insert itself.
             pg_sys::simple_heap_insert(self.table, tuple);
-            for index in &self.indexes {
-                index.insert(&values, &nulls, tuple, self.table);
+            for (relation, index) in self.indexes.iter().zip(&self.layout.indexes) {
+                index.insert(*relation, &values, &nulls, tuple, self.table);
             }
             pg_sys::heap_freetuple(tuple);
         }
@@ -228,10 +241,11 @@ impl LogAppender {
     fn close(self) {
         unsafe {
             for index in self.indexes {
-                pg_sys::index_close(index.relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
             }
             pg_sys::table_close(self.table, pg_sys::NoLock as pg_sys::LOCKMODE);
         }
+        LogLayout::give_back(self.layout);
     }
 }
 
@@ -244,14 +258,132 @@ fn text_datum(text: &str) -> pg_sys::Datum {
     }
 }
 
-struct OpenIndex {
-    relation: pg_sys::Relation,
+/// How `livesync.changes` is laid out for appending: its indexes and what
+/// `index_insert` needs to know of each. Building it (the index list, `BuildIndexInfo`
+/// per index) cost more than the index inserts of a single-row statement, so it is
+/// kept per backend and lent out to one appender at a time.
+struct LogLayout {
+    table: pg_sys::Oid,
+    indexes: Vec<LogIndex>,
+    /// Holds the `IndexInfo`s; deleted with the layout.
+    context: pg_sys::MemoryContext,
+}
+
+struct LogIndex {
+    oid: pg_sys::Oid,
     info: *mut pg_sys::IndexInfo,
 }
 
-impl OpenIndex {
+thread_local! {
+    static LAYOUT: RefCell<Option<LogLayout>> = const { RefCell::new(None) };
+    /// Bumped by every relcache invalidation, so a layout lent out before one is
+    /// not put back.
+    static LAYOUT_GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Registers the invalidation callback; called once per process from `_PG_init`.
+pub fn init() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    LAYOUT_GENERATION.set(LAYOUT_GENERATION.get() + 1);
+    LAYOUT.with(|layout| {
+        let mut layout = layout.borrow_mut();
+        let stale = layout.as_ref().is_some_and(|l| {
+            relid == pg_sys::InvalidOid
+                || relid == l.table
+                || l.indexes.iter().any(|index| index.oid == relid)
+        });
+        if stale {
+            layout.take();
+        }
+    });
+}
+
+/// A layout lent to one appender.
+struct LentLayout {
+    layout: LogLayout,
+    generation: u64,
+}
+
+impl std::ops::Deref for LentLayout {
+    type Target = LogLayout;
+    fn deref(&self) -> &LogLayout {
+        &self.layout
+    }
+}
+
+impl LogLayout {
+    /// The backend's layout of `table` (open and locked in `lock` mode), built if
+    /// there is none.
+    unsafe fn take(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> LentLayout {
+        unsafe {
+            let generation = LAYOUT_GENERATION.get();
+            let cached = LAYOUT.with(|layout| layout.borrow_mut().take());
+            let layout = match cached {
+                Some(layout) if layout.table == (*table).rd_id => layout,
+                _ => LogLayout::build(table, lock),
+            };
+            LentLayout { layout, generation }
+        }
+    }
+
+    /// Keeps a lent layout for the next statement, unless an invalidation arrived
+    /// while it was out (it may describe indexes that have changed since).
+    fn give_back(lent: LentLayout) {
+        if LAYOUT_GENERATION.get() == lent.generation {
+            LAYOUT.with(|layout| *layout.borrow_mut() = Some(lent.layout));
+        }
+    }
+
+    unsafe fn build(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> LogLayout {
+        unsafe {
+            let context = pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CacheMemoryContext,
+                c"livesync log layout".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            );
+            // Owned from here: dropping it (also when the check below raises) deletes
+            // the context.
+            let mut layout = LogLayout {
+                table: (*table).rd_id,
+                indexes: Vec::new(),
+                context,
+            };
+            for oid in index_oids(table) {
+                let index = pg_sys::index_open(oid, lock);
+                let outer = pg_sys::MemoryContextSwitchTo(context);
+                let info = pg_sys::BuildIndexInfo(index);
+                pg_sys::MemoryContextSwitchTo(outer);
+                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+                let plain = (*info).ii_Expressions.is_null()
+                    && (*info).ii_Predicate.is_null()
+                    && (0..(*info).ii_NumIndexAttrs as usize)
+                        .all(|k| (*info).ii_IndexAttrNumbers[k] > 0);
+                if !plain {
+                    LivesyncError::LogTableChanged.raise();
+                }
+                layout.indexes.push(LogIndex { oid, info });
+            }
+            layout
+        }
+    }
+}
+
+impl Drop for LogLayout {
+    fn drop(&mut self) {
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
+impl LogIndex {
     unsafe fn insert(
         &self,
+        relation: pg_sys::Relation,
         values: &[pg_sys::Datum; COLUMNS],
         nulls: &[bool; COLUMNS],
         tuple: pg_sys::HeapTuple,
@@ -273,7 +405,7 @@ impl OpenIndex {
                 pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
             };
             pg_sys::index_insert(
-                self.relation,
+                relation,
                 key_values.as_mut_ptr(),
                 key_nulls.as_mut_ptr(),
                 &mut (*tuple).t_self,
@@ -283,24 +415,5 @@ impl OpenIndex {
                 self.info,
             );
         }
-    }
-}
-
-unsafe fn open_indexes(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> Vec<OpenIndex> {
-    unsafe {
-        let mut indexes = Vec::new();
-        for oid in index_oids(table) {
-            let relation = pg_sys::index_open(oid, lock);
-            let info = pg_sys::BuildIndexInfo(relation);
-            let plain = (*info).ii_Expressions.is_null()
-                && (*info).ii_Predicate.is_null()
-                && (0..(*info).ii_NumIndexAttrs as usize)
-                    .all(|k| (*info).ii_IndexAttrNumbers[k] > 0);
-            if !plain {
-                LivesyncError::LogTableChanged.raise();
-            }
-            indexes.push(OpenIndex { relation, info });
-        }
-        indexes
     }
 }

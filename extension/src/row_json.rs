@@ -49,6 +49,10 @@ pub struct RowEncoder {
     kinds: Vec<ColumnKind>,
     /// Scratch: the columns an update changed (kept to reuse its allocation).
     changed: Vec<usize>,
+    /// Two slots for reading the relation's transition tables, made once: on a
+    /// descriptor copy of the encoder's own, so they pin nothing across
+    /// transactions.
+    slots: [*mut pg_sys::TupleTableSlot; 2],
 }
 
 thread_local! {
@@ -179,6 +183,11 @@ impl RowEncoder {
             }
             let version_column =
                 version_column.ok_or_else(|| LivesyncError::NoVersionColumn(relname()))?;
+            // Allocated in the encoder's context (current while it is built). With the
+            // constraints: they carry the values of columns added after a row was stored.
+            let slot_desc = pg_sys::CreateTupleDescCopyConstr(tupdesc);
+            let slots = [0, 1]
+                .map(|_| pg_sys::MakeSingleTupleTableSlot(slot_desc, &pg_sys::TTSOpsMinimalTuple));
             Ok(RowEncoder {
                 relid: (*rel).rd_id,
                 tupdesc,
@@ -187,8 +196,15 @@ impl RowEncoder {
                 version_column,
                 kinds,
                 changed: Vec::new(),
+                slots,
             })
         }
+    }
+
+    /// The encoder's two empty slots for reading tuples of its relation (clear them
+    /// after use: they outlive the statement).
+    pub fn slots(&self) -> [*mut pg_sys::TupleTableSlot; 2] {
+        self.slots
     }
 
     /// The key object (the primary-key columns) as a jsonb value of its own.

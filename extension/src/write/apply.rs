@@ -68,7 +68,7 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
         Some(base) => Some(check_values(&target, &mutation.key, base, false)?),
         None => None,
     };
-    let actor = crate::gucs::current_actor();
+    let actor = crate::actor::current();
     let node = match &mutation.id {
         Some(id) => id.client_id.clone(),
         None => actor.clone(),
