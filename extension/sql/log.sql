@@ -76,9 +76,11 @@ CREATE TABLE livesync._sequencer (
 );
 INSERT INTO livesync._sequencer (snapshot) VALUES (pg_current_snapshot());
 
--- Row versions: every write to a tracked row stamps the next value into its
--- `_livesync_version` column. No cache, so a row's versions only ever grow.
-CREATE SEQUENCE livesync.version_seq AS int8 MINVALUE 1;
+-- Row versions: every write to a tracked row stamps a new value into its
+-- `_livesync_version` column. One nextval reserves a block of 1000, which the
+-- backends of the database share through shared memory (versions.rs); a row's
+-- versions only ever grow.
+CREATE SEQUENCE livesync.version_seq AS int8 MINVALUE 1 INCREMENT BY 1000;
 
 -- Everything at or below `horizon` has been compacted away.
 CREATE TABLE livesync._retention (

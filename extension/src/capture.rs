@@ -11,7 +11,6 @@
 //! changed is logged as the delete of the old key and the insert of the new one,
 //! which is what a subscriber keyed by primary key needs to apply.
 
-use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::log_writer::StatementLog;
 use crate::row_json::{attr, is_version_column, RowEncoder};
@@ -58,7 +57,7 @@ pub unsafe extern "C-unwind" fn livesync_stamp_version(
             LivesyncError::NoVersionColumn(name.to_string_lossy().into_owned()).raise();
         };
         let mut columns = [attnum];
-        let mut values = [pg_sys::Datum::from(next_version())];
+        let mut values = [pg_sys::Datum::from(crate::versions::next())];
         let mut nulls = [false];
         let stamped = pg_sys::heap_modify_tuple_by_cols(
             tuple,
@@ -102,22 +101,6 @@ fn _capture<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, CaptureError> {
     unsafe { capture_statement(trigger.trigger_data()) };
     Ok(None)
-}
-
-unsafe extern "C-unwind" {
-    /// Postgres's own nextval(), without the privilege check: writers need no
-    /// privileges on livesync's sequence (declared in commands/sequence.h; pgrx does
-    /// not bind it). Called through pgrx's FFI guard, so an ERROR unwinds properly.
-    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
-}
-
-fn next_version() -> i64 {
-    unsafe {
-        let Some(sequence) = livesync_relation(c"version_seq") else {
-            LivesyncError::NotInstalled.raise();
-        };
-        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
-    }
 }
 
 unsafe fn capture_statement(td: &pg_sys::TriggerData) {
@@ -178,7 +161,7 @@ unsafe fn log_whole(
         } else {
             // The row is gone, but its key gets a new version all the same: the
             // tombstone is newer than anything a client holds for that key.
-            log.change(op, Some(next_version()), |out| {
+            log.change(op, Some(crate::versions::next()), |out| {
                 encoder.push_key(out, slot);
                 encoder.push_row(out, slot);
                 out.null_element();

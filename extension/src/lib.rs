@@ -7,6 +7,7 @@
 //!   `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
 //! - `worker`: the per-database background worker that runs the ticks.
+//! - `versions`: row versions, handed out in blocks from shared memory.
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
 //! - `internal_spi`: running livesync's own statements from triggers and callbacks.
 //! - `actor`: who a change is recorded as made by.
@@ -24,6 +25,7 @@ mod internal_spi;
 mod log_writer;
 mod row_json;
 mod sequencer;
+mod versions;
 mod worker;
 mod write;
 
@@ -55,6 +57,7 @@ pub extern "C-unwind" fn _PG_init() {
     log_writer::init();
     row_json::init();
     worker::init();
+    versions::init();
     sequencer::init();
     write::init();
 }
