@@ -6,11 +6,12 @@
 //! - `log_writer`: a statement's changes collected into runs, appended to
 //!   `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
+//! - `tick`: a tick's reads and writes, as direct index scans and heap writes.
 //! - `worker`: the per-database background worker that runs the ticks.
 //! - `versions`: row versions, handed out in blocks from shared memory.
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
-//! - `internal_spi`: running livesync's own statements from triggers and callbacks.
 //! - `actor`: who a change is recorded as made by.
+//! - `owner`: running livesync's own reads and writes as the extension owner.
 //! - `gucs`, `error`: settings and the error type.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
 
@@ -21,10 +22,11 @@ mod capture;
 mod catalog;
 mod error;
 mod gucs;
-mod internal_spi;
 mod log_writer;
+mod owner;
 mod row_json;
 mod sequencer;
+mod tick;
 mod versions;
 mod worker;
 mod write;

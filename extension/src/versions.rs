@@ -119,7 +119,8 @@ unsafe extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
-fn draw(sequence: pg_sys::Oid) -> i64 {
+/// `nextval` of one of livesync's sequences, without the privilege check.
+pub fn draw(sequence: pg_sys::Oid) -> i64 {
     unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 

@@ -3,7 +3,7 @@
 
 use super::merge::Contest;
 use super::statements::kept;
-use crate::internal_spi::as_extension_owner;
+use crate::owner::as_extension_owner;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};

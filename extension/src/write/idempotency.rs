@@ -8,7 +8,7 @@
 //! mutation's changes, so it exists exactly when they do.
 
 use super::statements::kept;
-use crate::internal_spi::as_extension_owner;
+use crate::owner::as_extension_owner;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};

@@ -283,7 +283,7 @@ pub fn resolve_conflict(conflict_id: i64, choice: &str, value: Option<JsonB>) ->
 
 fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value, WriteError> {
     type Conflict = (pg_sys::Oid, JsonB, String, JsonB, bool);
-    let conflict: Option<Conflict> = crate::internal_spi::as_extension_owner(|| {
+    let conflict: Option<Conflict> = crate::owner::as_extension_owner(|| {
         Spi::connect_mut(|client| {
             let table = client.update(READ_CONFLICT, Some(1), &[conflict_id.into()])?;
             if table.is_empty() {
@@ -338,7 +338,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
         }
     };
     let resolution = json!({"choice": choice, "value": chosen, "version": result.get("version")});
-    crate::internal_spi::as_extension_owner(|| {
+    crate::owner::as_extension_owner(|| {
         Spi::connect_mut(|client| {
             client
                 .update(

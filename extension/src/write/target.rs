@@ -10,7 +10,7 @@ use super::merge::TypedOps;
 use super::policy::{DeleteRace, ExistingInsert, Policy};
 use super::statements::kept;
 use super::WriteError;
-use crate::internal_spi::as_extension_owner;
+use crate::owner::as_extension_owner;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};

@@ -1,8 +1,9 @@
 -- what this shows: the sequencer's tick finds new transactions through the log's
--- index however the log looked when the tick's plan was made. Its plan is made once
--- per session and kept; one made while the statistics say the log is empty (vacuumed
--- when a compaction or a TRUNCATE emptied it) must not scan the whole log on every
--- later tick. The statistics count sequential scans of livesync.changes.
+-- primary key, never by scanning the whole log, however the statistics looked when
+-- the session's first tick ran. (When the tick was a kept SQL plan, one made while
+-- the statistics said the log was empty, as after a compaction or TRUNCATE and a
+-- vacuum, scanned the whole log on every later tick.) The statistics count the
+-- log's sequential and index scans.
 CREATE DATABASE livesync_regress_tick_plan;
 \c livesync_regress_tick_plan
 CREATE EXTENSION livesync;
@@ -23,7 +24,7 @@ CALL write_probes(1, 1);
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan AS seq_scans_before, idx_scan AS index_scans_before
 FROM pg_stat_user_tables WHERE relid = 'livesync.changes'::regclass \gset
--- fifty more ticks with the same plan, the log growing
+-- fifty more ticks, the log growing
 CALL write_probes(2, 50);
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan - :seq_scans_before AS log_seq_scans,
