@@ -14,7 +14,7 @@ pub enum LivesyncError {
     NoVersionColumn(String),
     #[error("livesync is not installed in this database")]
     NotInstalled,
-    #[error("livesync.changes does not have the layout this version of livesync writes")]
+    #[error("livesync's log tables do not have the layout this version of livesync writes")]
     LogTableChanged,
 }
 
