@@ -3,6 +3,7 @@
 //! - `capture`: the triggers that write every change of a tracked table to the log.
 //! - `catalog`: finding livesync's own tables from triggers, callbacks and the worker.
 //! - `row_json`: how a tuple becomes the key / row / delta jsonb the log stores.
+//! - `index_entries`: index maintenance for livesync's own rows written directly.
 //! - `log_writer`: a statement's changes collected into runs, appended to
 //!   `livesync.changes` without the executor.
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
@@ -22,6 +23,7 @@ mod capture;
 mod catalog;
 mod error;
 mod gucs;
+mod index_entries;
 mod log_writer;
 mod owner;
 mod row_json;

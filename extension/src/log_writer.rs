@@ -8,13 +8,14 @@
 //! user switch and array packing per statement — more than the inserts themselves.
 //! The log table is livesync's own, with no triggers, constraints or rules, so a
 //! direct insert does everything Postgres would. Every index on the table is kept up
-//! to date; one with expressions or a predicate is refused rather than skipped.
+//! to date (`index_entries.rs`).
 //! What opening needs besides locks (the index list, each index's `IndexInfo`) is
 //! kept per backend (`LogLayout`) and forgotten on any invalidation of the table or
 //! its indexes, as the relcache itself would be.
 
 use crate::catalog::{index_oids, livesync_relation};
 use crate::error::LivesyncError;
+use crate::index_entries;
 use crate::row_json::JsonbBuilder;
 use crate::sequencer;
 use pgrx::pg_sys;
@@ -229,8 +230,8 @@ impl LogAppender {
             // Large batches are compressed and, past a page's worth, moved to TOAST
             // by the heap insert itself.
             pg_sys::simple_heap_insert(self.table, tuple);
-            for (relation, index) in self.indexes.iter().zip(&self.layout.indexes) {
-                index.insert(*relation, &values, &nulls, tuple, self.table);
+            for (&index, described) in self.indexes.iter().zip(&self.layout.indexes) {
+                index_entries::insert(index, described.info, self.table, tuple, &values, &nulls);
             }
             pg_sys::heap_freetuple(tuple);
         }
@@ -356,17 +357,8 @@ impl LogLayout {
             };
             for oid in index_oids(table) {
                 let index = pg_sys::index_open(oid, lock);
-                let outer = pg_sys::MemoryContextSwitchTo(context);
-                let info = pg_sys::BuildIndexInfo(index);
-                pg_sys::MemoryContextSwitchTo(outer);
+                let info = index_entries::plain_index_info(index, context);
                 pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-                let plain = (*info).ii_Expressions.is_null()
-                    && (*info).ii_Predicate.is_null()
-                    && (0..(*info).ii_NumIndexAttrs as usize)
-                        .all(|k| (*info).ii_IndexAttrNumbers[k] > 0);
-                if !plain {
-                    LivesyncError::LogTableChanged.raise();
-                }
                 layout.indexes.push(LogIndex { oid, info });
             }
             layout
@@ -377,43 +369,5 @@ impl LogLayout {
 impl Drop for LogLayout {
     fn drop(&mut self) {
         unsafe { pg_sys::MemoryContextDelete(self.context) };
-    }
-}
-
-impl LogIndex {
-    unsafe fn insert(
-        &self,
-        relation: pg_sys::Relation,
-        values: &[pg_sys::Datum; COLUMNS],
-        nulls: &[bool; COLUMNS],
-        tuple: pg_sys::HeapTuple,
-        table: pg_sys::Relation,
-    ) {
-        unsafe {
-            let info = &*self.info;
-            let keys = info.ii_NumIndexAttrs as usize;
-            let mut key_values = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
-            let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
-            for k in 0..keys {
-                let column = info.ii_IndexAttrNumbers[k] as usize - 1;
-                key_values[k] = values[column];
-                key_nulls[k] = nulls[column];
-            }
-            let check = if info.ii_Unique {
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
-            } else {
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
-            };
-            pg_sys::index_insert(
-                relation,
-                key_values.as_mut_ptr(),
-                key_nulls.as_mut_ptr(),
-                &mut (*tuple).t_self,
-                table,
-                check,
-                false,
-                self.info,
-            );
-        }
     }
 }

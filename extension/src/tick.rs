@@ -13,8 +13,9 @@
 //! sequencer lock. livesync's tables are its own (no triggers, rules or
 //! constraints but their keys), so direct writes do everything Postgres would.
 
-use crate::catalog::{index_oids, livesync_relation};
+use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
+use crate::index_entries;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 use std::collections::BTreeMap;
@@ -163,7 +164,7 @@ impl StateRow {
                     all.as_mut_ptr(),
                     all_nulls.as_mut_ptr(),
                 );
-                insert_index_entries(rel, tuple, &all, &all_nulls);
+                index_entries::insert_into_all(rel, tuple, &all, &all_nulls);
             }
         }
     }
@@ -278,55 +279,8 @@ unsafe fn insert_batch(
         let mut nulls = [false; BATCH_COLUMNS];
         let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::simple_heap_insert(rel, tuple);
-        insert_index_entries(rel, tuple, &values, &nulls);
+        index_entries::insert_into_all(rel, tuple, &values, &nulls);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    }
-}
-
-/// Adds `tuple` (just written to `rel`, with these column values) to every index of
-/// `rel`; only plain column indexes are expected on livesync's tables.
-unsafe fn insert_index_entries(
-    rel: pg_sys::Relation,
-    tuple: pg_sys::HeapTuple,
-    values: &[pg_sys::Datum],
-    nulls: &[bool],
-) {
-    unsafe {
-        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        for oid in index_oids(rel) {
-            let index = pg_sys::index_open(oid, lock);
-            let info = pg_sys::BuildIndexInfo(index);
-            let keys = (*info).ii_NumIndexAttrs as usize;
-            let mut key_values = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
-            let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
-            for k in 0..keys {
-                let column = (*info).ii_IndexAttrNumbers[k];
-                if column <= 0
-                    || !(*info).ii_Expressions.is_null()
-                    || !(*info).ii_Predicate.is_null()
-                {
-                    LivesyncError::LogTableChanged.raise();
-                }
-                key_values[k] = values[column as usize - 1];
-                key_nulls[k] = nulls[column as usize - 1];
-            }
-            let check = if (*info).ii_Unique {
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
-            } else {
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
-            };
-            pg_sys::index_insert(
-                index,
-                key_values.as_mut_ptr(),
-                key_nulls.as_mut_ptr(),
-                &mut (*tuple).t_self,
-                rel,
-                check,
-                false,
-                info,
-            );
-            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-        }
     }
 }
 
