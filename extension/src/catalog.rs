@@ -1,5 +1,6 @@
 //! Catalog lookups for C-level code paths (triggers, commit callbacks, the worker):
-//! livesync's own tables and sequences, and a relation's indexes.
+//! livesync's own tables and sequences (and drawing from those), a relation's
+//! indexes, and the lending rule of the per-backend relation caches.
 //!
 //! livesync's relations are looked up by name once per backend and remembered: the
 //! version trigger needs the sequence for every row it stamps. A relcache
@@ -8,12 +9,14 @@
 //! extension is found afresh.
 
 use pgrx::pg_sys;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
 
 thread_local! {
     static KNOWN: RefCell<Vec<(&'static CStr, pg_sys::Oid)>> = const { RefCell::new(Vec::new()) };
+    /// Relcache invalidations this backend has processed (see `Lent`).
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
@@ -23,6 +26,7 @@ pub fn init() {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATIONS.set(INVALIDATIONS.get() + 1);
     KNOWN.with(|known| {
         let mut known = known.borrow_mut();
         if relid == pg_sys::InvalidOid || known.iter().any(|&(_, oid)| oid == relid) {
@@ -39,6 +43,42 @@ pub fn forget_relation<V>(cache: &RefCell<HashMap<pg_sys::Oid, V>>, relid: pg_sy
         cache.clear();
     } else {
         cache.remove(&relid);
+    }
+}
+
+/// A value taken out of a per-backend relation cache for one statement (a row
+/// encoder, the log's layout). Invalidations can arrive while it is out (whenever a
+/// lock is taken), and the cache's callback cannot drop what is not in the cache:
+/// so it goes back only if no relcache invalidation arrived since it was lent.
+pub struct Lent<T> {
+    value: T,
+    invalidations: u64,
+}
+
+impl<T> Lent<T> {
+    pub fn new(value: T) -> Self {
+        Lent {
+            value,
+            invalidations: INVALIDATIONS.get(),
+        }
+    }
+
+    /// The value, for its cache to keep, unless it may be stale now.
+    pub fn give_back(self) -> Option<T> {
+        (INVALIDATIONS.get() == self.invalidations).then_some(self.value)
+    }
+}
+
+impl<T> std::ops::Deref for Lent<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> std::ops::DerefMut for Lent<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
     }
 }
 
@@ -67,6 +107,18 @@ fn look_up(name: &CStr) -> Option<pg_sys::Oid> {
         let oid = pg_sys::get_relname_relid(name.as_ptr(), namespace);
         (oid != pg_sys::InvalidOid).then_some(oid)
     }
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres's own nextval(), without the privilege check (declared in
+    /// commands/sequence.h; pgrx does not bind it).
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+/// `nextval` of one of livesync's own sequences: writers need no privileges on them.
+/// Called through pgrx's FFI guard, so an ERROR unwinds properly.
+pub fn nextval(sequence: pg_sys::Oid) -> i64 {
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 
 /// The oids of a relation's indexes.

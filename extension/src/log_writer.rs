@@ -13,13 +13,13 @@
 //! kept per backend (`LogLayout`) and forgotten on any invalidation of the table or
 //! its indexes, as the relcache itself would be.
 
-use crate::catalog::{index_oids, livesync_relation};
+use crate::catalog::{index_oids, livesync_relation, Lent};
 use crate::error::LivesyncError;
 use crate::index_entries;
 use crate::row_json::JsonbBuilder;
 use crate::sequencer;
 use pgrx::pg_sys;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 
 /// The columns of `livesync.changes`, in table order.
 const COLUMNS: usize = 9;
@@ -139,7 +139,7 @@ struct LogAppender {
     table: pg_sys::Relation,
     /// The open indexes, in the layout's order.
     indexes: Vec<pg_sys::Relation>,
-    layout: LentLayout,
+    layout: Lent<LogLayout>,
     relation: pg_sys::Oid,
     fxid: u64,
     actor: pg_sys::Datum,
@@ -277,9 +277,6 @@ struct LogIndex {
 
 thread_local! {
     static LAYOUT: RefCell<Option<LogLayout>> = const { RefCell::new(None) };
-    /// Bumped by every relcache invalidation, so a layout lent out before one is
-    /// not put back.
-    static LAYOUT_GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
@@ -289,7 +286,6 @@ pub fn init() {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    LAYOUT_GENERATION.set(LAYOUT_GENERATION.get() + 1);
     LAYOUT.with(|layout| {
         let mut layout = layout.borrow_mut();
         let stale = layout.as_ref().is_some_and(|l| {
@@ -303,39 +299,25 @@ unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     });
 }
 
-/// A layout lent to one appender.
-struct LentLayout {
-    layout: LogLayout,
-    generation: u64,
-}
-
-impl std::ops::Deref for LentLayout {
-    type Target = LogLayout;
-    fn deref(&self) -> &LogLayout {
-        &self.layout
-    }
-}
-
 impl LogLayout {
     /// The backend's layout of `table` (open and locked in `lock` mode), built if
     /// there is none.
-    unsafe fn take(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> LentLayout {
+    unsafe fn take(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> Lent<LogLayout> {
         unsafe {
-            let generation = LAYOUT_GENERATION.get();
             let cached = LAYOUT.with(|layout| layout.borrow_mut().take());
             let layout = match cached {
                 Some(layout) if layout.table == (*table).rd_id => layout,
                 _ => LogLayout::build(table, lock),
             };
-            LentLayout { layout, generation }
+            Lent::new(layout)
         }
     }
 
     /// Keeps a lent layout for the next statement, unless an invalidation arrived
     /// while it was out (it may describe indexes that have changed since).
-    fn give_back(lent: LentLayout) {
-        if LAYOUT_GENERATION.get() == lent.generation {
-            LAYOUT.with(|layout| *layout.borrow_mut() = Some(lent.layout));
+    fn give_back(lent: Lent<LogLayout>) {
+        if let Some(layout) = lent.give_back() {
+            LAYOUT.with(|cached| *cached.borrow_mut() = Some(layout));
         }
     }
 

@@ -9,9 +9,10 @@
 //! composites as JSON). Dropped columns are skipped; the `_livesync_version` and
 //! `_livesync_clocks` columns are metadata and never appear in a key, row or delta.
 
+use crate::catalog::Lent;
 use crate::error::LivesyncError;
 use pgrx::pg_sys;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
 
@@ -57,8 +58,6 @@ pub struct RowEncoder {
 
 thread_local! {
     static ENCODERS: RefCell<HashMap<pg_sys::Oid, RowEncoder>> = RefCell::new(HashMap::new());
-    /// Bumped by every invalidation, so an encoder taken out before one is not put back.
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
@@ -68,27 +67,7 @@ pub fn init() {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    GENERATION.set(GENERATION.get() + 1);
     ENCODERS.with(|encoders| crate::catalog::forget_relation(encoders, relid));
-}
-
-/// An encoder lent out by `RowEncoder::take`.
-pub struct Lent {
-    encoder: RowEncoder,
-    generation: u64,
-}
-
-impl std::ops::Deref for Lent {
-    type Target = RowEncoder;
-    fn deref(&self) -> &RowEncoder {
-        &self.encoder
-    }
-}
-
-impl std::ops::DerefMut for Lent {
-    fn deref_mut(&mut self) -> &mut RowEncoder {
-        &mut self.encoder
-    }
 }
 
 impl RowEncoder {
@@ -98,31 +77,23 @@ impl RowEncoder {
     ///
     /// # Safety
     /// `rel` must be an open relation that stays open while the encoder is used.
-    pub unsafe fn take(rel: pg_sys::Relation) -> Result<Lent, LivesyncError> {
+    pub unsafe fn take(rel: pg_sys::Relation) -> Result<Lent<RowEncoder>, LivesyncError> {
         unsafe {
             let relid = (*rel).rd_id;
-            let generation = GENERATION.get();
             let cached = ENCODERS.with(|encoders| encoders.borrow_mut().remove(&relid));
             let encoder = match cached {
                 Some(encoder) if encoder.tupdesc == (*rel).rd_att => encoder,
                 _ => RowEncoder::new(rel)?,
             };
-            Ok(Lent {
-                encoder,
-                generation,
-            })
+            Ok(Lent::new(encoder))
         }
     }
 
     /// Keeps a lent encoder for the next statement, unless an invalidation arrived
     /// while it was out.
-    pub fn give_back(lent: Lent) {
-        if GENERATION.get() == lent.generation {
-            ENCODERS.with(|encoders| {
-                encoders
-                    .borrow_mut()
-                    .insert(lent.encoder.relid, lent.encoder)
-            });
+    pub fn give_back(lent: Lent<RowEncoder>) {
+        if let Some(encoder) = lent.give_back() {
+            ENCODERS.with(|encoders| encoders.borrow_mut().insert(encoder.relid, encoder));
         }
     }
 

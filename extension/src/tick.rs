@@ -53,7 +53,7 @@ pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<i64> {
 
         let total: i64 = fresh.values().sum();
         let sequence = relation(c"position_seq");
-        let first = crate::versions::draw(sequence);
+        let first = crate::catalog::nextval(sequence);
         let last = first + total - 1;
         pgrx::direct_function_call_as_datum(
             pg_sys::setval_oid,

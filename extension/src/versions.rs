@@ -21,7 +21,7 @@
 //! Without preloading, every version is a plain `nextval` (versions then step by the
 //! block size, which nothing relies on).
 
-use crate::catalog::livesync_relation;
+use crate::catalog::{livesync_relation, nextval};
 use crate::error::LivesyncError;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -68,7 +68,7 @@ pub fn next() -> i64 {
         LivesyncError::NotInstalled.raise();
     };
     if !PRELOADED.load(Ordering::Relaxed) {
-        return draw(sequence);
+        return nextval(sequence);
     }
     let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     let sequence_id = u32::from(sequence);
@@ -86,7 +86,7 @@ pub fn next() -> i64 {
     // Drawn without the lock held: nextval can wait on a lock of the sequence
     // (ALTER SEQUENCE in an open transaction), and must not stall every writer of
     // every database meanwhile.
-    let first = draw(sequence);
+    let first = nextval(sequence);
     let size = increment(sequence).max(1);
     let mut blocks = BLOCKS.exclusive();
     blocks.refills += 1;
@@ -110,18 +110,6 @@ pub fn next() -> i64 {
         drawn,
     };
     first
-}
-
-unsafe extern "C-unwind" {
-    /// Postgres's own nextval(), without the privilege check: writers need no
-    /// privileges on livesync's sequence (declared in commands/sequence.h; pgrx does
-    /// not bind it). Called through pgrx's FFI guard, so an ERROR unwinds properly.
-    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
-}
-
-/// `nextval` of one of livesync's sequences, without the privilege check.
-pub fn draw(sequence: pg_sys::Oid) -> i64 {
-    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 
 /// `pg_sequence`'s row layout (catalog/pg_sequence.h; pgrx does not bind it).
