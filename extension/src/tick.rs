@@ -112,14 +112,7 @@ impl StateRow {
             // A copy: the scan's buffer is released when it ends.
             let tuple = pg_sys::heap_copytuple(found);
             pg_sys::heap_endscan(scan);
-            let mut values = [pg_sys::Datum::from(0usize); SEQUENCER_COLUMNS];
-            let mut nulls = [false; SEQUENCER_COLUMNS];
-            pg_sys::heap_deform_tuple(
-                tuple,
-                (*rel).rd_att,
-                values.as_mut_ptr(),
-                nulls.as_mut_ptr(),
-            );
+            let (values, nulls) = deform_state(rel, tuple);
             if nulls[1] || nulls[2] {
                 LivesyncError::LogTableChanged.raise();
             }
@@ -156,18 +149,32 @@ impl StateRow {
             pg_sys::simple_heap_update(rel, &mut (*self.tuple).t_self, tuple);
             let heap_only = (*(*tuple).t_data).t_infomask2 as u32 & pg_sys::HEAP_ONLY_TUPLE != 0;
             if !heap_only {
-                let mut all = [pg_sys::Datum::from(0usize); SEQUENCER_COLUMNS];
-                let mut all_nulls = [false; SEQUENCER_COLUMNS];
-                pg_sys::heap_deform_tuple(
-                    tuple,
-                    (*rel).rd_att,
-                    all.as_mut_ptr(),
-                    all_nulls.as_mut_ptr(),
-                );
+                let (all, all_nulls) = deform_state(rel, tuple);
                 index_entries::insert_into_all(rel, tuple, &all, &all_nulls);
             }
         }
     }
+}
+
+/// A `_sequencer` row's columns (the caller has checked the table's column count).
+unsafe fn deform_state(
+    rel: pg_sys::Relation,
+    tuple: pg_sys::HeapTuple,
+) -> (
+    [pg_sys::Datum; SEQUENCER_COLUMNS],
+    [bool; SEQUENCER_COLUMNS],
+) {
+    let mut values = [pg_sys::Datum::from(0usize); SEQUENCER_COLUMNS];
+    let mut nulls = [false; SEQUENCER_COLUMNS];
+    unsafe {
+        pg_sys::heap_deform_tuple(
+            tuple,
+            (*rel).rd_att,
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        )
+    };
+    (values, nulls)
 }
 
 /// The transactions whose log rows are visible in the tick's snapshot but were not
