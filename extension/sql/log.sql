@@ -15,8 +15,13 @@ CREATE TABLE livesync.changes (
     tx       xid8     NOT NULL,
     ordinal  int4     NOT NULL, -- the first change's; the run holds ordinal .. ordinal + count - 1
     count    int4     NOT NULL, -- = jsonb_array_length(entries), kept so ticks never read entries
+    -- Set on the transaction's last row just before it commits (0 on the others):
+    -- the WAL insert position then. A transaction that waited for another's lock,
+    -- or began after another committed, has a larger one; ticks order the
+    -- transactions they sequence by it (see sequencer.rs).
+    commit_seq int8   NOT NULL,
     relation regclass NOT NULL,
-    op       "char"   NOT NULL, -- i(nsert), u(pdate), d(elete), t(runcate)
+    op       "char"   NOT NULL, -- i(nsert), u(pdate), d(elete), t(runcate), c(ommit marker: no changes)
     -- One [key, old, new, version] array per change, in ordinal order. An insert
     -- has no old (JSON null), a delete no new, an update holds only the changed
     -- columns on both sides; a truncate is all nulls.
@@ -191,7 +196,7 @@ BEGIN
     )
     SELECT t.first_position + c.ordinal + e.n - 2,
            c.relation,
-           CASE c.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete' ELSE 'truncate' END,
+           CASE c.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete' WHEN 't' THEN 'truncate' END,
            nullif(e.change -> 0, 'null'),
            livesync._delta(c.op, e.change -> 1, e.change -> 2),
            (e.change ->> 3)::bigint,

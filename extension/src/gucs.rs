@@ -23,9 +23,10 @@ pub enum SequencerMode {
     Commit,
 }
 
-/// `livesync.tick_interval` (ms): after a tick that sequenced something, the worker
-/// waits this long before the next, so that under load commits are sequenced (and
-/// rung) in batches rather than one tick per commit. 0 ticks as fast as it can.
+/// `livesync.tick_interval` (ms): under load (about 1,500 commits/s and more, at the
+/// default), the worker waits this long after a tick that sequenced something, so
+/// commits are sequenced (and rung) in batches rather than one tick per commit. At
+/// lower rates it ticks as soon as a commit wakes it. 0 never waits.
 pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
 pub fn sequencer_mode() -> SequencerMode {
@@ -35,8 +36,8 @@ pub fn sequencer_mode() -> SequencerMode {
 pub fn init() {
     GucRegistry::define_int_guc(
         c"livesync.tick_interval",
-        c"Milliseconds the sequencer worker waits after a productive tick (batches commits under load).",
-        c"Adds at most this much to the delay between a commit and its ring; 0 disables batching.",
+        c"Milliseconds the sequencer worker waits after a productive tick under load (batches commits).",
+        c"Only under load: adds at most this much to the delay between a commit and its ring; 0 disables batching.",
         &TICK_INTERVAL_MS,
         0,
         1000,

@@ -22,7 +22,9 @@ use pgrx::pg_sys;
 use std::cell::RefCell;
 
 /// The columns of `livesync.changes`, in table order.
-const COLUMNS: usize = 9;
+const COLUMNS: usize = 10;
+/// `commit_seq`'s attribute number.
+const COMMIT_SEQ_ATTNUM: i32 = 4;
 
 /// Limits on one log row: a run of changes longer than either continues in a new
 /// row. They bound the memory a huge statement holds at once and keep every row far
@@ -195,18 +197,35 @@ impl LogAppender {
 
     /// Appends one log row: `count` changes of kind `op`, given as the jsonb array
     /// `entries` (one `[key, old, new, version]` array per change). They take the
-    /// transaction's next `count` ordinals.
+    /// transaction's next `count` ordinals, and the row becomes the transaction's
+    /// tail (the row its commit sequence goes into).
     ///
     /// # Safety
     /// `entries` must be a valid jsonb value.
     unsafe fn append(&mut self, op: u8, count: i32, entries: pg_sys::Datum) {
         unsafe {
             let first_ordinal = sequencer::reserve_ordinals(count);
+            let tid = self.insert(first_ordinal, count, 0, op, entries);
+            sequencer::note_tail(tid);
+        }
+    }
+
+    /// Inserts one log row and its index entries; returns where it went.
+    unsafe fn insert(
+        &mut self,
+        ordinal: i32,
+        count: i32,
+        commit_seq: i64,
+        op: u8,
+        entries: pg_sys::Datum,
+    ) -> pg_sys::ItemPointerData {
+        unsafe {
             let null = pg_sys::Datum::from(0usize);
             let mut values = [
                 pg_sys::Datum::from(self.fxid),
-                pg_sys::Datum::from(first_ordinal),
+                pg_sys::Datum::from(ordinal),
                 pg_sys::Datum::from(count),
+                pg_sys::Datum::from(commit_seq),
                 pg_sys::Datum::from(self.relation),
                 pg_sys::Datum::from(op),
                 entries,
@@ -215,6 +234,7 @@ impl LogAppender {
                 self.mutation_id.unwrap_or(null),
             ];
             let mut nulls = [
+                false,
                 false,
                 false,
                 false,
@@ -233,7 +253,9 @@ impl LogAppender {
             for (&index, described) in self.indexes.iter().zip(&self.layout.indexes) {
                 index_entries::insert(index, described.info, self.table, tuple, &values, &nulls);
             }
+            let tid = (*tuple).t_self;
             pg_sys::heap_freetuple(tuple);
+            tid
         }
     }
 
@@ -247,6 +269,74 @@ impl LogAppender {
             pg_sys::table_close(self.table, pg_sys::NoLock as pg_sys::LOCKMODE);
         }
         LogLayout::give_back(self.layout);
+    }
+}
+
+/// Seals the current transaction's log just before it commits: writes its commit
+/// sequence (the WAL insert position now) into its tail row, or, when a rolled-back
+/// savepoint took the tail with it, into a commit marker row of no changes.
+///
+/// The sequence goes into an existing row in place (same length, WAL-logged by
+/// `heap_inplace_update`): cheaper than a row of its own, and the row is this
+/// transaction's, invisible to everyone else until it commits.
+///
+/// # Safety
+/// Must run at PRE_COMMIT of a transaction that appended log rows.
+pub unsafe fn seal(tail: Option<pg_sys::ItemPointerData>) {
+    unsafe {
+        let commit_seq = pg_sys::GetXLogInsertRecPtr() as i64;
+        match tail {
+            Some(tid) => {
+                let Some(table_oid) = livesync_relation(c"changes") else {
+                    LivesyncError::NotInstalled.raise();
+                };
+                let table =
+                    pg_sys::table_open(table_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+                if (*(*table).rd_att).natts as usize != COLUMNS {
+                    LivesyncError::LogTableChanged.raise();
+                }
+                let mut found = pg_sys::HeapTupleData {
+                    t_self: tid,
+                    ..std::mem::zeroed()
+                };
+                let mut buffer: pg_sys::Buffer = 0;
+                if !pg_sys::heap_fetch(
+                    table,
+                    &raw mut pg_sys::SnapshotAnyData,
+                    &mut found,
+                    &mut buffer,
+                    true,
+                ) {
+                    LivesyncError::LogTableChanged.raise();
+                }
+                let copy = pg_sys::heap_copytuple(&mut found);
+                pg_sys::ReleaseBuffer(buffer);
+                let mut columns = [COMMIT_SEQ_ATTNUM];
+                let mut values = [pg_sys::Datum::from(commit_seq)];
+                let mut nulls = [false];
+                let sealed = pg_sys::heap_modify_tuple_by_cols(
+                    copy,
+                    (*table).rd_att,
+                    1,
+                    columns.as_mut_ptr(),
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
+                pg_sys::heap_inplace_update(table, sealed);
+                pg_sys::heap_freetuple(sealed);
+                pg_sys::heap_freetuple(copy);
+                pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+            None => {
+                let origin = crate::write::origin::current();
+                let mut appender = LogAppender::open(pg_sys::InvalidOid, origin.as_ref());
+                let empty = pgrx::JsonB(serde_json::Value::Array(Vec::new()));
+                let entries = pgrx::IntoDatum::into_datum(empty).expect("jsonb has a datum");
+                // Ordinal 0 is never a change's: the marker takes no position.
+                appender.insert(0, 0, commit_seq, b'c', entries);
+                appender.close();
+            }
+        }
     }
 }
 

@@ -7,13 +7,24 @@
 //! (ExclusiveLock on `livesync.batches`) a tick takes a fresh snapshot S and finds the
 //! transactions whose changes are visible in S but were not visible in the previous
 //! tick's snapshot P (those in P's xip list or at/after P's xmax). It gives each of
-//! them a contiguous block of positions (in xid order), records them all in one
-//! `livesync.batches` row, stores S as the new P, and queues one NOTIFY carrying the
-//! last position — all in one transaction (the reads and writes themselves are in
-//! `tick.rs`). Because ticks are serialised by the lock and each one only adds transactions that became visible since the last, readers always see
-//! a prefix of positions, and an open transaction (idle or still writing) holds
-//! nothing back: it is simply not in any batch until it commits.
+//! them a contiguous block of positions, records them all in one `livesync.batches`
+//! row, stores S as the new P, and queues one NOTIFY carrying the last position — all
+//! in one transaction (the reads and writes themselves are in `tick.rs`). Because
+//! ticks are serialised by the lock and each one only adds transactions that became
+//! visible since the last, readers always see a prefix of positions, and an open
+//! transaction (idle or still writing) holds nothing back: it is simply not in any
+//! batch until it commits.
 //!
+//! Commit order inside a tick: just before it commits (PRE_COMMIT, while it still
+//! holds its locks) a transaction writes its *commit sequence*, the WAL insert
+//! position then, into its last log row (`log_writer::seal`). A transaction that
+//! waited for another's row lock, or began after another committed, takes its
+//! sequence after the other's commit record was inserted, so a larger one; a tick
+//! orders its transactions by it (xid only breaks ties, which only unrelated
+//! transactions can have). It is in the WAL with the row, so a crash between commit
+//! and tick changes nothing. Across ticks the order holds by visibility: a
+//! transaction depending on another became visible after it.
+
 //! Who ticks:
 //! - with `shared_preload_libraries = 'livesync'`, a background worker per database
 //!   (`worker.rs`); a committing transaction only sets the worker's latch after its
@@ -45,6 +56,9 @@ struct Pending {
     fxid: u64,
     /// The next ordinal to hand out.
     next_ordinal: i32,
+    /// The transaction's last log row and the subtransaction that wrote it; None
+    /// once a rollback to a savepoint took it away.
+    tail: Option<(pg_sys::ItemPointerData, pg_sys::SubTransactionId)>,
 }
 
 thread_local! {
@@ -55,7 +69,10 @@ thread_local! {
 
 /// Registers the transaction callback; called once from `_PG_init`.
 pub fn init() {
-    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
 }
 
 /// Reserves `count` consecutive ordinals in the current top-level transaction and
@@ -67,12 +84,53 @@ pub fn reserve_ordinals(count: i32) -> i32 {
             Some(p) if p.fxid == fxid => p.next_ordinal,
             _ => 1,
         };
+        let tail = pending
+            .get()
+            .filter(|p| p.fxid == fxid)
+            .and_then(|p| p.tail);
         pending.set(Some(Pending {
             fxid,
             next_ordinal: first + count,
+            tail,
         }));
         first
     })
+}
+
+/// Records the log row just appended (after `reserve_ordinals`) as the
+/// transaction's tail: its commit sequence goes there.
+pub fn note_tail(tid: pg_sys::ItemPointerData) {
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PENDING.with(|pending| {
+        if let Some(mut p) = pending.get() {
+            p.tail = Some((tid, subxact));
+            pending.set(Some(p));
+        }
+    });
+}
+
+/// A rollback to a savepoint removes the rows its subtransactions wrote: if the
+/// tail is among them, the commit sequence needs a row of its own (a marker).
+/// Subtransactions still open when one aborts were all started inside it, so they
+/// are the ones with a larger or equal id.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    subxact: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event != pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        return;
+    }
+    PENDING.with(|pending| {
+        if let Some(mut p) = pending.get() {
+            if p.tail.is_some_and(|(_, written_in)| written_in >= subxact) {
+                p.tail = None;
+                pending.set(Some(p));
+            }
+        }
+    });
 }
 
 #[pgrx::pg_guard]
@@ -103,9 +161,15 @@ unsafe extern "C-unwind" fn on_xact_event(
 /// At PRE_COMMIT of a transaction that captured changes: hand it to the worker
 /// (woken once the commit is visible) or sequence it right here.
 unsafe fn before_commit() {
-    if PENDING.take().is_none() {
+    let Some(pending) = PENDING.take() else {
         return;
+    };
+    if crate::catalog::livesync_relation(c"changes").is_none() {
+        return; // the extension was dropped in this transaction
     }
+    unsafe {
+        crate::owner::as_extension_owner(|| crate::log_writer::seal(pending.tail.map(|t| t.0)))
+    };
     let waker = match gucs::sequencer_mode() {
         SequencerMode::Auto => worker::running_for_this_database(),
         SequencerMode::Commit => None,
@@ -118,12 +182,18 @@ unsafe fn before_commit() {
     }
 }
 
+/// What a tick that gave out positions did.
+pub struct Ticked {
+    /// How many transactions it sequenced.
+    pub transactions: usize,
+}
+
 /// Runs one tick in the current transaction and queues the doorbell if it gave out
-/// positions. Returns the new last position, if any.
+/// positions.
 ///
 /// # Safety
 /// Must run inside a transaction, in a database where livesync is installed.
-pub unsafe fn tick() -> Option<i64> {
+pub unsafe fn tick() -> Option<Ticked> {
     unsafe {
         let Some(batches) = livesync_relation(c"batches") else {
             // The extension was dropped in this very transaction: nothing to sequence.
@@ -138,16 +208,15 @@ pub unsafe fn tick() -> Option<i64> {
         // transaction), else 0.
         let own = pg_sys::GetTopFullTransactionIdIfAny().value;
         let bound = if own == 0 { 0 } else { own + 1 };
-        let last = crate::owner::as_extension_owner(|| crate::tick::run(snapshot, bound));
+        let ticked = crate::owner::as_extension_owner(|| crate::tick::run(snapshot, bound));
         pg_sys::UnregisterSnapshot(snapshot);
-        if let Some(position) = last {
-            // Delivered by Postgres only if this transaction commits, in commit order.
-            let payload = position.to_string();
-            pgrx::direct_function_call_as_datum(
-                pg_sys::pg_notify,
-                &["livesync".into_datum(), payload.as_str().into_datum()],
-            );
-        }
-        last
+        let (position, transactions) = ticked?;
+        // Delivered by Postgres only if this transaction commits, in commit order.
+        let payload = position.to_string();
+        pgrx::direct_function_call_as_datum(
+            pg_sys::pg_notify,
+            &["livesync".into_datum(), payload.as_str().into_datum()],
+        );
+        Some(Ticked { transactions })
     }
 }

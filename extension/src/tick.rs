@@ -18,7 +18,7 @@ use crate::error::LivesyncError;
 use crate::index_entries;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// `livesync._sequencer`'s columns: only_row, snapshot, sequenced.
 const SEQUENCER_COLUMNS: usize = 3;
@@ -28,11 +28,12 @@ const BATCH_COLUMNS: usize = 5;
 /// Runs a tick's reads and writes with snapshot S. `own_bound` is one past the
 /// ticking transaction's own xid when it has one (a commit-time tick includes its
 /// own transaction, which S does not yet show as committed), else 0. Returns the
-/// last position handed out, or None when no transaction became visible.
+/// last position handed out and how many transactions got positions, or None when
+/// no transaction became visible.
 ///
 /// # Safety
 /// Must run inside a transaction holding the sequencer lock; `snapshot` registered.
-pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<i64> {
+pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<(i64, usize)> {
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let state_rel = pg_sys::table_open(relation(c"_sequencer"), lock);
@@ -51,7 +52,7 @@ pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<i64> {
             return None;
         }
 
-        let total: i64 = fresh.values().sum();
+        let total: i64 = fresh.iter().map(|tx| tx.count).sum();
         let sequence = relation(c"position_seq");
         let first = crate::catalog::nextval(sequence);
         let last = first + total - 1;
@@ -63,24 +64,24 @@ pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<i64> {
         let mut txs = Vec::with_capacity(fresh.len());
         let mut firsts = Vec::with_capacity(fresh.len());
         let mut next = first;
-        for (&tx, &count) in &fresh {
-            txs.push(pg_sys::Datum::from(tx));
+        for tx in &fresh {
+            txs.push(pg_sys::Datum::from(tx.xid));
             firsts.push(pg_sys::Datum::from(next));
-            next += count;
+            next += tx.count;
         }
         insert_batch(first, last, &mut txs, &mut firsts);
 
         // Only a transaction at or past S's xmax could be found again by the next
         // tick: the ticking transaction itself (every other one is committed in S).
         let mut sequenced: Vec<pg_sys::Datum> = fresh
-            .keys()
-            .filter(|&&tx| tx >= current_xmax)
-            .map(|&tx| pg_sys::Datum::from(tx))
+            .iter()
+            .filter(|tx| tx.xid >= current_xmax)
+            .map(|tx| pg_sys::Datum::from(tx.xid))
             .collect();
         previous.replace(state_rel, current, xid8_array(&mut sequenced));
         pg_sys::table_close(state_rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::CommandCounterIncrement();
-        Some(last)
+        Some((last, fresh.len()))
     }
 }
 
@@ -177,21 +178,35 @@ unsafe fn deform_state(
     (values, nulls)
 }
 
+/// A transaction a tick gives positions to.
+struct Fresh {
+    xid: u64,
+    /// Its number of changes: its largest `ordinal + count - 1`.
+    count: i64,
+    /// The WAL insert position just before it committed (its tail row's).
+    commit_seq: i64,
+}
+
 /// The transactions whose log rows are visible in the tick's snapshot but were not
 /// to the previous tick's (at or past its xmax, below `upper`; or in its xip list),
-/// less those it sequenced itself, each with its number of changes (its largest
-/// `ordinal + count - 1`), in xid order.
+/// less those it sequenced itself and those left with no change (a rolled-back
+/// savepoint took them all), in commit order.
+///
+/// Commit order: by commit sequence, which every dependency between two of them
+/// respects (one that waited for the other's lock, or began after it committed,
+/// took its sequence after the other's commit record); ties, which only unrelated
+/// transactions can have, by xid.
 unsafe fn scan_new_transactions(
     snapshot: pg_sys::Snapshot,
     previous: &StateRow,
     upper: u64,
-) -> BTreeMap<u64, i64> {
+) -> Vec<Fresh> {
     unsafe {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let log = pg_sys::table_open(relation(c"changes"), lock);
         let index = pg_sys::index_open(relation(c"changes_pkey"), lock);
         let slot = pg_sys::table_slot_create(log, std::ptr::null_mut());
-        let mut fresh = BTreeMap::new();
+        let mut fresh: HashMap<u64, Fresh> = HashMap::new();
         // One index scan per set of keys: a scan keeps the number of keys it began
         // with, and rescanning it with fewer would leave stale ones in force.
         let mut collect = |keys: &mut [pg_sys::ScanKeyData]| {
@@ -208,14 +223,20 @@ unsafe fn scan_new_transactions(
                 pg_sys::ScanDirection::ForwardScanDirection,
                 slot,
             ) {
-                pg_sys::slot_getsomeattrs_int(slot, 3);
+                pg_sys::slot_getsomeattrs_int(slot, 4);
                 let values = (*slot).tts_values;
-                let tx = (*values).value() as u64;
+                let xid = (*values).value() as u64;
                 let ordinal = (*values.add(1)).value() as i32 as i64;
                 let count = (*values.add(2)).value() as i32 as i64;
-                if !previous.sequenced.contains(&tx) {
-                    let n = fresh.entry(tx).or_insert(0);
-                    *n = (*n).max(ordinal + count - 1);
+                let commit_seq = (*values.add(3)).value() as i64;
+                if !previous.sequenced.contains(&xid) {
+                    let tx = fresh.entry(xid).or_insert(Fresh {
+                        xid,
+                        count: 0,
+                        commit_seq: 0,
+                    });
+                    tx.count = tx.count.max(ordinal + count - 1);
+                    tx.commit_seq = tx.commit_seq.max(commit_seq);
                 }
             }
             pg_sys::index_endscan(scan);
@@ -242,6 +263,8 @@ unsafe fn scan_new_transactions(
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(log, pg_sys::NoLock as pg_sys::LOCKMODE);
+        let mut fresh: Vec<Fresh> = fresh.into_values().filter(|tx| tx.count > 0).collect();
+        fresh.sort_unstable_by_key(|tx| (tx.commit_seq, tx.xid));
         fresh
     }
 }

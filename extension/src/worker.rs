@@ -27,9 +27,67 @@ const START_RETRY_MS: i64 = 5_000;
 const MAX_FAILED_STARTS: i32 = 3;
 
 enum Tick {
-    Sequenced,
+    Sequenced(usize),
     Idle,
     Uninstalled,
+}
+
+/// Decides when the worker ticks, batching as group commit does: at low load it
+/// ticks as soon as a commit wakes it (a ring within about a millisecond of the
+/// commit); once commits arrive faster than one tick per commit can keep up with
+/// cheaply, it waits `livesync.tick_interval` after each productive tick so the
+/// commits arriving meanwhile share one tick and one ring.
+///
+/// Measured on 2 cores: ticking on every wake-up under saturation cost a quarter of
+/// the single-row UPDATE throughput (each tick is a transaction of its own, competing
+/// with the writers for the CPU and the WAL flush), while pacing at 10 ms kept it
+/// within a few points of untracked. The load is judged over windows of
+/// `WINDOW`, with hysteresis so a rate near the threshold does not flap.
+struct Pacer {
+    paced: bool,
+    window_start: std::time::Instant,
+    in_window: usize,
+}
+
+/// The window over which the commit rate is measured.
+const WINDOW: Duration = Duration::from_millis(100);
+/// Start pacing at this many commits per tick interval (1,500/s at 10 ms) ...
+const PACED_BATCH: usize = 15;
+/// ... and stop below this many (800/s at 10 ms).
+const UNPACED_BATCH: usize = 8;
+
+impl Pacer {
+    fn new() -> Self {
+        Pacer {
+            paced: false,
+            window_start: std::time::Instant::now(),
+            in_window: 0,
+        }
+    }
+
+    /// Records a tick's transactions; returns how long to wait before the next tick.
+    fn after_tick(&mut self, transactions: usize, interval_ms: i32) -> Duration {
+        self.in_window += transactions;
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= WINDOW {
+            let interval = Duration::from_millis(interval_ms.max(1) as u64);
+            // Commits per tick interval over the window just ended.
+            let per_interval =
+                self.in_window as f64 * interval.as_secs_f64() / elapsed.as_secs_f64();
+            if !self.paced && per_interval >= PACED_BATCH as f64 {
+                self.paced = true;
+            } else if self.paced && per_interval < UNPACED_BATCH as f64 {
+                self.paced = false;
+            }
+            self.window_start = std::time::Instant::now();
+            self.in_window = 0;
+        }
+        if self.paced && transactions > 0 && interval_ms > 0 {
+            Duration::from_millis(interval_ms as u64)
+        } else {
+            Duration::ZERO
+        }
+    }
 }
 
 #[derive(Copy, Clone, Default)]
@@ -235,26 +293,26 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     }
     unsafe { pg_sys::on_shmem_exit(Some(unpublish), pg_sys::Datum::from(database)) };
 
+    let mut pacer = Pacer::new();
     loop {
         let outcome = BackgroundWorker::transaction(|| unsafe {
             if crate::catalog::livesync_relation(c"_sequencer").is_none() {
                 return Tick::Uninstalled;
             }
             match sequencer::tick() {
-                Some(_) => Tick::Sequenced,
+                Some(ticked) => Tick::Sequenced(ticked.transactions),
                 None => Tick::Idle,
             }
         });
-        match outcome {
+        let transactions = match outcome {
             Tick::Uninstalled => return, // livesync was dropped from this database
-            Tick::Sequenced => {
-                // Let the next commits gather into one batch (and one ring).
-                let interval = crate::gucs::TICK_INTERVAL_MS.get();
-                if interval > 0 {
-                    unsafe { pg_sys::pg_usleep(interval as std::ffi::c_long * 1000) };
-                }
-            }
-            Tick::Idle => {}
+            Tick::Sequenced(transactions) => transactions,
+            Tick::Idle => 0,
+        };
+        let pause = pacer.after_tick(transactions, crate::gucs::TICK_INTERVAL_MS.get());
+        if !pause.is_zero() {
+            // Let the next commits gather into one batch (and one ring).
+            unsafe { pg_sys::pg_usleep(pause.as_micros() as std::ffi::c_long) };
         }
         if !BackgroundWorker::wait_latch(Some(POLL)) {
             // Terminated (or the postmaster died). Exit code 1 has the postmaster start

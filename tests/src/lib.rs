@@ -209,3 +209,37 @@ pub fn current_position(client: &mut Client) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Crashes and restarts the local PostgreSQL 15 (immediate shutdown: no checkpoint,
+/// recovery from WAL at start). Only for a test binary of its own, since it cuts
+/// every other test's connections.
+pub fn crash_and_restart_server() {
+    use std::process::Command;
+    let mut command = if is_root() {
+        Command::new("pg_ctlcluster")
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["-n", "pg_ctlcluster"]);
+        sudo
+    };
+    let status = command
+        .args([
+            "--skip-systemctl-redirect",
+            "15",
+            "main",
+            "restart",
+            "-m",
+            "immediate",
+        ])
+        .status()
+        .expect("run pg_ctlcluster");
+    assert!(status.success(), "could not restart PostgreSQL 15 main");
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}

@@ -275,3 +275,113 @@ fn the_worker_coalesces_rings_and_every_commit_is_covered() {
 fn keys(changes: &[Change]) -> Vec<&str> {
     changes.iter().map(|c| c.key.as_str()).collect()
 }
+
+/// The adversarial sequence that found xid-ordered ticks: S1 takes an xid first and
+/// writes last; S2 writes and commits in between. Both commits become visible to one
+/// tick (in `Auto` mode a session holding the sequencer's lock makes sure of it), and
+/// S2's change must still come first. Each round's result is checked by replaying
+/// the log's deltas and versions against the table.
+fn lower_xid_committing_later_comes_later(name: &str, sequencer: Sequencer, rounds: i32) {
+    let db = TestDb::create(name);
+    if let Sequencer::Auto = sequencer {
+        db.wait_for_worker();
+    }
+    let mut admin = db.connect();
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, a int, b int);
+             INSERT INTO t VALUES (1, 0, 0);
+             SELECT livesync.track('t');",
+        )
+        .unwrap();
+    let start = current_position(&mut admin);
+    let mut s1 = db.connect_with(sequencer);
+    let mut s2 = db.connect_with(sequencer);
+    for round in 1..=rounds {
+        // Holding a lock that conflicts with the tick's keeps the worker from
+        // sequencing S2 before S1 commits: both land in its next tick.
+        let mut blocker = match sequencer {
+            Sequencer::Auto => {
+                let mut blocker = db.connect();
+                blocker
+                    .batch_execute("BEGIN; LOCK TABLE livesync.batches IN SHARE ROW EXCLUSIVE MODE")
+                    .unwrap();
+                Some(blocker)
+            }
+            Sequencer::Commit => None,
+        };
+        s1.batch_execute("BEGIN; SELECT pg_current_xact_id()")
+            .unwrap();
+        s2.execute("UPDATE t SET a = $1 WHERE id = 1", &[&round])
+            .unwrap();
+        s1.execute("UPDATE t SET b = $1 WHERE id = 1", &[&round])
+            .unwrap();
+        s1.batch_execute("COMMIT").unwrap();
+        if let Some(blocker) = blocker.as_mut() {
+            blocker.batch_execute("COMMIT").unwrap();
+        }
+    }
+    let mut marker = db.connect_with(Sequencer::Commit);
+    marker
+        .batch_execute("INSERT INTO t VALUES (2, 0, 0)")
+        .unwrap();
+
+    let rows = admin
+        .query(
+            "SELECT position, delta, version FROM livesync.changes_since($1, 1000000)
+             WHERE key = '{\"id\": 1}' ORDER BY position",
+            &[&start],
+        )
+        .unwrap();
+    assert_eq!(rows.len() as i32, 2 * rounds, "one change per update");
+    let (mut a, mut b, mut version) = (0i64, 0i64, 0i64);
+    for (i, row) in rows.iter().enumerate() {
+        let delta: serde_json::Value = row.get(1);
+        let changed_version: i64 = row.get(2);
+        assert!(
+            changed_version > version,
+            "change {i}: version {changed_version} after {version}: versions went back"
+        );
+        version = changed_version;
+        let round = (i / 2 + 1) as i64;
+        // Even changes are S2's (a), odd ones S1's (b): S2 committed first.
+        let (column, old, value) = if i % 2 == 0 {
+            ("a", &mut a, round)
+        } else {
+            ("b", &mut b, round)
+        };
+        assert_eq!(
+            delta[column]["new"].as_i64(),
+            Some(value),
+            "change {i} should be the update of {column} to {value}: {delta}"
+        );
+        assert_eq!(
+            delta[column]["old"].as_i64(),
+            Some(*old),
+            "change {i}: {delta}"
+        );
+        *old = value;
+    }
+    let table = admin
+        .query_one(
+            "SELECT a::int8, b::int8, _livesync_version FROM t WHERE id = 1",
+            &[],
+        )
+        .unwrap();
+    assert_eq!((table.get::<_, i64>(0), table.get::<_, i64>(1)), (a, b));
+    assert_eq!(
+        table.get::<_, i64>(2),
+        version,
+        "the replica ends at the row's version"
+    );
+}
+
+#[test]
+fn a_lower_xid_that_commits_later_is_read_later_when_commits_sequence_themselves() {
+    lower_xid_committing_later_comes_later("lower_xid_commit", Sequencer::Commit, 100);
+}
+
+#[test]
+fn a_lower_xid_that_commits_later_is_read_later_in_one_worker_tick() {
+    lower_xid_committing_later_comes_later("lower_xid_worker", Sequencer::Auto, 100);
+}

@@ -6,41 +6,9 @@
 //! Alone in its test binary on purpose: cargo runs test binaries one after another,
 //! so restarting the server here cannot disturb the other tests.
 
-use livesync_e2e::{wait_until, Sequencer, TestDb};
+use livesync_e2e::{crash_and_restart_server, wait_until, Sequencer, TestDb};
 use postgres::Client;
 use serde_json::{json, Value};
-use std::process::Command;
-
-/// Crashes and restarts the local PostgreSQL 15 (the cluster `make test` uses).
-fn crash_and_restart_server() {
-    let mut command = if is_root() {
-        Command::new("pg_ctlcluster")
-    } else {
-        let mut sudo = Command::new("sudo");
-        sudo.args(["-n", "pg_ctlcluster"]);
-        sudo
-    };
-    let status = command
-        .args([
-            "--skip-systemctl-redirect",
-            "15",
-            "main",
-            "restart",
-            "-m",
-            "immediate",
-        ])
-        .status()
-        .expect("run pg_ctlcluster");
-    assert!(status.success(), "could not restart PostgreSQL 15 main");
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.trim_ascii() == b"0")
-        .unwrap_or(false)
-}
 
 fn write(client: &mut Client, n: i64) -> Value {
     client
