@@ -41,5 +41,6 @@ e2e:
 
 ## bench: the benchmarks; each prints ratios to a baseline measured in the same run
 bench: install
+	cargo run --release -q -p livesync-bench --bin doorbell
 	bench/capture/run
 	bench/writes/run
