@@ -117,24 +117,26 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
             });
         } else {
             let mut encoder = RowEncoder::take(rel).unwrap_or_else(|e| e.raise());
+            // Read once: every wait of this statement is over by now.
+            let mark = crate::versions::tombstone_mark();
             let [first, second] = encoder.slots();
             match event {
                 pg_sys::TRIGGER_EVENT_INSERT => {
                     let mut rows = TransitionReader::new(td.tg_newtable, first);
                     while rows.next() {
-                        log_whole(&mut log, &mut encoder, b'i', rows.slot);
+                        log_whole(&mut log, &mut encoder, b'i', rows.slot, mark);
                     }
                 }
                 pg_sys::TRIGGER_EVENT_DELETE => {
                     let mut rows = TransitionReader::new(td.tg_oldtable, first);
                     while rows.next() {
-                        log_whole(&mut log, &mut encoder, b'd', rows.slot);
+                        log_whole(&mut log, &mut encoder, b'd', rows.slot, mark);
                     }
                 }
                 _ => {
                     let olds = TransitionReader::new(td.tg_oldtable, first);
                     let news = TransitionReader::new(td.tg_newtable, second);
-                    capture_updates(olds, news, &mut encoder, &mut log);
+                    capture_updates(olds, news, &mut encoder, &mut log, mark);
                 }
             }
             RowEncoder::give_back(encoder);
@@ -144,15 +146,19 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
 }
 
 /// Logs an insert or delete: the key and the whole row.
+/// `mark` is the database's tombstone mark as this statement ended (see `restamp.rs`).
 unsafe fn log_whole(
     log: &mut StatementLog,
     encoder: &mut RowEncoder,
     op: u8,
     slot: *mut pg_sys::TupleTableSlot,
+    mark: Option<i64>,
 ) {
     unsafe {
         if op == b'i' {
-            let version = encoder.version(slot);
+            let version = encoder
+                .version(slot)
+                .map(|stamped| crate::restamp::if_overtaken(encoder, slot, stamped, mark));
             log.change(op, version, |out| {
                 encoder.push_key(out, slot);
                 out.null_element();
@@ -161,7 +167,7 @@ unsafe fn log_whole(
         } else {
             // The row is gone, but its key gets a new version all the same: the
             // tombstone is newer than anything a client holds for that key.
-            log.change(op, Some(crate::versions::next()), |out| {
+            log.change(op, Some(crate::versions::next_tombstone()), |out| {
                 encoder.push_key(out, slot);
                 encoder.push_row(out, slot);
                 out.null_element();
@@ -175,6 +181,7 @@ unsafe fn capture_updates(
     mut news: TransitionReader,
     encoder: &mut RowEncoder,
     log: &mut StatementLog,
+    mark: Option<i64>,
 ) {
     unsafe {
         // Postgres fills both transition tables in step: read them side by side, and
@@ -194,7 +201,7 @@ unsafe fn capture_updates(
                 log_update(log, encoder, olds.slot, news.slot);
             }
         } else {
-            capture_rekeyed_updates(encoder, log, olds.copy_all(), news.copy_all());
+            capture_rekeyed_updates(encoder, log, olds.copy_all(), news.copy_all(), mark);
         }
     }
 }
@@ -206,6 +213,7 @@ unsafe fn capture_rekeyed_updates(
     log: &mut StatementLog,
     olds: Vec<*mut pg_sys::TupleTableSlot>,
     news: Vec<*mut pg_sys::TupleTableSlot>,
+    mark: Option<i64>,
 ) {
     unsafe {
         let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -223,13 +231,13 @@ unsafe fn capture_rekeyed_updates(
         }
         for (i, &old) in olds.iter().enumerate() {
             if !paired[i] {
-                log_whole(log, encoder, b'd', old);
+                log_whole(log, encoder, b'd', old, mark);
             }
         }
         for (old, new) in pairs {
             match old {
                 Some(i) => log_update(log, encoder, olds[i], new),
-                None => log_whole(log, encoder, b'i', new),
+                None => log_whole(log, encoder, b'i', new, mark),
             }
         }
         for slot in olds.into_iter().chain(news) {

@@ -16,6 +16,8 @@ pub enum LivesyncError {
     NotInstalled,
     #[error("livesync's log tables do not have the layout this version of livesync writes")]
     LogTableChanged,
+    #[error("an insert into {0} waited for a concurrent delete of its key, and its _livesync_version is indexed, so it cannot be given a newer version in place")]
+    InsertOvertaken(String),
 }
 
 impl LivesyncError {
@@ -29,6 +31,7 @@ impl LivesyncError {
             LivesyncError::LogTableChanged => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
+            LivesyncError::InsertOvertaken(_) => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
         }
     }
 
@@ -41,6 +44,9 @@ impl LivesyncError {
                 "Call livesync.untrack() and livesync.track() on the table to repair its capture."
             }
             LivesyncError::NotInstalled => "Run CREATE EXTENSION livesync in this database.",
+            LivesyncError::InsertOvertaken(_) => {
+                "Retry the transaction: the delete has committed, so the retry's row gets a version after its tombstone. Dropping the index on _livesync_version avoids this."
+            }
             LivesyncError::LogTableChanged => {
                 "The extension's tables are from another livesync version: run ALTER EXTENSION livesync UPDATE (before the first release there are no upgrade scripts: untrack the tables, re-create the extension, track them again). Indexes added to livesync.changes must be plain column indexes."
             }

@@ -10,6 +10,7 @@
 //! - `tick`: a tick's reads and writes, as direct index scans and heap writes.
 //! - `worker`: the per-database background worker that runs the ticks.
 //! - `versions`: row versions, handed out in blocks from shared memory.
+//! - `restamp`: fresh versions for inserts that a concurrent delete's tombstone overtook.
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
 //! - `actor`: who a change is recorded as made by.
 //! - `owner`: running livesync's own reads and writes as the extension owner.
@@ -26,6 +27,7 @@ mod gucs;
 mod index_entries;
 mod log_writer;
 mod owner;
+mod restamp;
 mod row_json;
 mod sequencer;
 mod tick;

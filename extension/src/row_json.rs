@@ -316,6 +316,16 @@ impl RowEncoder {
             .all(|&i| unsafe { self.same_value(a, b, i) })
     }
 
+    /// The relation whose rows this encoder encodes.
+    pub fn relid(&self) -> pg_sys::Oid {
+        self.relid
+    }
+
+    /// 0-based index of `_livesync_version`.
+    pub fn version_column(&self) -> usize {
+        self.version_column
+    }
+
     /// The row's `_livesync_version`.
     pub unsafe fn version(&self, slot: *mut pg_sys::TupleTableSlot) -> Option<i64> {
         unsafe {
@@ -428,7 +438,7 @@ pub unsafe fn attr<'a>(tupdesc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::Form
 }
 
 /// Column `i` (0-based) of a slot whose attributes have been deformed.
-unsafe fn column(slot: *mut pg_sys::TupleTableSlot, i: usize) -> (pg_sys::Datum, bool) {
+pub unsafe fn column(slot: *mut pg_sys::TupleTableSlot, i: usize) -> (pg_sys::Datum, bool) {
     unsafe {
         if ((*slot).tts_nvalid as usize) <= i {
             pg_sys::slot_getsomeattrs_int(slot, (i + 1) as i32);

@@ -8,7 +8,10 @@
 //! size (1000), so one `nextval` reserves a whole block, and the values in it are
 //! handed out in order under a lightweight lock. Why a row's versions still grow:
 //! - A row's next write waits for the previous writer to commit (its row lock), so
-//!   it draws its version strictly later.
+//!   it draws its version strictly later. The exception is an insert, stamped
+//!   before it checks its key: one that waited for a delete of that key is
+//!   re-stamped at the end of its statement (`restamp.rs`, using the tombstone mark
+//!   kept here). Without preloading there is no mark and no re-stamping.
 //! - Values of one block are handed out in increasing order, and any block drawn
 //!   later starts past every value of the earlier ones (the sequence moves by a
 //!   whole block per draw, and a block never outlives a newer one in its slot).
@@ -41,6 +44,11 @@ struct Block {
     end: i64,
     /// When it was drawn, in refills since start (picks the slot to take over).
     drawn: u64,
+    /// The highest version given to a delete's tombstone in this database (or, after
+    /// a slot was taken over, the first version of the new block: what happened
+    /// before is unknown). An insert stamped below it may have waited for that
+    /// delete, so capture re-stamps it (`restamp.rs`).
+    tombstones: i64,
 }
 
 #[derive(Copy, Clone, Default)]
@@ -92,15 +100,20 @@ pub fn next() -> i64 {
     blocks.refills += 1;
     let drawn = blocks.refills;
     let mine = |b: &Block| b.database == database && b.sequence == sequence_id;
-    let index = match blocks.slots.iter().position(mine) {
+    let (index, tombstones) = match blocks.slots.iter().position(mine) {
         // Another backend drew a newer block meanwhile: keep it (values it handed
         // out may be above ours), use only our first value, itself newer than any
         // version handed out before this call began.
         Some(i) if blocks.slots[i].end > first => return first,
-        Some(i) => i,
-        None => (0..SLOTS)
-            .min_by_key(|&i| blocks.slots[i].drawn)
-            .expect("there are slots"),
+        Some(i) => (i, blocks.slots[i].tombstones),
+        // Taking a slot over: which tombstones this database had is lost, so every
+        // version before this block counts as possibly below one.
+        None => (
+            (0..SLOTS)
+                .min_by_key(|&i| blocks.slots[i].drawn)
+                .expect("there are slots"),
+            first,
+        ),
     };
     blocks.slots[index] = Block {
         database,
@@ -108,8 +121,43 @@ pub fn next() -> i64 {
         next: first + 1,
         end: first.saturating_add(size),
         drawn,
+        tombstones,
     };
     first
+}
+
+/// The next version, for a delete's tombstone: also raises the database's tombstone
+/// mark (see `tombstone_mark`).
+pub fn next_tombstone() -> i64 {
+    let version = next();
+    if PRELOADED.load(Ordering::Relaxed) {
+        let database = u32::from(unsafe { pg_sys::MyDatabaseId });
+        let mut blocks = BLOCKS.exclusive();
+        // No slot (taken over meanwhile): the next block's mark starts past this.
+        if let Some(block) = blocks.slots.iter_mut().find(|b| b.database == database) {
+            block.tombstones = block.tombstones.max(version);
+        }
+    }
+    version
+}
+
+/// A version every tombstone handed out so far in this database is at or below,
+/// or None when livesync is not preloaded (no shared memory to keep it in). An
+/// insert whose version is below the mark may have been stamped before it waited
+/// for a delete of its key that drew its tombstone later.
+pub fn tombstone_mark() -> Option<i64> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let database = u32::from(unsafe { pg_sys::MyDatabaseId });
+    let blocks = BLOCKS.share();
+    Some(
+        blocks
+            .slots
+            .iter()
+            .find(|b| b.database == database)
+            .map_or(i64::MAX, |b| b.tombstones),
+    )
 }
 
 /// `pg_sequence`'s row layout (catalog/pg_sequence.h; pgrx does not bind it).

@@ -111,3 +111,106 @@ fn a_recreated_extension_draws_versions_from_its_new_sequence() {
         .unwrap();
     assert_eq!(version_of_a_new_row(&mut client, "third"), 1);
 }
+
+/// The sequence that made a version go back: A updates row 1 and holds it; B's
+/// insert of the same key (`statement`) is stamped, then waits for A; A deletes the
+/// row and commits, its tombstone drawn after B's stamp. B's insert must still be
+/// logged, and stored, with a version above the tombstone. Returns B's outcome.
+fn insert_waiting_for_a_delete(
+    name: &str,
+    setup: &str,
+    statement: &'static str,
+) -> (Result<u64, postgres::Error>, Client, TestDb) {
+    let db = TestDb::create(name);
+    let mut admin = db.connect_with(Sequencer::Commit);
+    assert_preloaded(&mut admin);
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE t (id int PRIMARY KEY, a int);
+             INSERT INTO t VALUES (1, 0);
+             SELECT livesync.track('t');
+             {setup}"
+        ))
+        .unwrap();
+    let mut a = db.connect_with(Sequencer::Commit);
+    a.batch_execute("BEGIN; UPDATE t SET a = 5 WHERE id = 1")
+        .unwrap();
+    let mut b = db.connect_with(Sequencer::Commit);
+    let b_pid: i32 = b.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let inserting = std::thread::spawn(move || {
+        let outcome = b.execute(statement, &[]);
+        (outcome, b)
+    });
+    let mut observer = db.connect();
+    livesync_e2e::wait_until("B waits for A", || {
+        livesync_e2e::waits_on_lock(&mut observer, b_pid)
+    });
+    a.batch_execute("DELETE FROM t WHERE id = 1; COMMIT")
+        .unwrap();
+    let (outcome, _b) = inserting.join().unwrap();
+    (outcome, admin, db)
+}
+
+/// Every change of row 1 in log order has a larger version than the one before,
+/// and the row holds the last one.
+fn assert_versions_grow_for_row_1(admin: &mut Client) {
+    let logged = admin
+        .query(
+            "SELECT op, version FROM livesync.changes_since(0, 100000)
+             WHERE key = '{\"id\": 1}' ORDER BY position",
+            &[],
+        )
+        .unwrap();
+    let ops: Vec<String> = logged.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ops, ["update", "delete", "insert"]);
+    let versions: Vec<i64> = logged.iter().map(|r| r.get(1)).collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions of row 1 in log order went back: {versions:?}"
+    );
+    let stored: i64 = admin
+        .query_one("SELECT _livesync_version FROM t WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        Some(&stored),
+        versions.last(),
+        "the row holds the logged version"
+    );
+}
+
+#[test]
+fn an_upsert_that_waited_for_a_delete_gets_a_version_after_the_tombstone() {
+    let (outcome, mut admin, _db) = insert_waiting_for_a_delete(
+        "versions_upsert_after_delete",
+        "",
+        "INSERT INTO t VALUES (1, 9) ON CONFLICT (id) DO UPDATE SET a = excluded.a",
+    );
+    assert_eq!(outcome.unwrap(), 1);
+    assert_versions_grow_for_row_1(&mut admin);
+}
+
+#[test]
+fn a_plain_insert_that_waited_for_a_delete_gets_a_version_after_the_tombstone() {
+    let (outcome, mut admin, _db) = insert_waiting_for_a_delete(
+        "versions_insert_after_delete",
+        "",
+        "INSERT INTO t VALUES (1, 9)",
+    );
+    assert_eq!(outcome.unwrap(), 1);
+    assert_versions_grow_for_row_1(&mut admin);
+}
+
+#[test]
+fn an_overtaken_insert_with_an_indexed_version_is_refused_for_retry() {
+    let (outcome, mut admin, _db) = insert_waiting_for_a_delete(
+        "versions_indexed_after_delete",
+        "CREATE INDEX ON t (_livesync_version);",
+        "INSERT INTO t VALUES (1, 9)",
+    );
+    let error = outcome.expect_err("the insert cannot be re-stamped in place");
+    assert_eq!(error.code().map(|c| c.code()), Some("40001"), "{error}");
+    // The retry stamps after the delete committed.
+    admin.batch_execute("INSERT INTO t VALUES (1, 9)").unwrap();
+    assert_versions_grow_for_row_1(&mut admin);
+}
