@@ -21,10 +21,11 @@ CREATE TABLE livesync.changes (
     -- transactions they sequence by it (see sequencer.rs).
     commit_seq int8   NOT NULL,
     relation regclass NOT NULL,
-    op       "char"   NOT NULL, -- i(nsert), u(pdate), d(elete), t(runcate), c(ommit marker: no changes)
+    op       "char"   NOT NULL, -- i(nsert), u(pdate), d(elete), t(runcate), s(chema), c(ommit marker: no changes)
     -- One [key, old, new, version] array per change, in ordinal order. An insert
     -- has no old (JSON null), a delete no new, an update holds only the changed
-    -- columns on both sides; a truncate is all nulls.
+    -- columns on both sides; a truncate is all nulls; a schema change has no key
+    -- and {"columns": [{name, type}, ...]} before and after.
     entries  jsonb    NOT NULL,
     actor    text     NOT NULL,
     -- Set when the changes were made by livesync.write for a client mutation, so
@@ -115,6 +116,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
             WHEN 'i' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('new', v)) FROM jsonb_each(new) AS e(k, v))
             WHEN 'd' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('old', v)) FROM jsonb_each(old) AS e(k, v))
             WHEN 'u' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('old', old -> k, 'new', v)) FROM jsonb_each(new) AS e(k, v))
+            WHEN 's' THEN jsonb_build_object('columns', jsonb_build_object('old', old -> 'columns', 'new', new -> 'columns'))
         END,
         '{}'::jsonb)
 $$;
@@ -196,7 +198,7 @@ BEGIN
     )
     SELECT t.first_position + c.ordinal + e.n - 2,
            c.relation,
-           CASE c.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete' WHEN 't' THEN 'truncate' END,
+           CASE c.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete' WHEN 't' THEN 'truncate' WHEN 's' THEN 'schema' END,
            nullif(e.change -> 0, 'null'),
            livesync._delta(c.op, e.change -> 1, e.change -> 2),
            (e.change ->> 3)::bigint,

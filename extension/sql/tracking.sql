@@ -7,7 +7,10 @@ CREATE TABLE livesync._tracked (
     -- table (see writes.sql and livesync.set_policy / set_conflict_rules).
     default_policy  text        NOT NULL DEFAULT 'lww',
     existing_insert text        NOT NULL DEFAULT 'merge',
-    delete_race     text        NOT NULL DEFAULT 'delete_wins'
+    delete_race     text        NOT NULL DEFAULT 'delete_wins',
+    -- The columns (livesync._shape) as of the last change logged for this table:
+    -- a DDL that changes them is logged as a schema change.
+    shape           jsonb       NOT NULL DEFAULT '[]'
 );
 SELECT pg_catalog.pg_extension_config_dump('livesync._tracked', '');
 
@@ -22,6 +25,17 @@ SELECT t.relation,
        t.tracked_at
 FROM livesync._tracked t;
 COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key.';
+
+-- A table's columns as readers see them: name and type, in column order, without
+-- livesync's own. A schema change in the log carries this list before and after.
+CREATE FUNCTION livesync._shape(rel regclass) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod))
+                              ORDER BY a.attnum), '[]')
+    FROM pg_attribute a
+    WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+      AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
+$$;
 
 CREATE FUNCTION livesync.track(rel regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE STRICT AS $$
@@ -71,7 +85,7 @@ BEGIN
                     FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
     EXECUTE format('CREATE TRIGGER livesync_capture_truncate AFTER TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
-    INSERT INTO livesync._tracked (relation) VALUES (rel);
+    INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel));
 END
 $$;
 COMMENT ON FUNCTION livesync.track(regclass) IS
@@ -138,13 +152,19 @@ BEGIN
 END
 $$;
 
+-- After DDL on tracked tables: refuse what would break capture, reset column
+-- policies that no longer fit their column's type, and log a change of columns.
+-- SECURITY DEFINER: it writes livesync's own tables, which the role running the DDL
+-- (the table's owner) has no privileges on.
 CREATE FUNCTION livesync._on_ddl_end() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     broken record;
+    stale  record;
+    new_shape jsonb;
 BEGIN
     FOR broken IN
-        SELECT t.relation,
+        SELECT t.relation, t.shape,
                NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.relation AND i.indisprimary) AS no_key,
                NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
                            AND a.attname = '_livesync_version' AND NOT a.attisdropped
@@ -165,9 +185,33 @@ BEGIN
                 USING ERRCODE = 'LS005',
                       HINT = format('Call livesync.untrack(%L) first.', broken.relation);
         END IF;
+        -- A policy set for the column's old type (a union on what is now text, a sum
+        -- on what is now a string) would merge garbage: back to the table default.
+        FOR stale IN
+            SELECT p.attnum, p.policy, a.attname, a.atttypid, a.attisdropped
+            FROM livesync._policies p
+            JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum
+            WHERE p.relation = broken.relation
+              AND (a.attisdropped OR NOT livesync._policy_fits(p.policy, a.atttypid))
+        LOOP
+            DELETE FROM livesync._policies WHERE relation = broken.relation AND attnum = stale.attnum;
+            IF NOT stale.attisdropped THEN
+                RAISE NOTICE 'policy % of column "%" of % does not fit its new type %: the column now uses the table''s default policy',
+                    stale.policy, stale.attname, broken.relation, format_type(stale.atttypid, NULL);
+            END IF;
+        END LOOP;
+        new_shape := livesync._shape(broken.relation);
+        IF new_shape IS DISTINCT FROM broken.shape THEN
+            PERFORM livesync._log_schema_change(broken.relation, broken.shape, new_shape);
+            UPDATE livesync._tracked SET shape = new_shape WHERE relation = broken.relation;
+        END IF;
+        PERFORM livesync._forget_write_settings(broken.relation);
     END LOOP;
 END
 $$;
+
+-- Only the DDL trigger logs schema changes: nobody may forge them.
+REVOKE EXECUTE ON FUNCTION livesync._log_schema_change(oid, jsonb, jsonb) FROM PUBLIC;
 
 CREATE EVENT TRIGGER livesync_sql_drop ON sql_drop EXECUTE FUNCTION livesync._on_sql_drop();
 CREATE EVENT TRIGGER livesync_ddl_end ON ddl_command_end

@@ -61,6 +61,28 @@ GRANT SELECT ON livesync.conflicts TO PUBLIC;
 COMMENT ON VIEW livesync.conflicts IS
     'Conflicts on manual-policy columns (open ones have resolved_at NULL); settle them with livesync.resolve_conflict().';
 
+-- Whether a column policy can merge values of a type (a domain counts as its base
+-- type). Checked by set_policy, and again after DDL changes a column's type.
+CREATE FUNCTION livesync._policy_fits(policy text, type_oid oid) RETURNS bool
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE policy
+        -- sum: the types whose + is exact arithmetic on the same type (not money
+        -- or oid, whose category is also numeric).
+        WHEN 'sum' THEN b.base IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype,
+                                   'numeric'::regtype, 'float4'::regtype, 'float8'::regtype)
+        WHEN 'max' THEN b.category IN ('N', 'D', 'T', 'S') AND b.base <> 'oid'::regtype
+        WHEN 'min' THEN b.category IN ('N', 'D', 'T', 'S') AND b.base <> 'oid'::regtype
+        WHEN 'union' THEN b.category = 'A' OR b.base IN ('json'::regtype, 'jsonb'::regtype)
+        WHEN 'append' THEN b.category = 'A' OR b.base IN ('json'::regtype, 'jsonb'::regtype)
+        WHEN 'concat' THEN b.category = 'S'
+        ELSE true
+    END
+    FROM (SELECT coalesce(bt.typcategory, t.typcategory) AS category,
+                 coalesce(nullif(t.typbasetype, 0), t.oid)::regtype AS base
+          FROM pg_type t LEFT JOIN pg_type bt ON bt.oid = t.typbasetype
+          WHERE t.oid = type_oid) AS b
+$$;
+
 CREATE FUNCTION livesync.set_policy(rel regclass, column_name text, policy text) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -94,13 +116,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Policies: lww, server_wins, client_wins, max, min, sum, union, append, concat, manual.';
     END IF;
-    IF (policy = 'sum' AND col.category <> 'N')
-       OR (policy IN ('max', 'min') AND col.category NOT IN ('N', 'D', 'T', 'S'))
-       OR (policy IN ('union', 'append') AND col.category <> 'A' AND col.basetype NOT IN ('json'::regtype, 'jsonb'::regtype))
-       OR (policy = 'concat' AND col.category <> 'S') THEN
+    IF NOT livesync._policy_fits(policy, col.atttypid) THEN
         RAISE EXCEPTION 'policy % does not fit column "%" of type %', policy, column_name, format_type(col.atttypid, NULL)
             USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'sum: numbers; max and min: numbers, text, dates and times; union and append: arrays or json arrays; concat: text.';
+                  HINT = 'sum: integer, numeric and floating-point types; max and min: numbers, text, dates and times; union and append: arrays or json arrays; concat: text.';
     END IF;
     INSERT INTO livesync._policies (relation, attnum, policy) VALUES (rel, col.attnum, policy)
     ON CONFLICT ON CONSTRAINT _policies_pkey DO UPDATE SET policy = EXCLUDED.policy;

@@ -95,6 +95,23 @@ unsafe fn version_attnum(rel: pg_sys::Relation) -> Option<i32> {
     }
 }
 
+/// Logs a change of a tracked table's columns (from the DDL event trigger, which
+/// passes the column lists before and after) as one change of op `s`, in commit
+/// order with the table's row changes: a reader reloads the table when it sees one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _log_schema_change(rel: pg_sys::Oid, before: pgrx::JsonB, after: pgrx::JsonB) {
+    let entry = serde_json::json!([[
+        null,
+        { "columns": before.0 },
+        { "columns": after.0 },
+        null
+    ]]);
+    let entries = pgrx::IntoDatum::into_datum(pgrx::JsonB(entry)).expect("jsonb has a datum");
+    crate::owner::as_extension_owner(|| unsafe {
+        crate::log_writer::append_one(rel, b's', entries)
+    });
+}
+
 #[pg_trigger]
 fn _capture<'a>(
     trigger: &'a PgTrigger<'a>,

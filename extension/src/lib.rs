@@ -47,7 +47,12 @@ extension_sql!(
 extension_sql_file!(
     "../sql/tracking.sql",
     name = "tracking",
-    requires = ["log", "stamp_version", capture::_capture]
+    requires = [
+        "log",
+        "stamp_version",
+        capture::_capture,
+        capture::_log_schema_change
+    ]
 );
 extension_sql_file!(
     "../sql/writes.sql",

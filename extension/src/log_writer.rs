@@ -272,6 +272,20 @@ impl LogAppender {
     }
 }
 
+/// Appends one log row of a single change (`entries` holds one entry) made to
+/// `relation` outside a statement's capture (a schema change).
+///
+/// # Safety
+/// Must run inside a transaction; `entries` must be a valid jsonb array.
+pub unsafe fn append_one(relation: pg_sys::Oid, op: u8, entries: pg_sys::Datum) {
+    unsafe {
+        let origin = crate::write::origin::current();
+        let mut appender = LogAppender::open(relation, origin.as_ref());
+        appender.append(op, 1, entries);
+        appender.close();
+    }
+}
+
 /// Seals the current transaction's log just before it commits: writes its commit
 /// sequence (the WAL insert position now) into its tail row, or, when a rolled-back
 /// savepoint took the tail with it, into a commit marker row of no changes.

@@ -42,3 +42,50 @@ INSERT INTO boards VALUES (1, 'still captured');
 SELECT pos, relation, op, key FROM log_after(:p2);
 -- the log keeps the dropped table's history, shown by its old oid
 SELECT count(*) > 0 AS history_kept FROM livesync.changes_since(:p0) WHERE relation::text ~ '^[0-9]+$';
+
+-- a renamed column and a column added with a default reach readers as schema
+-- changes, in commit order with the row changes around them
+CREATE TABLE memos (id int PRIMARY KEY, body text);
+SELECT livesync.track('memos');
+INSERT INTO memos VALUES (1, 'a');
+SELECT livesync.current_position() AS p3 \gset
+BEGIN;
+ALTER TABLE memos RENAME COLUMN body TO text_body;
+UPDATE memos SET text_body = 'b' WHERE id = 1;
+COMMIT;
+ALTER TABLE memos ADD COLUMN x int DEFAULT 5;
+-- DDL that leaves the columns as they were logs nothing
+ALTER TABLE memos ALTER COLUMN x SET DEFAULT 6;
+CREATE INDEX ON memos (x);
+SELECT pos, op, key, delta FROM log_after(:p3);
+-- nobody but the DDL trigger can log one
+CREATE ROLE livesync_forger;
+GRANT USAGE ON SCHEMA livesync TO livesync_forger;
+SET ROLE livesync_forger;
+SELECT expect_error($$SELECT livesync._log_schema_change('memos'::regclass, '[]', '[]')$$);
+RESET ROLE;
+REVOKE USAGE ON SCHEMA livesync FROM livesync_forger;
+DROP ROLE livesync_forger;
+
+-- a column policy that no longer fits its column's type after ALTER COLUMN TYPE
+-- is reset (with a NOTICE), so a merge never uses it on the new type
+CREATE TABLE tagged (id int PRIMARY KEY, tags text[], n int, label text);
+SELECT livesync.track('tagged');
+SELECT livesync.set_policy('tagged', 'tags', 'union');
+SELECT livesync.set_policy('tagged', 'n', 'sum');
+SELECT livesync.set_policy('tagged', 'label', 'concat');
+INSERT INTO tagged VALUES (1, '{a}', 1, 'x');
+ALTER TABLE tagged ALTER COLUMN tags TYPE text USING tags::text;
+ALTER TABLE tagged ALTER COLUMN n TYPE text;
+-- still fits: kept
+ALTER TABLE tagged ALTER COLUMN label TYPE varchar(20);
+SELECT column_name, policy FROM livesync.policies WHERE relation = 'tagged'::regclass ORDER BY 1 NULLS FIRST;
+-- the merge uses the default (lww): the client's value, not a garbled union
+SELECT shown(livesync.write('tagged', 'update', '{"id": 1}', '{"tags": "{b}"}', NULL, '{"tags": "{z}"}'));
+SELECT tags FROM tagged;
+-- sum only on types whose + is plain arithmetic
+CREATE TABLE money_t (id int PRIMARY KEY, m money, o oid, r real);
+SELECT livesync.track('money_t');
+SELECT expect_error($$SELECT livesync.set_policy('money_t', 'm', 'sum')$$);
+SELECT expect_error($$SELECT livesync.set_policy('money_t', 'o', 'sum')$$);
+SELECT livesync.set_policy('money_t', 'r', 'sum');
