@@ -210,20 +210,47 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     mutation jsonb;
     result   jsonb;
-    results  jsonb := '[]';
+    -- Appending to an array variable is done in place (amortised O(1)); appending
+    -- to a jsonb array copied it every time, which made a batch quadratic.
+    results  jsonb[] := '{}';
     i        int := 0;
+    size     int;
+    maximum  int := coalesce(nullif(current_setting('livesync.max_batch_mutations', true), '')::int, 10000);
 BEGIN
     IF jsonb_typeof(mutations) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'mutations must be a JSON array of mutation objects' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
-        IF all_or_nothing THEN
-            result := livesync._checked(livesync._write_json(mutation));
-            IF result ->> 'status' = 'rejected' THEN
-                RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
-                    USING ERRCODE = 'LS007', DETAIL = result::text;
+    size := jsonb_array_length(mutations);
+    IF size > maximum THEN
+        RAISE EXCEPTION 'a batch of % mutations is larger than livesync.max_batch_mutations (%)', size, maximum
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'Split the batch, or raise livesync.max_batch_mutations.';
+    END IF;
+    IF all_or_nothing THEN
+        -- One subtransaction for the whole batch: any error (raised by a mutation or
+        -- a rejection) undoes everything and is reported as LS007 with the failing
+        -- mutation's result.
+        BEGIN
+            FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
+                result := livesync._checked(livesync._write_json(mutation));
+                IF result ->> 'status' = 'rejected' THEN
+                    RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
+                        USING ERRCODE = 'LS007', DETAIL = result::text;
+                END IF;
+                results := results || result;
+                i := i + 1;
+            END LOOP;
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE = 'LS007' THEN
+                RAISE;
             END IF;
-        ELSE
+            result := jsonb_build_object('status', 'rejected', 'reason', 'error',
+                                         'error', jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
+            RAISE EXCEPTION 'mutation % of the batch failed (%: %); nothing was applied', i, SQLSTATE, SQLERRM
+                USING ERRCODE = 'LS007', DETAIL = result::text;
+        END;
+    ELSE
+        FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
             -- Each mutation in a subtransaction of its own: one that fails is
             -- rolled back and reported, the others stand.
             BEGIN
@@ -232,11 +259,11 @@ BEGIN
                 result := jsonb_build_object('status', 'rejected', 'reason', 'error',
                                              'error', jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
             END;
-        END IF;
-        results := results || jsonb_build_array(result);
-        i := i + 1;
-    END LOOP;
-    RETURN results;
+            results := results || result;
+            i := i + 1;
+        END LOOP;
+    END IF;
+    RETURN to_jsonb(results);
 END
 $$;
 COMMENT ON FUNCTION livesync.write_batch(jsonb, boolean) IS

@@ -29,6 +29,10 @@ pub enum SequencerMode {
 /// lower rates it ticks as soon as a commit wakes it. 0 never waits.
 pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 
+/// `livesync.max_batch_mutations`: the most mutations one `write_batch` call takes
+/// (54000 beyond it). A batch is one transaction, holding its row locks to the end.
+pub static MAX_BATCH_MUTATIONS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 pub fn sequencer_mode() -> SequencerMode {
     SEQUENCER.get()
 }
@@ -43,6 +47,16 @@ pub fn init() {
         1000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"livesync.max_batch_mutations",
+        c"The most mutations one livesync.write_batch call takes.",
+        c"A larger batch is refused with SQLSTATE 54000; split it.",
+        &MAX_BATCH_MUTATIONS,
+        1,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
         c"livesync.sequencer",

@@ -188,6 +188,60 @@ fn eight_writers_counting_from_stale_bases_lose_no_increment() {
     assert_eq!(row(&mut client, 1)["likes"], 8 * 25);
 }
 
+/// The same mutation sent at once from 8 sessions, many times over: each is
+/// applied once, and every call returns the first result (none fails with 23505 on
+/// the idempotency record, as it did when the record was looked up in the same
+/// statement that waited for the lock).
+#[test]
+fn the_same_mutation_from_eight_sessions_is_applied_once_and_all_get_its_result() {
+    const ROUNDS: i64 = 40;
+    let (db, mut client) = setup("writes_same_mutation");
+    base_row(&mut client, 1);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let sessions: Vec<_> = (0..8)
+        .map(|_| {
+            let mut conn = connect(&db);
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                (0..ROUNDS)
+                    .map(|m| {
+                        barrier.wait();
+                        let result: Value = conn
+                            .query_one(
+                                "SELECT livesync.write('notes', 'update', '{\"id\": 1}', $1, NULL, $2, 'phone', $3)",
+                                &[&json!({"likes": 1}), &json!({"likes": 0}), &m],
+                            )
+                            .unwrap_or_else(|e| panic!("mutation {m}: {e}"))
+                            .get(0);
+                        result
+                    })
+                    .collect::<Vec<Value>>()
+            })
+        })
+        .collect();
+    let results: Vec<Vec<Value>> = sessions.into_iter().map(|s| s.join().unwrap()).collect();
+    for m in 0..ROUNDS as usize {
+        let first = &results[0][m];
+        assert_ne!(first["status"], "rejected", "{first}");
+        for session in &results[1..] {
+            assert_eq!(
+                &session[m], first,
+                "mutation {m}: every caller gets the first result"
+            );
+        }
+    }
+    // A sum of +1 per mutation: applied once each.
+    assert_eq!(row(&mut client, 1)["likes"], ROUNDS);
+    let logged: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT mutation_id) + count(*) FROM livesync.changes_since(0) WHERE client_id = 'phone'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 2 * ROUNDS, "one logged change per mutation");
+}
+
 /// Runs `sql` in a psql process of its own (a real client that can be killed).
 fn psql(db: &TestDb, sql: &str) -> std::process::Child {
     Command::new("psql")

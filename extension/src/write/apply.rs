@@ -39,7 +39,7 @@ impl Applied {
         match self {
             Applied::Value(value) => value,
             Applied::Jsonb(datum) => unsafe {
-                pgrx::JsonB::from_polymorphic_datum(datum, false, pg_sys::JSONBOID)
+                super::json::Json::from_polymorphic_datum(datum, false, pg_sys::JSONBOID)
                     .map(|j| j.0)
                     .unwrap_or(Value::Null)
             },

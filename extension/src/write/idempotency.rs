@@ -1,11 +1,21 @@
 //! `(client_id, mutation_id)` records: a mutation retried after it committed gets
 //! its first result back and changes nothing.
 //!
-//! The pair is locked (a transaction-scoped advisory lock) before it is looked up,
-//! so two sessions applying the same mutation at once take turns: the second
-//! finds the first's record once the first commits, or applies the mutation itself
-//! if the first rolled back. The record is written in the same transaction as the
-//! mutation's changes, so it exists exactly when they do.
+//! The client is locked (a transaction-scoped advisory lock) before the pair is
+//! looked up, so two sessions applying the same mutation at once take turns: the
+//! second finds the first's record once the first commits, or applies the mutation
+//! itself if the first rolled back. The lookup is a statement of its own, after the
+//! lock: in one statement its snapshot would predate the wait, miss the first's
+//! record, and the second would apply the mutation again (23505 on the record).
+//! The record is written in the same transaction as the mutation's changes, so it
+//! exists exactly when they do.
+//!
+//! The lock is per client, in one of `LOCK_BUCKETS` buckets, not per mutation:
+//! transaction-scoped locks are held to the end, and a batch of 20,000 mutations
+//! holding one lock each filled the shared lock table (new connections to every
+//! database failed with "out of shared memory"). A batch from one client now holds
+//! one lock; any batch at most `LOCK_BUCKETS`. Two clients sharing a bucket only
+//! wait for each other's commit.
 
 use super::statements::kept;
 use crate::owner::as_extension_owner;
@@ -14,12 +24,15 @@ use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
 use serde_json::Value;
 
-/// First key of livesync's advisory locks ("LS"); the second is a hash of the pair.
+/// First key of livesync's advisory locks ("LS"); the second is the client's bucket.
 const LOCK_CLASS: i32 = 0x4c53;
+/// How many distinct advisory locks mutation records can take.
+const LOCK_BUCKETS: i32 = 1024;
 
-const LOCK_AND_FIND: &str = "
-SELECT pg_advisory_xact_lock($3, hashtext($1 || ':' || $2::text)),
-       (SELECT m.result FROM livesync._mutations m WHERE m.client_id = $1 AND m.mutation_id = $2)";
+const LOCK: &str = "SELECT pg_advisory_xact_lock($2, hashtext($1) & $3)";
+
+const FIND: &str = "
+SELECT m.result FROM livesync._mutations m WHERE m.client_id = $1 AND m.mutation_id = $2";
 
 const RECORD: &str = "
 INSERT INTO livesync._mutations (client_id, mutation_id, result) VALUES ($1, $2, $3)";
@@ -33,27 +46,37 @@ impl MutationId {
     /// Waits for any other session applying the same mutation, then returns the
     /// result it committed, if it did.
     pub fn lock_and_find(&self, client: &SpiClient<'_>) -> Option<Value> {
-        let types = [
+        let lock_types = [
             PgOid::from(pg_sys::TEXTOID),
-            PgOid::from(pg_sys::INT8OID),
+            PgOid::from(pg_sys::INT4OID),
             PgOid::from(pg_sys::INT4OID),
         ];
-        let plan = kept(client, LOCK_AND_FIND, &types);
+        let lock = kept(client, LOCK, &lock_types);
+        let find_types = [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT8OID)];
+        let find = kept(client, FIND, &find_types);
         let found = as_extension_owner(|| {
+            client.select(
+                &*lock,
+                Some(1),
+                &[
+                    self.client_id.as_str().into(),
+                    LOCK_CLASS.into(),
+                    (LOCK_BUCKETS - 1).into(),
+                ],
+            )?;
             client
                 .select(
-                    &*plan,
+                    &*find,
                     Some(1),
-                    &[
-                        self.client_id.as_str().into(),
-                        self.mutation_id.into(),
-                        LOCK_CLASS.into(),
-                    ],
+                    &[self.client_id.as_str().into(), self.mutation_id.into()],
                 )
-                .and_then(|table| table.first().get::<JsonB>(2))
+                .and_then(|table| match table.is_empty() {
+                    true => Ok(None),
+                    false => table.first().get::<super::json::Json>(1),
+                })
         })
         .unwrap_or_else(|e| pgrx::error!("livesync: reading mutation records failed: {e}"));
-        found.map(|JsonB(result)| result)
+        found.map(|super::json::Json(result)| result)
     }
 
     pub fn record(&self, client: &SpiClient<'_>, result: &super::apply::Applied) {

@@ -8,6 +8,7 @@
 use super::hlc::Hlc;
 use super::policy::Policy;
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
 
 /// One column the client sent.
 pub struct ColumnInput<'a> {
@@ -141,19 +142,65 @@ pub fn merge_column(input: &ColumnInput, my_clock: &Hlc, ops: &mut dyn TypedOps)
             }
             None => ColumnMerge::NeedsBase,
         },
-        Policy::Union => computed(merge_lists(input.base, input.mine, input.theirs, true)),
-        Policy::Append => computed(merge_lists(input.base, input.mine, input.theirs, false)),
+        Policy::Union => computed(merge_lists(
+            input.column,
+            input.base,
+            input.mine,
+            input.theirs,
+            true,
+        )),
+        Policy::Append => computed(merge_lists(
+            input.column,
+            input.base,
+            input.mine,
+            input.theirs,
+            false,
+        )),
         Policy::Concat => computed(concat(input.mine, input.theirs)),
         Policy::Manual => settled(Decision::Manual, Some(contest("manual"))),
     }
 }
 
-/// An array's items; a NULL (or non-array) value counts as empty.
-fn items(value: &Value) -> &[Value] {
+/// An array's items; a NULL value counts as empty. Any other non-array value cannot
+/// be merged as a list: 22023, naming the column.
+fn items<'v>(column: &str, policy: &str, value: &'v Value) -> &'v [Value] {
     match value {
         Value::Array(items) => items,
-        _ => &[],
+        Value::Null => &[],
+        other => {
+            let message = format!(
+                "column \"{column}\" has policy {policy}, which merges arrays, but its value {} is not an array",
+                truncated(other)
+            );
+            pgrx::pg_sys::panic::ErrorReport::new(
+                pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                message,
+                "livesync",
+            )
+            .report(pgrx::PgLogLevel::ERROR);
+            unreachable!("ERROR-level reports do not return")
+        }
     }
+}
+
+/// A value for a message, cut short.
+fn truncated(value: &Value) -> String {
+    let mut text = value.to_string();
+    if text.len() > 80 {
+        let mut end = 77;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+/// An item's identity for set operations: its JSON text, which is equal exactly when
+/// the values are (numbers keep their spelling, object keys are sorted).
+fn identity(item: &Value) -> String {
+    item.to_string()
 }
 
 /// Sets (`union`, deduplicated) and ordered lists (`append`): the stored items, minus
@@ -161,33 +208,45 @@ fn items(value: &Value) -> &[Value] {
 /// base that are not already there (both sides adding the same item keeps one). With
 /// no base, every item the client sent counts as added and nothing as removed.
 /// Removals made by others stay removed: only the client's additions are added.
-fn merge_lists(base: Option<&Value>, mine: &Value, theirs: &Value, set: bool) -> Value {
-    let mine_items = items(mine);
-    let (removed, added): (Vec<&Value>, Vec<&Value>) = match base {
+/// Linear in the lists' lengths (hash sets): 40,000-item lists took 15 s when each
+/// lookup scanned a list.
+fn merge_lists(
+    column: &str,
+    base: Option<&Value>,
+    mine: &Value,
+    theirs: &Value,
+    set: bool,
+) -> Value {
+    let policy = if set { "union" } else { "append" };
+    let mine_items = items(column, policy, mine);
+    let theirs_items = items(column, policy, theirs);
+    let (removed, added): (HashSet<String>, Vec<&Value>) = match base {
         Some(base) => {
-            let base = items(base);
+            let base_items = items(column, policy, base);
+            let base_ids: HashSet<String> = base_items.iter().map(identity).collect();
+            let mine_ids: HashSet<String> = mine_items.iter().map(identity).collect();
             (
-                base.iter()
-                    .filter(|item| !mine_items.contains(item))
-                    .collect(),
+                base_ids.difference(&mine_ids).cloned().collect(),
                 mine_items
                     .iter()
-                    .filter(|item| !base.contains(item))
+                    .filter(|item| !base_ids.contains(&identity(item)))
                     .collect(),
             )
         }
-        None => (Vec::new(), mine_items.iter().collect()),
+        None => (HashSet::new(), mine_items.iter().collect()),
     };
-    let mut merged: Vec<Value> = Vec::new();
-    for item in items(theirs) {
-        let kept = !removed.contains(&item);
-        let duplicate = set && merged.contains(item);
-        if kept && !duplicate {
-            merged.push(item.clone());
+    let mut merged: Vec<Value> = Vec::with_capacity(theirs_items.len() + added.len());
+    let mut present: HashSet<String> = HashSet::with_capacity(merged.capacity());
+    for item in theirs_items {
+        let id = identity(item);
+        if removed.contains(&id) || (set && present.contains(&id)) {
+            continue;
         }
+        present.insert(id);
+        merged.push(item.clone());
     }
     for item in added {
-        if !merged.contains(item) {
+        if present.insert(identity(item)) {
             merged.push(item.clone());
         }
     }

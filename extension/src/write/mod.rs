@@ -8,6 +8,7 @@
 //! - `target`: a tracked table's key, columns and policies, and its statements.
 //! - `idempotency`, `conflicts`: the `(client_id, mutation_id)` records and the
 //!   stored `manual` conflicts.
+//! - `json`: jsonb read without serde_json's nesting limit.
 //! - `origin`: tells capture which mutation the current changes belong to.
 //! - `statements`: kept plans for the statements above.
 
@@ -15,6 +16,7 @@ mod apply;
 mod conflicts;
 mod hlc;
 mod idempotency;
+mod json;
 mod merge;
 mod mutation;
 pub mod origin;
@@ -170,10 +172,10 @@ unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> W
         let args = MutationArgs {
             relid: pgrx::fcinfo::pg_getarg::<pg_sys::Oid>(fcinfo, 0),
             op: pgrx::fcinfo::pg_getarg::<String>(fcinfo, 1),
-            key: pgrx::fcinfo::pg_getarg::<JsonB>(fcinfo, 2).map(|k| k.0),
-            new_values: pgrx::fcinfo::pg_getarg::<JsonB>(fcinfo, 3).map(|v| v.0),
+            key: pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 2).map(|k| k.0),
+            new_values: pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 3).map(|v| v.0),
             base_version: pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 4),
-            base_values: pgrx::fcinfo::pg_getarg::<JsonB>(fcinfo, 5).map(|v| v.0),
+            base_values: pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 5).map(|v| v.0),
             client_id: pgrx::fcinfo::pg_getarg::<String>(fcinfo, 6),
             mutation_id: pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 7),
             hlc: pgrx::fcinfo::pg_getarg::<String>(fcinfo, 8),

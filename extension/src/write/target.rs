@@ -6,6 +6,7 @@
 //! is written. Statements on the table run as the calling role: its privileges and
 //! row-level security apply, and capture records the change like any other.
 
+use super::json::Json;
 use super::merge::TypedOps;
 use super::policy::{DeleteRace, ExistingInsert, Policy};
 use super::statements::kept;
@@ -136,11 +137,11 @@ impl WriteTarget {
                 .select(&*plan, Some(1), &[relid.into()])
                 .and_then(|table| match table.is_empty() {
                     true => Ok(None),
-                    false => table.first().get_one::<JsonB>(),
+                    false => table.first().get_one::<Json>(),
                 })
         })
         .unwrap_or_else(|e| pgrx::error!("livesync: reading write settings failed: {e}"));
-        let Some(JsonB(meta)) = meta else {
+        let Some(Json(meta)) = meta else {
             return Err(WriteError::NotTracked(relation_display(relid)));
         };
         let text = |field: &str| meta[field].as_str().unwrap_or_default().to_string();
@@ -168,7 +169,10 @@ impl WriteTarget {
             .unwrap_or_default();
         Ok(WriteTarget {
             relid,
-            name: text("name"),
+            // The oid in a comment makes every statement's text (the key of the kept
+            // plans) differ from a dropped and re-created table's of the same name,
+            // whose kept plans would still carry the old row type.
+            name: format!("{} /* livesync {} */", text("name"), relid.to_u32()),
             display: text("display"),
             key,
             columns,
@@ -225,9 +229,9 @@ impl WriteTarget {
                 Some(1),
                 &[JsonB(Value::Object(values.clone())).into()],
             )
-            .and_then(|table| table.first().get_one::<JsonB>())
+            .and_then(|table| table.first().get_one::<Json>())
             .unwrap_or_else(|e| pgrx::error!("livesync: typing values failed: {e}"));
-        pick(typed.map(|JsonB(t)| t).unwrap_or(Value::Null), values)
+        pick(typed.map(|Json(t)| t).unwrap_or(Value::Null), values)
     }
 
     /// The row with this key, locked against concurrent writers until commit, and
@@ -258,18 +262,18 @@ impl WriteTarget {
                 }
                 let row = table.first();
                 Ok(Some((
-                    row.get::<JsonB>(1)?,
-                    row.get::<JsonB>(2)?,
-                    row.get::<JsonB>(3)?,
+                    row.get::<Json>(1)?,
+                    row.get::<Json>(2)?,
+                    row.get::<Json>(3)?,
                 )))
             })
             .unwrap_or_else(|e| {
                 pgrx::error!("livesync: reading a row of {} failed: {e}", self.display)
             });
         match found {
-            Some((Some(JsonB(row)), Some(JsonB(typed)), hashes)) => {
+            Some((Some(Json(row)), Some(Json(typed)), hashes)) => {
                 let mut row = StoredRow::from_json(row);
-                if let Some(JsonB(Value::Object(hashes))) = hashes {
+                if let Some(Json(Value::Object(hashes))) = hashes {
                     row.hashes = hashes;
                 }
                 Fetched {
@@ -312,7 +316,18 @@ impl WriteTarget {
                 )
             })
             .collect();
-        let new = format!("jsonb_build_object({})", items.join(", "));
+        // A function takes at most 100 arguments: one jsonb_build_object per 50
+        // columns, concatenated (wide tables have hundreds).
+        let new = items
+            .chunks(50)
+            .map(|chunk| format!("jsonb_build_object({})", chunk.join(", ")))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        let new = if new.is_empty() {
+            "'{}'::jsonb".to_string()
+        } else {
+            new
+        };
         if existing {
             format!("coalesce(livesync_t.{CLOCKS_COLUMN}, '{{}}'::jsonb) || {new}")
         } else {
@@ -496,13 +511,13 @@ impl WriteTarget {
                 if table.is_empty() {
                     Ok(None)
                 } else {
-                    table.first().get_one::<JsonB>()
+                    table.first().get_one::<Json>()
                 }
             })
             .unwrap_or_else(|e| {
                 pgrx::error!("livesync: statement on {} failed: {e}", self.display)
             });
-        row.map(|JsonB(row)| StoredRow::from_json(row))
+        row.map(|Json(row)| StoredRow::from_json(row))
     }
 
     /// One column's values combined by an SQL expression over `a`, `b`, `c` (the
@@ -534,9 +549,9 @@ impl WriteTarget {
             .collect();
         client
             .select(&*plan, Some(1), &args)
-            .and_then(|table| table.first().get_one::<JsonB>())
+            .and_then(|table| table.first().get_one::<Json>())
             .unwrap_or_else(|e| pgrx::error!("livesync: merging column {column} failed: {e}"))
-            .map(|JsonB(v)| v)
+            .map(|Json(v)| v)
             .unwrap_or(Value::Null)
     }
 }
