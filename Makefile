@@ -42,5 +42,6 @@ e2e:
 ## bench: the benchmarks; each prints ratios to a baseline measured in the same run
 bench: install
 	cargo run --release -q -p livesync-bench --bin doorbell
+	cargo run --release -q -p livesync-bench --bin batch
 	bench/capture/run
 	bench/writes/run
