@@ -40,13 +40,28 @@ $$;
 CREATE FUNCTION livesync.track(rel regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
-    kind "char";
+    kind        "char";
+    persistence "char";
+    partition   bool;
 BEGIN
-    SELECT relkind INTO kind FROM pg_class WHERE oid = rel;
+    SELECT relkind, relpersistence, relispartition INTO kind, persistence, partition
+    FROM pg_class WHERE oid = rel;
     IF kind IS DISTINCT FROM 'r' THEN
         RAISE EXCEPTION '% is not an ordinary table', rel
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'livesync tracks ordinary tables; views, partitioned tables and foreign tables cannot be tracked yet.';
+    END IF;
+    -- A temporary table vanishes with its session, leaving livesync's records of it
+    -- behind; and no other session (the bridge) could read it anyway.
+    IF persistence = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', rel
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'livesync tracks permanent (or unlogged) tables.';
+    END IF;
+    IF partition THEN
+        RAISE EXCEPTION '% is a partition', rel
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Partitioned tables cannot be tracked yet; neither can their partitions one by one.';
     END IF;
     IF rel::oid IN (SELECT objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
                     WHERE e.extname = 'livesync' AND d.classid = 'pg_class'::regclass) THEN

@@ -270,8 +270,15 @@ COMMENT ON FUNCTION livesync.write_batch(jsonb, boolean) IS
     'Applies an array of mutations in order in one transaction, one result each; all_or_nothing makes any rejection abort the batch (LS007).';
 
 CREATE FUNCTION livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb DEFAULT NULL) RETURNS jsonb
-LANGUAGE sql VOLATILE AS $$
-    SELECT livesync._checked(livesync._resolve_conflict(conflict_id, choice, value))
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF conflict_id IS NULL OR choice IS NULL THEN
+        RAISE EXCEPTION 'resolve_conflict needs a conflict id and a choice'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'choice is mine, theirs or value (with a value).';
+    END IF;
+    RETURN livesync._checked(livesync._resolve_conflict(conflict_id, choice, value));
+END
 $$;
 COMMENT ON FUNCTION livesync.resolve_conflict(bigint, text, jsonb) IS
     'Settles a stored conflict: mine (the client''s value), theirs (keep the stored value) or value (the given one); a captured write.';

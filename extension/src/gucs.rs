@@ -33,6 +33,10 @@ pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// (54000 beyond it). A batch is one transaction, holding its row locks to the end.
 pub static MAX_BATCH_MUTATIONS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// `livesync.max_clock_skew` (ms): how far ahead of the server's clock a client's
+/// hlc may be; a later wall time is clamped to now plus this.
+pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+
 pub fn sequencer_mode() -> SequencerMode {
     SEQUENCER.get()
 }
@@ -57,6 +61,16 @@ pub fn init() {
         1_000_000,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"livesync.max_clock_skew",
+        c"How far (ms) a client's hlc may be ahead of the server's clock; later ones are clamped.",
+        c"Bounds how long a client with a fast clock wins last-writer-wins merges.",
+        &MAX_CLOCK_SKEW_MS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_enum_guc(
         c"livesync.sequencer",

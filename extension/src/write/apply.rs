@@ -63,9 +63,17 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
     }
     let target = WriteTarget::cached(client, mutation.relid)?;
     check_key(&target, &mutation.key)?;
-    let mine = check_values(&target, &mutation.key, &mutation.new_values, true)?;
+    let (mine, respelled) = check_values(&target, &mutation.key, &mutation.new_values)?;
+    // A key column repeated in new_values in another spelling ("3" for 3, an
+    // upper-case uuid) is the same key if the column's type says so.
+    for column in respelled {
+        let sent = &mutation.new_values[&column];
+        if !target.same_typed(client, &column, &mutation.key[&column], sent) {
+            return Err(WriteError::KeyChange(column));
+        }
+    }
     let base = match &mutation.base_values {
-        Some(base) => Some(check_values(&target, &mutation.key, base, false)?),
+        Some(base) => Some(check_values(&target, &mutation.key, base)?.0),
         None => None,
     };
     let actor = crate::actor::current();
@@ -118,15 +126,16 @@ fn check_key(target: &WriteTarget, key: &Map<String, Value>) -> Result<(), Write
     }
 }
 
-/// The non-key columns of `values`, after checking that every column exists and
-/// that key columns (allowed for convenience) repeat the key.
+/// The non-key columns of `values`, after checking that every column exists, and
+/// the key columns (allowed for convenience) whose value is not spelled as in the
+/// key: the caller compares those in the column's type.
 fn check_values(
     target: &WriteTarget,
     key: &Map<String, Value>,
     values: &Map<String, Value>,
-    new_values: bool,
-) -> Result<Map<String, Value>, WriteError> {
+) -> Result<(Map<String, Value>, Vec<String>), WriteError> {
     let mut columns = Map::new();
+    let mut respelled = Vec::new();
     for (column, value) in values {
         if !target.columns.contains_key(column) {
             return Err(WriteError::UnknownColumn {
@@ -135,14 +144,14 @@ fn check_values(
             });
         }
         if target.is_key(column) {
-            if new_values && key.get(column) != Some(value) {
-                return Err(WriteError::KeyChange(column.clone()));
+            if key.get(column) != Some(value) {
+                respelled.push(column.clone());
             }
             continue;
         }
         columns.insert(column.clone(), value.clone());
     }
-    Ok(columns)
+    Ok((columns, respelled))
 }
 
 struct Write<'a> {
@@ -216,7 +225,7 @@ impl Write<'_> {
             Op::Insert => self.insert(client, false, row),
             Op::Upsert => self.insert(client, true, row),
             Op::Update => self.update(client, row),
-            Op::Delete => Ok(self.delete(client, row)),
+            Op::Delete => self.delete(client, row),
         }
     }
 
@@ -329,20 +338,28 @@ impl Write<'_> {
             }
             if let Some(row) = row.take() {
                 if upsert {
-                    return Ok(self.update_existing(client, row));
+                    return self.update_existing(client, row);
                 }
-                return Ok(match self.target.existing_insert {
-                    ExistingInsert::Reject => rejected("exists", Some(&row)),
+                return match self.target.existing_insert {
+                    ExistingInsert::Reject => Ok(rejected("exists", Some(&row))),
                     // The client did not know the row: every column it sends that
                     // differs from the stored value is contested, base unknown.
                     ExistingInsert::Merge => self.merge_and_write(client, row, true, None, true),
-                });
+                };
             }
             let mut row = self.key.clone();
             row.extend(self.mine.clone());
             let clocks = self.clock_entries(None, &self.mine, &self.clock(None));
             if let Some(stored) = self.target.insert(client, &row, &clocks) {
                 return Ok(result("applied", Some(&stored), &[], None));
+            }
+            // Nothing inserted and no row to be found: a trigger skipped the insert
+            // (no conflict with anything), or RLS hides the row it conflicted with.
+            if !self.target.exists_for_anyone(client, &self.key) {
+                return Err(WriteError::NoEffect(self.target.display.clone()));
+            }
+            if self.target.rls_applies() {
+                return Err(WriteError::Hidden(self.target.display.clone()));
             }
         }
         Err(WriteError::InsertRace(self.target.display.clone()))
@@ -354,7 +371,7 @@ impl Write<'_> {
         row: Option<StoredRow>,
     ) -> Result<Value, WriteError> {
         match row {
-            Some(row) => Ok(self.update_existing(client, row)),
+            Some(row) => self.update_existing(client, row),
             None if self.base_version.is_none() && self.base.is_none() => {
                 Ok(rejected("not_found", None))
             }
@@ -381,7 +398,11 @@ impl Write<'_> {
         }
     }
 
-    fn update_existing(&mut self, client: &mut SpiClient<'_>, row: StoredRow) -> Value {
+    fn update_existing(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        row: StoredRow,
+    ) -> Result<Value, WriteError> {
         let (merge, moved) = match (self.base_version, &self.base) {
             (None, None) => (false, false),
             (Some(version), _) if version == row.version => (false, false),
@@ -399,13 +420,13 @@ impl Write<'_> {
         merge: bool,
         base: Option<&Map<String, Value>>,
         moved: bool,
-    ) -> Value {
+    ) -> Result<Value, WriteError> {
         let clock = self.clock(Some(&row));
         let merged = self.merge(client, &row, merge, base, &clock);
         if let Some(column) = merged.needs_base {
             let mut result = rejected("needs_base", Some(&row));
             result["column"] = json!(column);
-            return result;
+            return Ok(result);
         }
         let mut conflict_ids = Vec::new();
         let origin = ConflictOrigin {
@@ -424,9 +445,15 @@ impl Write<'_> {
             row
         } else {
             let clocks = self.clock_entries(Some(&row), &merged.writes, &clock);
-            self.target
+            // The row is locked: an update that returns nothing was vetoed by a
+            // trigger, or an RLS policy lets the role see the row but not update it.
+            match self
+                .target
                 .update(client, &self.key, &merged.writes, &clocks, None)
-                .unwrap_or_else(|| pgrx::error!("livesync: a row locked for update disappeared"))
+            {
+                Some(stored) => stored,
+                None => return Err(self.vetoed(client)),
+            }
         };
         let status = if conflict_ids.iter().any(Option::is_some) {
             "conflict"
@@ -437,13 +464,28 @@ impl Write<'_> {
         };
         let contests: Vec<(&Contest, Option<i64>)> =
             merged.contests.iter().zip(conflict_ids).collect();
-        result(status, Some(&stored), &contests, None)
+        Ok(result(status, Some(&stored), &contests, None))
     }
 
-    fn delete(&mut self, client: &mut SpiClient<'_>, row: Option<StoredRow>) -> Value {
+    /// Why a statement on a row that exists had no effect: row-level security
+    /// (the row is there for a role that bypasses it, but the caller's policies
+    /// exclude it from this command) or else a trigger that returned NULL.
+    fn vetoed(&self, client: &SpiClient<'_>) -> WriteError {
+        if self.target.exists_for_anyone(client, &self.key) && self.target.rls_applies() {
+            WriteError::Hidden(self.target.display.clone())
+        } else {
+            WriteError::NoEffect(self.target.display.clone())
+        }
+    }
+
+    fn delete(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        row: Option<StoredRow>,
+    ) -> Result<Value, WriteError> {
         let Some(row) = row else {
             // Already gone: the state the client asked for.
-            return result("applied", None, &[], None);
+            return Ok(result("applied", None, &[], None));
         };
         let changed_since_base = self.base_version.is_some_and(|v| v != row.version)
             || self.base.as_ref().is_some_and(|base| {
@@ -451,10 +493,12 @@ impl Write<'_> {
                     .any(|(column, value)| row.values.get(column).unwrap_or(&Value::Null) != value)
             });
         if changed_since_base && self.target.delete_race == DeleteRace::UpdateWins {
-            return rejected("changed_since_base", Some(&row));
+            return Ok(rejected("changed_since_base", Some(&row)));
         }
-        self.target.delete(client, &self.key);
-        result("applied", None, &[], None)
+        if self.target.delete(client, &self.key).is_none() {
+            return Err(self.vetoed(client));
+        }
+        Ok(result("applied", None, &[], None))
     }
 }
 

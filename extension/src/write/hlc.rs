@@ -19,15 +19,22 @@ impl Hlc {
     pub fn parse(text: &str, default_node: &str) -> Result<Hlc, WriteError> {
         let bad = || WriteError::BadHlc(text.to_string());
         let mut parts = text.splitn(3, ':');
-        let wall_ms = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let wall_ms: u64 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
         let counter = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
         let node = match parts.next() {
             Some(node) if !node.is_empty() => node.to_string(),
             Some(_) => return Err(bad()),
             None => default_node.to_string(),
         };
+        // A clock far ahead of the server's would win last-writer-wins merges for as
+        // long as it stays ahead: clamped to livesync.max_clock_skew past now.
+        let skew = crate::gucs::MAX_CLOCK_SKEW_MS.get().max(0) as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         Ok(Hlc {
-            wall_ms,
+            wall_ms: wall_ms.min(now.saturating_add(skew)),
             counter,
             node,
         })

@@ -73,6 +73,14 @@ pub enum WriteError {
     BadChoice(String),
     #[error("choice value needs a value")]
     ValueMissing,
+    #[error("client_id is {0} bytes long; at most 256 are accepted")]
+    ClientIdTooLong(usize),
+    #[error("the write to {0} changed nothing: a BEFORE trigger on the table skipped the row")]
+    NoEffect(String),
+    #[error(
+        "a row of {0} with this key exists, but row-level security hides it from the current role"
+    )]
+    Hidden(String),
 }
 
 impl WriteError {
@@ -95,6 +103,8 @@ impl WriteError {
             WriteError::UnknownColumn { .. } => "42703",
             WriteError::UnknownTable(_) => "42P01",
             WriteError::InsertRace(_) => "40001",
+            WriteError::NoEffect(_) => "LS008",
+            WriteError::Hidden(_) => "42501",
             _ => "22023",
         }
     }
@@ -114,6 +124,13 @@ impl WriteError {
                 Some("The row was deleted since; resolve the conflict with 'theirs' to close it.".into())
             }
             WriteError::InsertRace(_) => Some("Retry the transaction.".into()),
+            WriteError::NoEffect(_) => Some(
+                "A trigger that returns NULL (or a rule) vetoed the statement livesync.write ran; check the table's triggers."
+                    .into(),
+            ),
+            WriteError::Hidden(_) => Some(
+                "The role needs a row-level security policy that lets it see (and update) the row.".into(),
+            ),
             _ => None,
         }
     }

@@ -1,6 +1,10 @@
 //! One client mutation, as `livesync.write` takes it or as an element of
 //! `livesync.write_batch`'s array, checked for shape before anything is read.
 
+/// The longest client_id accepted: it is stored with every mutation record and log
+/// row of the client (and a 1 MB one did not fit an index entry).
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
 use super::idempotency::MutationId;
 use super::WriteError;
 use pgrx::pg_sys;
@@ -77,6 +81,9 @@ impl MutationArgs {
             (_, None) => return Err(WriteError::Missing("new_values")),
         };
         let id = match (self.client_id, self.mutation_id) {
+            (Some(client_id), Some(_)) if client_id.len() > MAX_CLIENT_ID_BYTES => {
+                return Err(WriteError::ClientIdTooLong(client_id.len()))
+            }
             (Some(client_id), Some(mutation_id)) => Some(MutationId {
                 client_id,
                 mutation_id,

@@ -520,6 +520,56 @@ impl WriteTarget {
         row.map(|Json(row)| StoredRow::from_json(row))
     }
 
+    /// Whether a row with this key exists, whoever may see it (read as the
+    /// bootstrap superuser, to whom row-level security does not apply).
+    pub fn exists_for_anyone(&self, client: &SpiClient<'_>, key: &Map<String, Value>) -> bool {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} livesync_t, {} livesync_r WHERE {})",
+            self.name,
+            self.record(1),
+            self.key_match()
+        );
+        let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID)]);
+        as_extension_owner(|| {
+            client
+                .select(&*plan, Some(1), &[JsonB(Value::Object(key.clone())).into()])
+                .and_then(|table| table.first().get_one::<bool>())
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    }
+
+    /// Whether row-level security applies to the current role on this table.
+    pub fn rls_applies(&self) -> bool {
+        unsafe {
+            pg_sys::check_enable_rls(self.relid, pg_sys::InvalidOid, true)
+                == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+        }
+    }
+
+    /// Whether two values of a key column are equal in the column's own type
+    /// (`"3"`, `3` and `3.0` for an integer; any spelling of one uuid).
+    pub fn same_typed(&self, client: &SpiClient<'_>, column: &str, a: &Value, b: &Value) -> bool {
+        let c = spi::quote_identifier(column);
+        let sql = format!(
+            "SELECT livesync_a.{c} IS NOT DISTINCT FROM livesync_b.{c} FROM {} livesync_a, {} livesync_b",
+            self.record(1),
+            self.record(2)
+        );
+        let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID); 2]);
+        let record = |v: &Value| {
+            let mut record = Map::new();
+            record.insert(column.to_string(), v.clone());
+            JsonB(Value::Object(record))
+        };
+        client
+            .select(&*plan, Some(1), &[record(a).into(), record(b).into()])
+            .and_then(|table| table.first().get_one::<bool>())
+            .unwrap_or_else(|e| pgrx::error!("livesync: comparing key column {column} failed: {e}"))
+            .unwrap_or(false)
+    }
+
     /// One column's values combined by an SQL expression over `a`, `b`, `c` (the
     /// column read from three records), in the column's own type.
     fn combine(

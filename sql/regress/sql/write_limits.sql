@@ -90,3 +90,71 @@ SELECT livesync.track('again');
 SELECT livesync.write('again', 'insert', '{"id": 1}', '{"a": 2, "b": "x"}') ->> 'status' AS second_table;
 SELECT livesync.write('again', 'update', '{"id": 1}', '{"b": "y"}') ->> 'status' AS updated;
 SELECT id, b, a FROM again;
+
+-- errors that used to be internal ones now have documented codes and name the
+-- user's table
+CREATE TABLE vetoed (id int PRIMARY KEY, a int);
+SELECT livesync.track('vetoed');
+INSERT INTO vetoed VALUES (1, 0);
+CREATE FUNCTION skip_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+CREATE TRIGGER skip_update BEFORE UPDATE ON vetoed FOR EACH ROW EXECUTE FUNCTION skip_row();
+CREATE TRIGGER skip_insert BEFORE INSERT ON vetoed FOR EACH ROW EXECUTE FUNCTION skip_row();
+CREATE TRIGGER skip_delete BEFORE DELETE ON vetoed FOR EACH ROW EXECUTE FUNCTION skip_row();
+SELECT expect_error($$SELECT livesync.write('vetoed', 'update', '{"id": 1}', '{"a": 1}')$$);
+SELECT expect_error($$SELECT livesync.write('vetoed', 'update', '{"id": 1}', '{"a": 1}', 0, '{"a": 5}')$$);
+SELECT expect_error($$SELECT livesync.write('vetoed', 'insert', '{"id": 2}', '{"a": 1}')$$);
+SELECT expect_error($$SELECT livesync.write('vetoed', 'delete', '{"id": 1}', NULL)$$);
+SELECT id, a FROM vetoed;
+
+-- a row that row-level security hides from the writing role
+CREATE TABLE secrets (id int PRIMARY KEY, v text);
+SELECT livesync.track('secrets');
+INSERT INTO secrets VALUES (1, 'hidden');
+ALTER TABLE secrets ENABLE ROW LEVEL SECURITY;
+CREATE ROLE livesync_rls_role;
+GRANT USAGE ON SCHEMA livesync TO livesync_rls_role;
+GRANT SELECT, INSERT, UPDATE, DELETE ON secrets TO livesync_rls_role;
+CREATE POLICY visible ON secrets TO livesync_rls_role USING (v <> 'hidden') WITH CHECK (true);
+SET ROLE livesync_rls_role;
+SELECT expect_error($$SELECT livesync.write('secrets', 'upsert', '{"id": 1}', '{"v": "mine"}')$$);
+SELECT livesync.write('secrets', 'upsert', '{"id": 2}', '{"v": "seen"}') ->> 'status' AS visible_row;
+RESET ROLE;
+SELECT id, v FROM secrets ORDER BY id;
+DROP TABLE secrets;
+REVOKE USAGE ON SCHEMA livesync FROM livesync_rls_role;
+DROP ROLE livesync_rls_role;
+
+-- NULL arguments to resolve_conflict
+SELECT expect_error($$SELECT livesync.resolve_conflict(NULL, 'mine')$$);
+SELECT expect_error($$SELECT livesync.resolve_conflict(1, NULL)$$);
+
+-- temporary tables and partitions cannot be tracked
+CREATE TEMP TABLE scratch (id int PRIMARY KEY);
+SELECT expect_error($$SELECT livesync.track('scratch')$$);
+CREATE TABLE measures (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+CREATE TABLE measures_2026 PARTITION OF measures FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+SELECT expect_error($$SELECT livesync.track('measures_2026')$$);
+SELECT expect_error($$SELECT livesync.track('measures')$$);
+SELECT count(*) AS tracked_leftovers FROM livesync.tracked WHERE relation::text IN ('scratch', 'measures', 'measures_2026');
+
+-- a client_id longer than 256 bytes
+SELECT expect_error(format($$SELECT livesync.write('vetoed', 'update', '{"id": 1}', '{"a": 1}', NULL, NULL, %L, 1)$$, repeat('x', 100000)));
+
+-- a key column repeated in new_values is compared in its own type
+CREATE TABLE things (id uuid PRIMARY KEY, n int);
+SELECT livesync.track('things');
+INSERT INTO things VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 0);
+SELECT livesync.write('things', 'update', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}',
+                      '{"id": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "n": 1}') ->> 'status' AS same_key;
+SELECT expect_error($$SELECT livesync.write('things', 'update', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}', '{"id": "b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "n": 2}')$$);
+CREATE TABLE counted (id int PRIMARY KEY, n int);
+SELECT livesync.track('counted');
+INSERT INTO counted VALUES (3, 0);
+SELECT livesync.write('counted', 'update', '{"id": 3}', '{"id": "3", "n": 1}') ->> 'status' AS same_key;
+SELECT n FROM things UNION ALL SELECT n FROM counted;
+
+-- an hlc far ahead of the server's clock is clamped to livesync.max_clock_skew
+SELECT current_setting('livesync.max_clock_skew') AS max_clock_skew;
+SELECT livesync.write('counted', 'update', '{"id": 3}', '{"n": 9}', NULL, NULL, NULL, NULL, '18446744073709551615:0:fast') ->> 'status' AS written;
+SELECT (_livesync_clocks -> 'n' ->> 0)::numeric <= extract(epoch FROM clock_timestamp()) * 1000 + 60000 AS clamped
+FROM counted;
