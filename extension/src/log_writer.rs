@@ -223,6 +223,11 @@ unsafe fn write_tail(tail: HeldTail, commit_seq: i64) {
     unsafe {
         let mut appender =
             LogAppender::open_as(tail.relation, tail.actor, tail.client_id, tail.mutation_id);
+        // Forming, compressing and inserting the row allocate in the tail's own
+        // context, deleted right after, as a statement's runs do (rather than in
+        // TopTransactionContext, current at commit).
+        let outer = pg_sys::CurrentMemoryContext;
+        pg_sys::CurrentMemoryContext = tail.context;
         appender.insert(
             tail.first_ordinal,
             tail.count,
@@ -230,6 +235,7 @@ unsafe fn write_tail(tail: HeldTail, commit_seq: i64) {
             tail.op,
             tail.entries,
         );
+        pg_sys::CurrentMemoryContext = outer;
         appender.close();
         pg_sys::MemoryContextDelete(tail.context);
     }

@@ -243,3 +243,21 @@ fn is_root() -> bool {
         .map(|o| o.stdout.trim_ascii() == b"0")
         .unwrap_or(false)
 }
+
+/// A table for the lower-xid rounds: row 1 with two columns two sessions update.
+pub const TWO_WRITERS_TABLE: &str = "CREATE TABLE t (id int PRIMARY KEY, a int, b int);
+     INSERT INTO t VALUES (1, 0, 0);
+     SELECT livesync.track('t');";
+
+/// One round of the sequence that found xid-ordered ticks: `s1` takes an xid first
+/// and writes (column b) last; `s2` writes (column a) and commits in between. Commit
+/// order puts `s2`'s change first.
+pub fn lower_xid_commits_later(s1: &mut Client, s2: &mut Client, round: i32) {
+    s1.batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .unwrap();
+    s2.execute("UPDATE t SET a = $1 WHERE id = 1", &[&round])
+        .unwrap();
+    s1.execute("UPDATE t SET b = $1 WHERE id = 1", &[&round])
+        .unwrap();
+    s1.batch_execute("COMMIT").unwrap();
+}

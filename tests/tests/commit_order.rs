@@ -4,8 +4,8 @@
 //! and the sequencer worker terminated mid-stream.
 
 use livesync_e2e::{
-    changes_since, current_position, four_writers_insert_200_rows, next_ring, rings_through,
-    Change, Sequencer, TestDb,
+    changes_since, current_position, four_writers_insert_200_rows, lower_xid_commits_later,
+    next_ring, rings_through, Change, Sequencer, TestDb, TWO_WRITERS_TABLE,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -287,13 +287,7 @@ fn lower_xid_committing_later_comes_later(name: &str, sequencer: Sequencer, roun
         db.wait_for_worker();
     }
     let mut admin = db.connect();
-    admin
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, a int, b int);
-             INSERT INTO t VALUES (1, 0, 0);
-             SELECT livesync.track('t');",
-        )
-        .unwrap();
+    admin.batch_execute(TWO_WRITERS_TABLE).unwrap();
     let start = current_position(&mut admin);
     let mut s1 = db.connect_with(sequencer);
     let mut s2 = db.connect_with(sequencer);
@@ -310,13 +304,7 @@ fn lower_xid_committing_later_comes_later(name: &str, sequencer: Sequencer, roun
             }
             Sequencer::Commit => None,
         };
-        s1.batch_execute("BEGIN; SELECT pg_current_xact_id()")
-            .unwrap();
-        s2.execute("UPDATE t SET a = $1 WHERE id = 1", &[&round])
-            .unwrap();
-        s1.execute("UPDATE t SET b = $1 WHERE id = 1", &[&round])
-            .unwrap();
-        s1.batch_execute("COMMIT").unwrap();
+        lower_xid_commits_later(&mut s1, &mut s2, round);
         if let Some(blocker) = blocker.as_mut() {
             blocker.batch_execute("COMMIT").unwrap();
         }

@@ -6,7 +6,10 @@
 //! Alone in its test binary on purpose: cargo runs test binaries one after another,
 //! so crashing the server here cannot disturb the other tests.
 
-use livesync_e2e::{crash_and_restart_server, current_position, wait_until, Sequencer, TestDb};
+use livesync_e2e::{
+    crash_and_restart_server, current_position, lower_xid_commits_later, wait_until, Sequencer,
+    TestDb, TWO_WRITERS_TABLE,
+};
 use postgres::Client;
 
 #[test]
@@ -15,13 +18,7 @@ fn transactions_committed_before_a_crash_are_sequenced_in_commit_order_after_it(
     let db = TestDb::create("crash_order");
     db.wait_for_worker();
     let mut admin = db.connect();
-    admin
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, a int, b int);
-             INSERT INTO t VALUES (1, 0, 0);
-             SELECT livesync.track('t');",
-        )
-        .unwrap();
+    admin.batch_execute(TWO_WRITERS_TABLE).unwrap();
     let start = current_position(&mut admin);
     let mut blocker = db.connect();
     blocker
@@ -30,13 +27,7 @@ fn transactions_committed_before_a_crash_are_sequenced_in_commit_order_after_it(
     let mut s1 = db.connect_with(Sequencer::Auto);
     let mut s2 = db.connect_with(Sequencer::Auto);
     for round in 1..=ROUNDS {
-        s1.batch_execute("BEGIN; SELECT pg_current_xact_id()")
-            .unwrap();
-        s2.execute("UPDATE t SET a = $1 WHERE id = 1", &[&round])
-            .unwrap();
-        s1.execute("UPDATE t SET b = $1 WHERE id = 1", &[&round])
-            .unwrap();
-        s1.batch_execute("COMMIT").unwrap();
+        lower_xid_commits_later(&mut s1, &mut s2, round);
     }
     // Nothing was sequenced: the worker's tick waits for the blocker's lock.
     assert_eq!(current_position(&mut admin), start);

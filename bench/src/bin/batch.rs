@@ -7,32 +7,20 @@
 //! Environment: `BENCH_PG` (libpq key=value, default `host=127.0.0.1 port=5432
 //! user=postgres`), `BENCH_SIZES` ("1000 2000 4000 8000 10000").
 
-use postgres::{Client, NoTls};
+use livesync_bench::BenchDb;
 use std::time::Instant;
 
-const DATABASE: &str = "livesync_bench_batch";
-
 fn main() {
-    let server = std::env::var("BENCH_PG")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres".to_string());
     let sizes: Vec<i64> = std::env::var("BENCH_SIZES")
         .unwrap_or_else(|_| "1000 2000 4000 8000 10000".to_string())
         .split_whitespace()
         .map(|s| s.parse().expect("BENCH_SIZES: numbers"))
         .collect();
-    let mut admin = Client::connect(&format!("{server} dbname=postgres"), NoTls)
-        .expect("connect to the server (is PostgreSQL running with livesync installed?)");
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-        .unwrap();
-    let mut client = Client::connect(&format!("{server} dbname={DATABASE}"), NoTls).unwrap();
+    let db = BenchDb::create("livesync_bench_batch");
+    let mut client = db.connect();
     client
         .batch_execute(
-            "CREATE EXTENSION livesync;
-             CREATE TABLE items (id int PRIMARY KEY, n int);
+            "CREATE TABLE items (id int PRIMARY KEY, n int);
              SELECT livesync.track('items');",
         )
         .unwrap();
@@ -82,6 +70,4 @@ fn main() {
             batch / looped
         );
     }
-    drop(client);
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"));
 }

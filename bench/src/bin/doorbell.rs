@@ -13,26 +13,15 @@
 //! user=postgres`), `BENCH_RATES` ("100 1000"), `BENCH_SECONDS` (per variant and
 //! rate, default 10), `BENCH_SLICES` (5).
 
+use livesync_bench::BenchDb;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const DATABASE: &str = "livesync_bench_doorbell";
-
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn server() -> String {
-    env_or("BENCH_PG", "host=127.0.0.1 port=5432 user=postgres")
-}
-
-fn connect() -> Client {
-    Client::connect(&format!("{} dbname={DATABASE}", server()), NoTls)
-        .expect("connect to the bench database")
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -58,19 +47,11 @@ fn main() {
         .expect("BENCH_SECONDS");
     let slices: u32 = env_or("BENCH_SLICES", "5").parse().expect("BENCH_SLICES");
 
-    let mut admin = Client::connect(&format!("{} dbname=postgres", server()), NoTls)
-        .expect("connect to the server (is PostgreSQL running with livesync installed?)");
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-        .unwrap();
-    let mut setup = connect();
+    let db = BenchDb::create("livesync_bench_doorbell");
+    let mut setup = db.connect();
     setup
         .batch_execute(
-            "CREATE EXTENSION livesync;
-             CREATE TABLE tracked (id bigserial PRIMARY KEY, v int);
+            "CREATE TABLE tracked (id bigserial PRIMARY KEY, v int);
              SELECT livesync.track('tracked');
              CREATE TABLE plain (id bigserial PRIMARY KEY, v int);
              SELECT livesync._ensure_sequencer();",
@@ -104,7 +85,7 @@ fn main() {
                 [Variant::RawNotify, Variant::Livesync]
             };
             for variant in order {
-                let (name, mut measured, commits) = run_slice(variant, rate, slice);
+                let (name, mut measured, commits) = run_slice(&db, variant, rate, slice);
                 latencies.entry(name).or_default().append(&mut measured);
                 let entry = achieved.entry(name).or_default();
                 entry.0 += commits;
@@ -125,8 +106,6 @@ fn main() {
             );
         }
     }
-    drop(setup);
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"));
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -138,10 +117,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Runs one variant at `rate` commits/s for `seconds`; returns its name, the
 /// latency of every commit in ms, and how many commits it made.
-fn run_slice(variant: Variant, rate: u32, seconds: f64) -> (&'static str, Vec<f64>, usize) {
+fn run_slice(
+    db: &BenchDb,
+    variant: Variant,
+    rate: u32,
+    seconds: f64,
+) -> (&'static str, Vec<f64>, usize) {
     let heard: Arc<Mutex<Vec<Heard>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut listener = connect();
+    let mut listener = db.connect();
     listener
         .batch_execute("LISTEN livesync; LISTEN raw")
         .unwrap();
@@ -163,7 +147,7 @@ fn run_slice(variant: Variant, rate: u32, seconds: f64) -> (&'static str, Vec<f6
         })
     };
 
-    let mut writer = connect();
+    let mut writer = db.connect();
     let insert = writer
         .prepare("INSERT INTO tracked (v) VALUES (1) RETURNING pg_current_xact_id()::text")
         .unwrap();

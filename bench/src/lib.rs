@@ -1,0 +1,49 @@
+//! What the Rust benchmarks share: the server they measure and a database of their
+//! own on it, created afresh with livesync installed and dropped at the end.
+
+use postgres::{Client, NoTls};
+
+/// The server, from `BENCH_PG` (libpq key=value form).
+pub fn server() -> String {
+    std::env::var("BENCH_PG").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres".into())
+}
+
+/// A benchmark's own database, dropped again when this is dropped.
+pub struct BenchDb {
+    name: &'static str,
+}
+
+impl BenchDb {
+    /// Drops and creates database `name` and installs livesync in it.
+    pub fn create(name: &'static str) -> BenchDb {
+        let mut admin = Client::connect(&format!("{} dbname=postgres", server()), NoTls)
+            .expect("connect to the server (is PostgreSQL running with livesync installed?)");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let db = BenchDb { name };
+        db.connect()
+            .batch_execute("CREATE EXTENSION livesync")
+            .unwrap();
+        db
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&format!("{} dbname={}", server(), self.name), NoTls)
+            .expect("connect to the bench database")
+    }
+}
+
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = Client::connect(&format!("{} dbname=postgres", server()), NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
