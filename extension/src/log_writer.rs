@@ -23,6 +23,8 @@ use std::cell::RefCell;
 
 /// The columns of `livesync.changes`, in table order.
 const COLUMNS: usize = 10;
+/// `commit_seq`'s attribute number.
+const COMMIT_SEQ_ATTNUM: i32 = 4;
 
 /// Limits on one log row: a run of changes longer than either continues in a new
 /// row. They bound the memory a huge statement holds at once and keep every row far
@@ -107,9 +109,6 @@ impl StatementLog {
             return;
         };
         unsafe {
-            // A held-back tail of this level is written first (its ordinals come
-            // first in any case).
-            flush_held_here(0);
             let appender = self.appender.get_or_insert_with(|| {
                 let origin = crate::write::origin::current();
                 LogAppender::open(self.relation, origin.as_ref())
@@ -126,151 +125,14 @@ impl StatementLog {
         }
     }
 
-    /// Holds back the statement's last run as the transaction's tail (see
-    /// `HeldTail`) and closes the log.
+    /// Writes what is left and closes the log.
     pub fn finish(mut self) {
+        self.write_run();
         if let Some(appender) = self.appender.take() {
             appender.close();
         }
-        match self.run.take() {
-            Some(run) => unsafe { hold(self.relation, run, self.context) },
-            None => unsafe { pg_sys::MemoryContextDelete(self.context) },
-        }
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
-}
-
-/// A transaction's last run of changes, not yet written: it is written when the
-/// transaction's next statement at the same level writes to the log (with commit
-/// sequence 0), when the subtransaction that made it is released, or just before
-/// the transaction commits, with its commit sequence (`seal`). So the commit
-/// sequence costs no write of its own: it goes into a row written anyway.
-///
-/// Its ordinals are reserved when it is held, so whatever is written meanwhile
-/// (by a deeper subtransaction, which cannot write it: its rows would go if that
-/// subtransaction rolled back) still reads after it.
-struct HeldTail {
-    /// Holds `entries`, `actor` and `client_id`; a child of TopTransactionContext.
-    context: pg_sys::MemoryContext,
-    relation: pg_sys::Oid,
-    op: u8,
-    first_ordinal: i32,
-    count: i32,
-    entries: pg_sys::Datum,
-    /// Who made the changes and for which client mutation, as of their statement.
-    actor: pg_sys::Datum,
-    client_id: Option<pg_sys::Datum>,
-    mutation_id: Option<i64>,
-    /// The (sub)transaction that made them: the only one that may write them.
-    subxact: pg_sys::SubTransactionId,
-}
-
-thread_local! {
-    static HELD: RefCell<Option<HeldTail>> = const { RefCell::new(None) };
-}
-
-/// Makes `run` (collected in `context`, which it takes over) the held tail, after
-/// writing the previous one if this level holds it. When an outer level holds one,
-/// `run` is written now instead.
-unsafe fn hold(relation: pg_sys::Oid, mut run: Run, context: pg_sys::MemoryContext) {
-    unsafe {
-        flush_held_here(0);
-        let outer = pg_sys::CurrentMemoryContext;
-        pg_sys::CurrentMemoryContext = context;
-        run.entries.end_array();
-        let entries = run.entries.finish();
-        let actor = crate::actor::current_text();
-        let origin = crate::write::origin::current();
-        let client_id = origin.as_ref().map(|(client_id, _)| text_datum(client_id));
-        pg_sys::CurrentMemoryContext = outer;
-        let mutation_id = origin.map(|(_, mutation_id)| mutation_id);
-        let first_ordinal = sequencer::reserve_ordinals(run.count);
-        let tail = HeldTail {
-            context,
-            relation,
-            op: run.op,
-            first_ordinal,
-            count: run.count,
-            entries,
-            actor,
-            client_id,
-            mutation_id,
-            subxact: pg_sys::GetCurrentSubTransactionId(),
-        };
-        if holds_tail() {
-            write_tail(tail, 0);
-        } else {
-            pg_sys::MemoryContextSetParent(context, pg_sys::TopTransactionContext);
-            HELD.set(Some(tail));
-        }
-    }
-}
-
-/// Writes the held tail with `commit_seq` if the current (sub)transaction made it;
-/// returns whether it did.
-unsafe fn flush_held_here(commit_seq: i64) -> bool {
-    let here = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let mine = HELD.with(|held| held.borrow().as_ref().is_some_and(|h| h.subxact == here));
-    match mine.then(|| HELD.take()).flatten() {
-        Some(tail) => {
-            unsafe { write_tail(tail, commit_seq) };
-            true
-        }
-        None => false,
-    }
-}
-
-unsafe fn write_tail(tail: HeldTail, commit_seq: i64) {
-    unsafe {
-        let mut appender =
-            LogAppender::open_as(tail.relation, tail.actor, tail.client_id, tail.mutation_id);
-        // Forming, compressing and inserting the row allocate in the tail's own
-        // context, deleted right after, as a statement's runs do (rather than in
-        // TopTransactionContext, current at commit).
-        let outer = pg_sys::CurrentMemoryContext;
-        pg_sys::CurrentMemoryContext = tail.context;
-        appender.insert(
-            tail.first_ordinal,
-            tail.count,
-            commit_seq,
-            tail.op,
-            tail.entries,
-        );
-        pg_sys::CurrentMemoryContext = outer;
-        appender.close();
-        pg_sys::MemoryContextDelete(tail.context);
-    }
-}
-
-/// Whether the transaction holds a tail not yet written.
-pub fn holds_tail() -> bool {
-    HELD.with(|held| held.borrow().is_some())
-}
-
-/// A subtransaction is being released: a tail it made is written now, inside it,
-/// so that it commits (or rolls back) with its parent.
-///
-/// # Safety
-/// Must run at SUBXACT_EVENT_PRE_COMMIT_SUB.
-pub unsafe fn flush_released() {
-    if holds_tail() {
-        unsafe { crate::owner::as_extension_owner(|| flush_held_here(0)) };
-    }
-}
-
-/// A rollback to a savepoint: drops the held tail if it was made inside it.
-/// Subtransactions still open when one aborts were all started inside it, so they
-/// are the ones with an id at least as large.
-pub fn discard_aborted(subxact: pg_sys::SubTransactionId) {
-    let discard = HELD.with(|held| held.borrow().as_ref().is_some_and(|h| h.subxact >= subxact));
-    if let Some(held) = discard.then(|| HELD.take()).flatten() {
-        unsafe { pg_sys::MemoryContextDelete(held.context) };
-    }
-}
-
-/// The end of a transaction that did not commit its tail: its memory goes with the
-/// transaction's (a child of TopTransactionContext).
-pub fn forget_held() {
-    HELD.set(None);
 }
 
 /// Appends log rows for one statement's changes to one relation. Opens the log
@@ -297,28 +159,6 @@ impl LogAppender {
     /// Must run inside a transaction; call `close` when done.
     unsafe fn open(relation: pg_sys::Oid, origin: Option<&(String, i64)>) -> Self {
         unsafe {
-            let (client_id, mutation_id) = match origin {
-                Some((client_id, mutation_id)) => (Some(text_datum(client_id)), Some(*mutation_id)),
-                None => (None, None),
-            };
-            Self::open_as(
-                relation,
-                crate::actor::current_text(),
-                client_id,
-                mutation_id,
-            )
-        }
-    }
-
-    /// Opens the log for appending changes made by `actor` (for the client
-    /// mutation `client_id` / `mutation_id`, when given).
-    unsafe fn open_as(
-        relation: pg_sys::Oid,
-        actor: pg_sys::Datum,
-        client_id: Option<pg_sys::Datum>,
-        mutation_id: Option<i64>,
-    ) -> Self {
-        unsafe {
             let Some(table_oid) = livesync_relation(c"changes") else {
                 LivesyncError::NotInstalled.raise();
             };
@@ -335,15 +175,22 @@ impl LogAppender {
                 .iter()
                 .map(|index| pg_sys::index_open(index.oid, lock))
                 .collect();
+            let (client_id, mutation_id) = match origin {
+                Some((client_id, mutation_id)) => (
+                    Some(text_datum(client_id)),
+                    Some(pg_sys::Datum::from(*mutation_id)),
+                ),
+                None => (None, None),
+            };
             LogAppender {
                 table,
                 indexes,
                 layout,
                 relation,
                 fxid: pg_sys::GetTopFullTransactionId().value,
-                actor,
+                actor: crate::actor::current_text(),
                 client_id,
-                mutation_id: mutation_id.map(pg_sys::Datum::from),
+                mutation_id,
             }
         }
     }
@@ -358,11 +205,12 @@ impl LogAppender {
     unsafe fn append(&mut self, op: u8, count: i32, entries: pg_sys::Datum) {
         unsafe {
             let first_ordinal = sequencer::reserve_ordinals(count);
-            self.insert(first_ordinal, count, 0, op, entries);
+            let tid = self.insert(first_ordinal, count, 0, op, entries);
+            sequencer::note_tail(tid);
         }
     }
 
-    /// Inserts one log row and its index entries.
+    /// Inserts one log row and its index entries; returns where it went.
     unsafe fn insert(
         &mut self,
         ordinal: i32,
@@ -370,7 +218,7 @@ impl LogAppender {
         commit_seq: i64,
         op: u8,
         entries: pg_sys::Datum,
-    ) {
+    ) -> pg_sys::ItemPointerData {
         unsafe {
             let null = pg_sys::Datum::from(0usize);
             let mut values = [
@@ -405,7 +253,9 @@ impl LogAppender {
             for (&index, described) in self.indexes.iter().zip(&self.layout.indexes) {
                 index_entries::insert(index, described.info, self.table, tuple, &values, &nulls);
             }
+            let tid = (*tuple).t_self;
             pg_sys::heap_freetuple(tuple);
+            tid
         }
     }
 
@@ -430,38 +280,77 @@ impl LogAppender {
 pub unsafe fn append_one(relation: pg_sys::Oid, op: u8, entries: pg_sys::Datum) {
     unsafe {
         let origin = crate::write::origin::current();
-        flush_held_here(0);
         let mut appender = LogAppender::open(relation, origin.as_ref());
         appender.append(op, 1, entries);
         appender.close();
     }
 }
 
-/// Seals the current transaction's log just before it commits: writes its held
-/// tail with its commit sequence (the WAL insert position now), or, when there is
-/// none (a rolled-back savepoint took it, or the last changes were made in a
-/// subtransaction) but rows were written (`wrote_rows`), a commit marker row of no
-/// changes carrying it. Returns whether the transaction has anything to sequence.
+/// Seals the current transaction's log just before it commits: writes its commit
+/// sequence (the WAL insert position now) into its tail row, or, when a rolled-back
+/// savepoint took the tail with it, into a commit marker row of no changes.
+///
+/// The sequence goes into an existing row in place (same length, WAL-logged by
+/// `heap_inplace_update`): cheaper than a row of its own, and the row is this
+/// transaction's, invisible to everyone else until it commits.
 ///
 /// # Safety
-/// Must run at PRE_COMMIT.
-pub unsafe fn seal(wrote_rows: bool) -> bool {
+/// Must run at PRE_COMMIT of a transaction that appended log rows.
+pub unsafe fn seal(tail: Option<pg_sys::ItemPointerData>) {
     unsafe {
         let commit_seq = pg_sys::GetXLogInsertRecPtr() as i64;
-        if flush_held_here(commit_seq) {
-            return true;
+        match tail {
+            Some(tid) => {
+                let Some(table_oid) = livesync_relation(c"changes") else {
+                    LivesyncError::NotInstalled.raise();
+                };
+                let table =
+                    pg_sys::table_open(table_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+                if (*(*table).rd_att).natts as usize != COLUMNS {
+                    LivesyncError::LogTableChanged.raise();
+                }
+                let mut found = pg_sys::HeapTupleData {
+                    t_self: tid,
+                    ..std::mem::zeroed()
+                };
+                let mut buffer: pg_sys::Buffer = 0;
+                if !pg_sys::heap_fetch(
+                    table,
+                    &raw mut pg_sys::SnapshotAnyData,
+                    &mut found,
+                    &mut buffer,
+                    true,
+                ) {
+                    LivesyncError::LogTableChanged.raise();
+                }
+                let copy = pg_sys::heap_copytuple(&mut found);
+                pg_sys::ReleaseBuffer(buffer);
+                let mut columns = [COMMIT_SEQ_ATTNUM];
+                let mut values = [pg_sys::Datum::from(commit_seq)];
+                let mut nulls = [false];
+                let sealed = pg_sys::heap_modify_tuple_by_cols(
+                    copy,
+                    (*table).rd_att,
+                    1,
+                    columns.as_mut_ptr(),
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
+                pg_sys::heap_inplace_update(table, sealed);
+                pg_sys::heap_freetuple(sealed);
+                pg_sys::heap_freetuple(copy);
+                pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+            None => {
+                let origin = crate::write::origin::current();
+                let mut appender = LogAppender::open(pg_sys::InvalidOid, origin.as_ref());
+                let empty = pgrx::JsonB(serde_json::Value::Array(Vec::new()));
+                let entries = pgrx::IntoDatum::into_datum(empty).expect("jsonb has a datum");
+                // Ordinal 0 is never a change's: the marker takes no position.
+                appender.insert(0, 0, commit_seq, b'c', entries);
+                appender.close();
+            }
         }
-        if !wrote_rows {
-            return false;
-        }
-        let origin = crate::write::origin::current();
-        let mut appender = LogAppender::open(pg_sys::InvalidOid, origin.as_ref());
-        let empty = pgrx::JsonB(serde_json::Value::Array(Vec::new()));
-        let entries = pgrx::IntoDatum::into_datum(empty).expect("jsonb has a datum");
-        // Ordinal 0 is never a change's: the marker takes no position.
-        appender.insert(0, 0, commit_seq, b'c', entries);
-        appender.close();
-        true
     }
 }
 

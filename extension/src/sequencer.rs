@@ -17,8 +17,7 @@
 //!
 //! Commit order inside a tick: just before it commits (PRE_COMMIT, while it still
 //! holds its locks) a transaction writes its *commit sequence*, the WAL insert
-//! position then, into its last log row, which capture held back for this
-//! (`log_writer::seal`). A transaction that
+//! position then, into its last log row (`log_writer::seal`). A transaction that
 //! waited for another's row lock, or began after another committed, takes its
 //! sequence after the other's commit record was inserted, so a larger one; a tick
 //! orders its transactions by it (xid only breaks ties, which only unrelated
@@ -57,6 +56,9 @@ struct Pending {
     fxid: u64,
     /// The next ordinal to hand out.
     next_ordinal: i32,
+    /// The transaction's last log row and the subtransaction that wrote it; None
+    /// once a rollback to a savepoint took it away.
+    tail: Option<(pg_sys::ItemPointerData, pg_sys::SubTransactionId)>,
 }
 
 thread_local! {
@@ -82,16 +84,35 @@ pub fn reserve_ordinals(count: i32) -> i32 {
             Some(p) if p.fxid == fxid => p.next_ordinal,
             _ => 1,
         };
+        let tail = pending
+            .get()
+            .filter(|p| p.fxid == fxid)
+            .and_then(|p| p.tail);
         pending.set(Some(Pending {
             fxid,
             next_ordinal: first + count,
+            tail,
         }));
         first
     })
 }
 
-/// A subtransaction's held tail is written when it is released, and discarded
-/// when it rolls back (see `log_writer::HeldTail`).
+/// Records the log row just appended (after `reserve_ordinals`) as the
+/// transaction's tail: its commit sequence goes there.
+pub fn note_tail(tid: pg_sys::ItemPointerData) {
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PENDING.with(|pending| {
+        if let Some(mut p) = pending.get() {
+            p.tail = Some((tid, subxact));
+            pending.set(Some(p));
+        }
+    });
+}
+
+/// A rollback to a savepoint removes the rows its subtransactions wrote: if the
+/// tail is among them, the commit sequence needs a row of its own (a marker).
+/// Subtransactions still open when one aborts were all started inside it, so they
+/// are the ones with a larger or equal id.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_subxact_event(
     event: pg_sys::SubXactEvent::Type,
@@ -99,15 +120,17 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_PRE_COMMIT_SUB => unsafe {
-            crate::log_writer::flush_released()
-        },
-        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
-            crate::log_writer::discard_aborted(subxact)
-        }
-        _ => {}
+    if event != pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        return;
     }
+    PENDING.with(|pending| {
+        if let Some(mut p) = pending.get() {
+            if p.tail.is_some_and(|(_, written_in)| written_in >= subxact) {
+                p.tail = None;
+                pending.set(Some(p));
+            }
+        }
+    });
 }
 
 #[pgrx::pg_guard]
@@ -118,9 +141,7 @@ unsafe extern "C-unwind" fn on_xact_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => unsafe { before_commit() },
-        XACT_EVENT_PRE_PREPARE
-            if PENDING.with(|p| p.get()).is_some() || crate::log_writer::holds_tail() =>
-        {
+        XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.get()).is_some() => {
             LivesyncError::PrepareNotSupported.raise();
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
@@ -131,7 +152,6 @@ unsafe extern "C-unwind" fn on_xact_event(
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             PENDING.set(None);
-            crate::log_writer::forget_held();
             WAKE_AFTER_COMMIT.set(None);
         }
         _ => {}
@@ -141,21 +161,15 @@ unsafe extern "C-unwind" fn on_xact_event(
 /// At PRE_COMMIT of a transaction that captured changes: hand it to the worker
 /// (woken once the commit is visible) or sequence it right here.
 unsafe fn before_commit() {
-    let wrote_rows = PENDING.take().is_some();
-    if !wrote_rows && !crate::log_writer::holds_tail() {
+    let Some(pending) = PENDING.take() else {
         return;
-    }
+    };
     if crate::catalog::livesync_relation(c"changes").is_none() {
-        crate::log_writer::forget_held();
         return; // the extension was dropped in this transaction
     }
-    let sealed =
-        unsafe { crate::owner::as_extension_owner(|| crate::log_writer::seal(wrote_rows)) };
-    // Writing the tail reserved its ordinals: nothing is pending any more.
-    PENDING.set(None);
-    if !sealed {
-        return;
-    }
+    unsafe {
+        crate::owner::as_extension_owner(|| crate::log_writer::seal(pending.tail.map(|t| t.0)))
+    };
     let waker = match gucs::sequencer_mode() {
         SequencerMode::Auto => worker::running_for_this_database(),
         SequencerMode::Commit => None,

@@ -1,8 +1,7 @@
 -- what this shows: every committed transaction carries its commit sequence (the WAL
 -- position just before it committed) on its last log row, which is what ticks order
--- transactions by; when no such row is left to write at commit (a savepoint rolled
--- back over it, or the last changes came from a subtransaction) a commit marker
--- carries it instead, which takes no position and never reaches readers.
+-- transactions by; a savepoint rolled back over the last row leaves a commit marker
+-- instead, which takes no position and never reaches readers.
 CREATE TABLE co (id int PRIMARY KEY, v int);
 SELECT livesync.track('co');
 SELECT livesync.current_position() AS start \gset
@@ -25,8 +24,8 @@ FROM livesync.changes
 WHERE tx = (SELECT max(tx) FROM livesync.changes WHERE relation = 'co'::regclass)
 ORDER BY ordinal;
 
--- The last changes rolled back with their savepoint: the insert made before it
--- (held back at the top level) carries the sequence; the update is gone.
+-- The last row rolled back with its savepoint: a marker (op c, ordinal 0) carries
+-- the sequence; the surviving change is read as usual.
 BEGIN;
 INSERT INTO co VALUES (4, 1);
 SAVEPOINT s;
@@ -60,26 +59,25 @@ SELECT pos, op, key, delta FROM log_after(:start);
 INSERT INTO co VALUES (7, 1);
 SELECT pos, op, key FROM log_after(:start) WHERE pos > 5;
 
--- A transaction's last run is held back until its next statement or its commit, so
--- the commit sequence rides on a row written anyway; a subtransaction writes what
--- it holds when it is released, and a deeper one never writes an outer level's
--- (its rows could roll back): order still follows the statements.
+-- Savepoints released and rolled back in one transaction: the last surviving row
+-- is not the last written one, so a marker carries the sequence; order still
+-- follows the statements.
 SELECT livesync.current_position() AS held \gset
 BEGIN;
-INSERT INTO co VALUES (10, 1);          -- held at the top level
+INSERT INTO co VALUES (10, 1);
 SAVEPOINT s;
-INSERT INTO co VALUES (11, 1);          -- written at once: the top level holds one
+INSERT INTO co VALUES (11, 1);
 RELEASE SAVEPOINT s;
-INSERT INTO co VALUES (12, 1);          -- writes 10, holds 12
+INSERT INTO co VALUES (12, 1);
 SAVEPOINT t;
-INSERT INTO co VALUES (13, 1);          -- written in t ...
-ROLLBACK TO SAVEPOINT t;                -- ... and gone with it
-COMMIT;                                 -- writes 12 with the commit sequence
+INSERT INTO co VALUES (13, 1);          -- the last row ...
+ROLLBACK TO SAVEPOINT t;                -- ... gone with its savepoint
+COMMIT;
 SELECT pos, op, key FROM log_after(:held);
 SELECT ordinal, count, commit_seq > 0 AS sealed
 FROM livesync.changes WHERE tx = (SELECT max(tx) FROM livesync.changes) ORDER BY ordinal;
--- the same as a PL/pgSQL exception block (write_batch's way): each block's last
--- run is written when the block ends, the commit sequence goes into a marker
+-- PL/pgSQL exception blocks (write_batch's way): the last block's row, released
+-- into the transaction, carries the sequence; the rolled-back block's is gone
 SELECT livesync.current_position() AS blocks \gset
 DO $$
 BEGIN
