@@ -43,8 +43,9 @@ DECLARE
     kind        "char";
     persistence "char";
     partition   bool;
+    typed       bool;
 BEGIN
-    SELECT relkind, relpersistence, relispartition INTO kind, persistence, partition
+    SELECT relkind, relpersistence, relispartition, reloftype <> 0 INTO kind, persistence, partition, typed
     FROM pg_class WHERE oid = rel;
     IF kind IS DISTINCT FROM 'r' THEN
         RAISE EXCEPTION '% is not an ordinary table', rel
@@ -57,6 +58,11 @@ BEGIN
         RAISE EXCEPTION '% is a temporary table', rel
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'livesync tracks permanent (or unlogged) tables.';
+    END IF;
+    IF typed THEN
+        RAISE EXCEPTION '% is a typed table (CREATE TABLE ... OF type)', rel
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'livesync adds columns to the tables it tracks, which a typed table cannot have.';
     END IF;
     IF partition THEN
         RAISE EXCEPTION '% is a partition', rel
@@ -100,6 +106,14 @@ BEGIN
                     FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
     EXECUTE format('CREATE TRIGGER livesync_capture_truncate AFTER TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()', rel);
+    -- ALWAYS: also under session_replication_role = replica, which logical
+    -- replication's apply workers (and some bulk loaders) run with; an ordinary
+    -- trigger would let those changes bypass the log and the row versions.
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER livesync_version,
+                                   ENABLE ALWAYS TRIGGER livesync_capture_insert,
+                                   ENABLE ALWAYS TRIGGER livesync_capture_update,
+                                   ENABLE ALWAYS TRIGGER livesync_capture_delete,
+                                   ENABLE ALWAYS TRIGGER livesync_capture_truncate', rel);
     INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel));
 END
 $$;
@@ -177,6 +191,7 @@ DECLARE
     broken record;
     stale  record;
     new_shape jsonb;
+    settings_changed bool;
 BEGIN
     FOR broken IN
         SELECT t.relation, t.shape,
@@ -187,8 +202,11 @@ BEGIN
                NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
                            AND a.attname = '_livesync_clocks' AND NOT a.attisdropped
                            AND a.atttypid = 'jsonb'::regtype) AS no_clocks
+        -- Every tracked table, not only those the command names: DROP TYPE ...
+        -- CASCADE drops columns of tables it never names, and ALTER TABLE on an
+        -- inheritance parent changes its children's columns. DDL is rare; a
+        -- catalog look per tracked table is cheap.
         FROM livesync._tracked t
-        WHERE t.relation::oid IN (SELECT objid FROM pg_event_trigger_ddl_commands() WHERE classid = 'pg_class'::regclass)
     LOOP
         IF broken.no_key THEN
             RAISE EXCEPTION 'tracked table % must keep a primary key', broken.relation
@@ -200,6 +218,7 @@ BEGIN
                 USING ERRCODE = 'LS005',
                       HINT = format('Call livesync.untrack(%L) first.', broken.relation);
         END IF;
+        settings_changed := false;
         -- A policy set for the column's old type (a union on what is now text, a sum
         -- on what is now a string) would merge garbage: back to the table default.
         FOR stale IN
@@ -209,6 +228,7 @@ BEGIN
             WHERE p.relation = broken.relation
               AND (a.attisdropped OR NOT livesync._policy_fits(p.policy, a.atttypid))
         LOOP
+            settings_changed := true;
             DELETE FROM livesync._policies WHERE relation = broken.relation AND attnum = stale.attnum;
             IF NOT stale.attisdropped THEN
                 RAISE NOTICE 'policy % of column "%" of % does not fit its new type %: the column now uses the table''s default policy',
@@ -219,8 +239,11 @@ BEGIN
         IF new_shape IS DISTINCT FROM broken.shape THEN
             PERFORM livesync._log_schema_change(broken.relation, broken.shape, new_shape);
             UPDATE livesync._tracked SET shape = new_shape WHERE relation = broken.relation;
+            settings_changed := true;
         END IF;
-        PERFORM livesync._forget_write_settings(broken.relation);
+        IF settings_changed THEN
+            PERFORM livesync._forget_write_settings(broken.relation);
+        END IF;
     END LOOP;
 END
 $$;
@@ -230,5 +253,6 @@ REVOKE EXECUTE ON FUNCTION livesync._log_schema_change(oid, jsonb, jsonb) FROM P
 
 CREATE EVENT TRIGGER livesync_sql_drop ON sql_drop EXECUTE FUNCTION livesync._on_sql_drop();
 CREATE EVENT TRIGGER livesync_ddl_end ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER INDEX', 'DROP INDEX')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER INDEX', 'DROP INDEX', 'ALTER TYPE', 'DROP TYPE',
+                 'ALTER DOMAIN', 'DROP DOMAIN', 'DROP FUNCTION')
     EXECUTE FUNCTION livesync._on_ddl_end();

@@ -47,7 +47,7 @@ use crate::gucs::{self, SequencerMode};
 use crate::worker;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 /// The transaction whose changes are waiting for sequencing.
 #[derive(Clone, Copy)]
@@ -63,6 +63,10 @@ struct Pending {
 
 thread_local! {
     static PENDING: Cell<Option<Pending>> = const { Cell::new(None) };
+    /// The (sub)transactions, in order, that wrote log rows still standing: a
+    /// rollback to a savepoint removes its own and its children's. Empty at commit
+    /// means every change was rolled back, and there is nothing to seal.
+    static SURVIVING: RefCell<Vec<pg_sys::SubTransactionId>> = const { RefCell::new(Vec::new()) };
     /// The worker to wake once this transaction has committed.
     static WAKE_AFTER_COMMIT: Cell<Option<worker::Waker>> = const { Cell::new(None) };
 }
@@ -101,6 +105,12 @@ pub fn reserve_ordinals(count: i32) -> i32 {
 /// transaction's tail: its commit sequence goes there.
 pub fn note_tail(tid: pg_sys::ItemPointerData) {
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    SURVIVING.with(|surviving| {
+        let mut surviving = surviving.borrow_mut();
+        if surviving.last() != Some(&subxact) {
+            surviving.push(subxact);
+        }
+    });
     PENDING.with(|pending| {
         if let Some(mut p) = pending.get() {
             p.tail = Some((tid, subxact));
@@ -123,6 +133,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
     if event != pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         return;
     }
+    SURVIVING.with(|surviving| surviving.borrow_mut().retain(|&id| id < subxact));
     PENDING.with(|pending| {
         if let Some(mut p) = pending.get() {
             if p.tail.is_some_and(|(_, written_in)| written_in >= subxact) {
@@ -146,12 +157,14 @@ unsafe extern "C-unwind" fn on_xact_event(
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             PENDING.set(None);
+            SURVIVING.with(|surviving| surviving.borrow_mut().clear());
             if let Some(waker) = WAKE_AFTER_COMMIT.take() {
                 waker.wake();
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             PENDING.set(None);
+            SURVIVING.with(|surviving| surviving.borrow_mut().clear());
             WAKE_AFTER_COMMIT.set(None);
         }
         _ => {}
@@ -164,6 +177,13 @@ unsafe fn before_commit() {
     let Some(pending) = PENDING.take() else {
         return;
     };
+    // Every change rolled back with its savepoint: nothing to seal or sequence (a
+    // marker for it would never be sequenced, nor compacted away).
+    let nothing_left =
+        SURVIVING.with(|surviving| std::mem::take(&mut *surviving.borrow_mut()).is_empty());
+    if nothing_left {
+        return;
+    }
     if crate::catalog::livesync_relation(c"changes").is_none() {
         return; // the extension was dropped in this transaction
     }
@@ -199,7 +219,12 @@ pub unsafe fn tick() -> Option<Ticked> {
             // The extension was dropped in this very transaction: nothing to sequence.
             return None;
         };
-        pg_sys::LockRelationOid(batches, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
+        // A committing transaction waits for the lock whatever its lock_timeout:
+        // failing here would fail the COMMIT of work that is already done.
+        {
+            let _no_timeout = NoLockTimeout::set();
+            pg_sys::LockRelationOid(batches, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
+        }
         // Our own changes must be visible to the tick's snapshot, and the snapshot must
         // be newer than the previous tick's whatever this transaction's isolation level.
         pg_sys::CommandCounterIncrement();
@@ -218,5 +243,24 @@ pub unsafe fn tick() -> Option<Ticked> {
             &["livesync".into_datum(), payload.as_str().into_datum()],
         );
         Some(Ticked { transactions })
+    }
+}
+
+/// Sets `lock_timeout` to 0 until dropped (also when an error unwinds past it).
+struct NoLockTimeout {
+    saved: i32,
+}
+
+impl NoLockTimeout {
+    fn set() -> Self {
+        let saved = unsafe { pg_sys::LockTimeout };
+        unsafe { pg_sys::LockTimeout = 0 };
+        NoLockTimeout { saved }
+    }
+}
+
+impl Drop for NoLockTimeout {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LockTimeout = self.saved };
     }
 }

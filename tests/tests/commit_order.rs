@@ -373,3 +373,50 @@ fn a_lower_xid_that_commits_later_is_read_later_when_commits_sequence_themselves
 fn a_lower_xid_that_commits_later_is_read_later_in_one_worker_tick() {
     lower_xid_committing_later_comes_later("lower_xid_worker", Sequencer::Auto, 100);
 }
+
+/// A transaction that sequences itself at commit waits for the sequencer's lock
+/// whatever its `lock_timeout`: the tick runs inside COMMIT, and failing there
+/// would roll back work the client already finished.
+#[test]
+fn a_commit_that_sequences_itself_ignores_lock_timeout() {
+    let db = TestDb::create("commit_lock_timeout");
+    let mut admin = db.connect();
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT livesync.track('t');")
+        .unwrap();
+    let mut blocker = db.connect();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE livesync.batches IN SHARE ROW EXCLUSIVE MODE")
+        .unwrap();
+    let mut writer = db.connect_with(Sequencer::Commit);
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let committing = std::thread::spawn(move || {
+        writer.batch_execute("BEGIN; SET LOCAL lock_timeout = '20ms'; INSERT INTO t VALUES (1)")?;
+        writer.batch_execute("COMMIT")
+    });
+    // Held well past the writer's lock_timeout while it waits at COMMIT.
+    livesync_e2e::wait_until("the commit waits for the sequencer's lock", || {
+        livesync_e2e::waits_on_lock(&mut admin, pid)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        livesync_e2e::waits_on_lock(&mut admin, pid),
+        "still waiting, not failed"
+    );
+    blocker.batch_execute("COMMIT").unwrap();
+    committing
+        .join()
+        .unwrap()
+        .expect("COMMIT succeeds once the lock is free");
+    let logged: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM livesync.changes_since(0) WHERE key = '{\"id\": 1}'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 1);
+}

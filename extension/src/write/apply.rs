@@ -221,6 +221,14 @@ impl Write<'_> {
             .take()
             .map(|base| self.target.canonical(client, &base));
         let row = fetched.row;
+        // No row visible, but one exists: row-level security hides it from this
+        // role. Deleting or updating "nothing" would tell the client it succeeded.
+        if row.is_none()
+            && self.target.rls_applies()
+            && self.target.exists_for_anyone(client, &self.key)
+        {
+            return Err(WriteError::Hidden(self.target.display.clone()));
+        }
         match self.mutation.op {
             Op::Insert => self.insert(client, false, row),
             Op::Upsert => self.insert(client, true, row),

@@ -46,14 +46,15 @@ UPDATE co SET v = 5 WHERE id = 5;
 RELEASE SAVEPOINT inner_sp;
 ROLLBACK TO SAVEPOINT outer_sp;
 COMMIT;
--- Everything rolled back: the marker is all there is, and takes no position.
+-- Everything rolled back: nothing to seal, no row left behind (a marker would
+-- never be sequenced, so compact() would never remove it).
 BEGIN;
+SELECT pg_current_xact_id() AS all_gone \gset
 SAVEPOINT s;
 INSERT INTO co VALUES (6, 1);
 ROLLBACK TO SAVEPOINT s;
 COMMIT;
-SELECT op, count FROM livesync.changes
-WHERE tx = (SELECT max(tx) FROM livesync.changes) ORDER BY ordinal;
+SELECT count(*) AS rows_left FROM livesync.changes WHERE tx = :'all_gone';
 SELECT pos, op, key, delta FROM log_after(:start);
 -- A later commit still follows on at the next position.
 INSERT INTO co VALUES (7, 1);
@@ -96,3 +97,13 @@ $$;
 SELECT pos, op, key FROM log_after(:blocks);
 SELECT op, count, commit_seq > 0 AS sealed
 FROM livesync.changes WHERE tx = (SELECT max(tx) FROM livesync.changes) ORDER BY ordinal;
+
+-- capture also runs under session_replication_role = replica (logical
+-- replication's apply workers): the triggers are ENABLE ALWAYS
+SELECT livesync.current_position() AS replica \gset
+BEGIN;
+SET LOCAL session_replication_role = replica;
+UPDATE co SET v = 555 WHERE id = 1;
+COMMIT;
+SELECT pos, op, key, delta FROM log_after(:replica);
+SELECT DISTINCT tgenabled FROM pg_trigger WHERE tgrelid = 'co'::regclass AND tgname LIKE 'livesync%';

@@ -89,3 +89,19 @@ SELECT livesync.track('money_t');
 SELECT expect_error($$SELECT livesync.set_policy('money_t', 'm', 'sum')$$);
 SELECT expect_error($$SELECT livesync.set_policy('money_t', 'o', 'sum')$$);
 SELECT livesync.set_policy('money_t', 'r', 'sum');
+
+-- columns a command drops or adds without naming the tracked table: a type or
+-- domain dropped with CASCADE, a column added to an inheritance parent
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+CREATE TABLE feelings (id int PRIMARY KEY, m mood, d posint);
+SELECT livesync.track('feelings');
+CREATE TABLE parent_t (v int);
+CREATE TABLE child_t (id int PRIMARY KEY) INHERITS (parent_t);
+SELECT livesync.track('child_t');
+SELECT livesync.current_position() AS p4 \gset
+DROP TYPE mood CASCADE;
+DROP DOMAIN posint CASCADE;
+ALTER TABLE parent_t ADD COLUMN nv text;
+ALTER TABLE parent_t RENAME COLUMN v TO vv;
+SELECT pos, relation, op, delta FROM log_after(:p4);

@@ -118,6 +118,9 @@ CREATE POLICY visible ON secrets TO livesync_rls_role USING (v <> 'hidden') WITH
 SET ROLE livesync_rls_role;
 SELECT expect_error($$SELECT livesync.write('secrets', 'upsert', '{"id": 1}', '{"v": "mine"}')$$);
 SELECT livesync.write('secrets', 'upsert', '{"id": 2}', '{"v": "seen"}') ->> 'status' AS visible_row;
+-- update and delete of the hidden row: 42501 too, not "applied" or "not_found"
+SELECT expect_error($$SELECT livesync.write('secrets', 'delete', '{"id": 1}', NULL)$$);
+SELECT expect_error($$SELECT livesync.write('secrets', 'update', '{"id": 1}', '{"v": "mine"}')$$);
 RESET ROLE;
 SELECT id, v FROM secrets ORDER BY id;
 DROP TABLE secrets;
@@ -135,7 +138,10 @@ CREATE TABLE measures (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE
 CREATE TABLE measures_2026 PARTITION OF measures FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
 SELECT expect_error($$SELECT livesync.track('measures_2026')$$);
 SELECT expect_error($$SELECT livesync.track('measures')$$);
-SELECT count(*) AS tracked_leftovers FROM livesync.tracked WHERE relation::text IN ('scratch', 'measures', 'measures_2026');
+CREATE TYPE shape_t AS (id int, label text);
+CREATE TABLE typed_t OF shape_t (PRIMARY KEY (id));
+SELECT expect_error($$SELECT livesync.track('typed_t')$$);
+SELECT count(*) AS tracked_leftovers FROM livesync.tracked WHERE relation::text IN ('scratch', 'measures', 'measures_2026', 'typed_t');
 
 -- a client_id longer than 256 bytes
 SELECT expect_error(format($$SELECT livesync.write('vetoed', 'update', '{"id": 1}', '{"a": 1}', NULL, NULL, %L, 1)$$, repeat('x', 100000)));
