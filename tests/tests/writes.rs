@@ -375,3 +375,85 @@ fn a_write_killed_before_its_commit_finished_is_applied_by_the_retry() {
         .get(0);
     assert_eq!(again, retried);
 }
+
+/// A write that waits for DDL on its table (untrack, a column renamed) sees the
+/// table as the DDL left it: a documented error naming the user's table or column,
+/// never one about columns that are gone (`_livesync_clocks`) or livesync's aliases.
+fn write_racing_ddl(name: &str, ddl: &str, new_values: Value) -> postgres::Error {
+    let (db, mut client) = setup(name);
+    base_row(&mut client, 1);
+    let mut writer = connect(&db);
+    // The writer has written before: its backend caches the table's settings.
+    writer
+        .query_one(
+            WRITE,
+            &[
+                &json!({"id": 1}),
+                &json!({"title": "warm"}),
+                &None::<i64>,
+                &None::<Value>,
+                &None::<String>,
+                &None::<i64>,
+            ],
+        )
+        .unwrap();
+    let pid = pid(&mut writer);
+    let mut ddl_session = connect(&db);
+    ddl_session.batch_execute(&format!("BEGIN; {ddl}")).unwrap();
+    let writing = std::thread::spawn(move || {
+        writer
+            .query_one(
+                WRITE,
+                &[
+                    &json!({"id": 1}),
+                    &new_values,
+                    &None::<i64>,
+                    &None::<Value>,
+                    &None::<String>,
+                    &None::<i64>,
+                ],
+            )
+            .map(|_| ())
+    });
+    let mut observer = connect(&db);
+    wait_until("the write waits for the DDL", || {
+        waits_on_lock(&mut observer, pid)
+    });
+    ddl_session.batch_execute("COMMIT").unwrap();
+    writing
+        .join()
+        .unwrap()
+        .expect_err("the write cannot apply to the changed table")
+}
+
+#[test]
+fn a_write_racing_untrack_is_told_the_table_is_not_tracked() {
+    let error = write_racing_ddl(
+        "writes_race_untrack",
+        "SELECT livesync.untrack('notes')",
+        json!({"title": "late"}),
+    );
+    let db_error = error.as_db_error().expect("a database error");
+    assert_eq!(db_error.code().code(), "LS002", "{db_error:?}");
+    assert!(
+        !db_error.message().contains("_livesync"),
+        "{}",
+        db_error.message()
+    );
+}
+
+#[test]
+fn a_write_racing_a_column_rename_names_the_missing_column() {
+    let error = write_racing_ddl(
+        "writes_race_rename",
+        "ALTER TABLE notes RENAME COLUMN title TO heading",
+        json!({"title": "late"}),
+    );
+    let db_error = error.as_db_error().expect("a database error");
+    assert_eq!(db_error.code().code(), "42703", "{db_error:?}");
+    assert!(
+        db_error.message().contains("\"title\"") && !db_error.message().contains("livesync_"),
+        "{}",
+        db_error.message()
+    );
+}

@@ -176,8 +176,48 @@ fn run_slice(
             }
         }
     }
-    // Every commit's notification arrives within a second at these rates.
-    std::thread::sleep(Duration::from_millis(500));
+    // Listen until the last commit's notification has arrived (a checkpoint's
+    // fsyncs can hold a tick's commit back for a while), at most 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = match variant {
+        // The last commit is the newest transaction: once sequenced, its last
+        // change is the newest position.
+        Variant::Livesync => loop {
+            let newest = writer
+                .query_one(
+                    "SELECT livesync.current_position(),
+                            (SELECT tx::text FROM livesync.changes_since(livesync.current_position() - 1) LIMIT 1)",
+                    &[],
+                )
+                .unwrap();
+            let last_xid = commits.last().map(|(_, xid)| xid.clone());
+            if newest.get::<_, Option<String>>(1) == last_xid {
+                break newest.get::<_, i64>(0);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the last commit was not sequenced within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        },
+        Variant::RawNotify => total as i64 - 1,
+    };
+    let channel = match variant {
+        Variant::Livesync => "livesync",
+        Variant::RawNotify => "raw",
+    };
+    while !heard
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|h| h.channel == channel && h.payload >= last)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {channel} notification for the last commit within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     stop.store(true, Ordering::SeqCst);
     listening.join().unwrap();
     let heard = std::mem::take(&mut *heard.lock().unwrap());

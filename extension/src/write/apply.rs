@@ -61,6 +61,14 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
     if let Some(first) = mutation.id.as_ref().and_then(|id| id.lock_and_find(client)) {
         return Ok(Applied::Value(first));
     }
+    // The lock the write's statements take anyway, taken before the table's settings
+    // are read: DDL on the table (untrack, a column renamed or dropped) either
+    // finishes first, and its invalidation is seen here, or waits for this write.
+    // Read first and locked later, a write racing untrack or a rename ran
+    // statements built for columns that were gone and failed with their names.
+    unsafe {
+        pg_sys::LockRelationOid(mutation.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE)
+    };
     let target = WriteTarget::cached(client, mutation.relid)?;
     check_key(&target, &mutation.key)?;
     let (mine, respelled) = check_values(&target, &mutation.key, &mutation.new_values)?;
