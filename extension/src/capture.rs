@@ -56,17 +56,8 @@ pub unsafe extern "C-unwind" fn livesync_stamp_version(
             let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr());
             LivesyncError::NoVersionColumn(name.to_string_lossy().into_owned()).raise();
         };
-        let mut columns = [attnum];
-        let mut values = [pg_sys::Datum::from(crate::versions::next())];
-        let mut nulls = [false];
-        let stamped = pg_sys::heap_modify_tuple_by_cols(
-            tuple,
-            (*rel).rd_att,
-            1,
-            columns.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-        );
+        let stamped =
+            crate::row_json::with_int8(tuple, (*rel).rd_att, attnum, crate::versions::next());
         pg_sys::Datum::from(stamped)
     }
 }

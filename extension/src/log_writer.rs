@@ -325,16 +325,11 @@ pub unsafe fn seal(tail: Option<pg_sys::ItemPointerData>) {
                 }
                 let copy = pg_sys::heap_copytuple(&mut found);
                 pg_sys::ReleaseBuffer(buffer);
-                let mut columns = [COMMIT_SEQ_ATTNUM];
-                let mut values = [pg_sys::Datum::from(commit_seq)];
-                let mut nulls = [false];
-                let sealed = pg_sys::heap_modify_tuple_by_cols(
+                let sealed = crate::row_json::with_int8(
                     copy,
                     (*table).rd_att,
-                    1,
-                    columns.as_mut_ptr(),
-                    values.as_mut_ptr(),
-                    nulls.as_mut_ptr(),
+                    COMMIT_SEQ_ATTNUM,
+                    commit_seq,
                 );
                 pg_sys::heap_inplace_update(table, sealed);
                 pg_sys::heap_freetuple(sealed);

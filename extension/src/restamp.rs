@@ -109,17 +109,8 @@ unsafe fn restamp(encoder: &RowEncoder, slot: *mut pg_sys::TupleTableSlot, stamp
                 version = crate::versions::next();
                 let mut should_free = false;
                 let tuple = pg_sys::ExecFetchSlotHeapTuple(found, false, &mut should_free);
-                let mut columns = [version_attnum];
-                let mut values = [pg_sys::Datum::from(version)];
-                let mut nulls = [false];
-                let restamped = pg_sys::heap_modify_tuple_by_cols(
-                    tuple,
-                    (*rel).rd_att,
-                    1,
-                    columns.as_mut_ptr(),
-                    values.as_mut_ptr(),
-                    nulls.as_mut_ptr(),
-                );
+                let restamped =
+                    crate::row_json::with_int8(tuple, (*rel).rd_att, version_attnum, version);
                 (*restamped).t_self = (*found).tts_tid;
                 pg_sys::heap_inplace_update(rel, restamped);
                 pg_sys::heap_freetuple(restamped);

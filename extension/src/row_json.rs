@@ -432,6 +432,32 @@ pub fn is_version_column(att: &pg_sys::FormData_pg_attribute) -> bool {
         && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == VERSION_COLUMN
 }
 
+/// A copy of `tuple` with the int8 column `attnum` (1-based) set to `value`: how
+/// versions are stamped and re-stamped and how a log row gets its commit sequence.
+///
+/// # Safety
+/// `tuple` is a valid tuple of `tupdesc`, whose column `attnum` is an int8.
+pub unsafe fn with_int8(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    attnum: i32,
+    value: i64,
+) -> pg_sys::HeapTuple {
+    let mut columns = [attnum];
+    let mut values = [pg_sys::Datum::from(value)];
+    let mut nulls = [false];
+    unsafe {
+        pg_sys::heap_modify_tuple_by_cols(
+            tuple,
+            tupdesc,
+            1,
+            columns.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        )
+    }
+}
+
 /// Column `i` (0-based) of a tuple descriptor.
 pub unsafe fn attr<'a>(tupdesc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
     unsafe { &*(*tupdesc).attrs.as_ptr().add(i) }
