@@ -98,7 +98,7 @@ fn _log_schema_change(rel: pg_sys::Oid, before: pgrx::JsonB, after: pgrx::JsonB)
         null
     ]]);
     let entries = pgrx::IntoDatum::into_datum(pgrx::JsonB(entry)).expect("jsonb has a datum");
-    crate::owner::as_extension_owner(|| unsafe {
+    crate::owner::as_bootstrap_superuser(|| unsafe {
         crate::log_writer::append_one(rel, b's', entries)
     });
 }

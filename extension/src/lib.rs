@@ -13,7 +13,7 @@
 //! - `restamp`: fresh versions for inserts that a concurrent delete's tombstone overtook.
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
 //! - `actor`: who a change is recorded as made by.
-//! - `owner`: running livesync's own reads and writes as the extension owner.
+//! - `owner`: running livesync's own reads and writes as the bootstrap superuser.
 //! - `gucs`, `error`: settings and the error type.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
 

@@ -11,7 +11,7 @@ use pgrx::pg_sys;
 
 /// Runs `f` with the current user switched to the bootstrap superuser. An error
 /// inside `f` aborts the (sub)transaction, which restores the user by itself.
-pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+pub fn as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
     unsafe {
         let mut user = pg_sys::InvalidOid;
         let mut context = 0;

@@ -188,7 +188,7 @@ unsafe fn before_commit() {
         return; // the extension was dropped in this transaction
     }
     unsafe {
-        crate::owner::as_extension_owner(|| crate::log_writer::seal(pending.tail.map(|t| t.0)))
+        crate::owner::as_bootstrap_superuser(|| crate::log_writer::seal(pending.tail.map(|t| t.0)))
     };
     let waker = match gucs::sequencer_mode() {
         SequencerMode::Auto => worker::running_for_this_database(),
@@ -233,7 +233,7 @@ pub unsafe fn tick() -> Option<Ticked> {
         // transaction), else 0.
         let own = pg_sys::GetTopFullTransactionIdIfAny().value;
         let bound = if own == 0 { 0 } else { own + 1 };
-        let ticked = crate::owner::as_extension_owner(|| crate::tick::run(snapshot, bound));
+        let ticked = crate::owner::as_bootstrap_superuser(|| crate::tick::run(snapshot, bound));
         pg_sys::UnregisterSnapshot(snapshot);
         let (position, transactions) = ticked?;
         // Delivered by Postgres only if this transaction commits, in commit order.

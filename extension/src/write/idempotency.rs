@@ -18,7 +18,7 @@
 //! wait for each other's commit.
 
 use super::statements::kept;
-use crate::owner::as_extension_owner;
+use crate::owner::as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
@@ -54,7 +54,7 @@ impl MutationId {
         let lock = kept(client, LOCK, &lock_types);
         let find_types = [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT8OID)];
         let find = kept(client, FIND, &find_types);
-        let found = as_extension_owner(|| {
+        let found = as_bootstrap_superuser(|| {
             client.select(
                 &*lock,
                 Some(1),
@@ -92,7 +92,7 @@ impl MutationId {
             PgOid::from(pg_sys::JSONBOID),
         ];
         let plan = kept(client, RECORD, &types);
-        as_extension_owner(|| {
+        as_bootstrap_superuser(|| {
             client.select(
                 &*plan,
                 None,

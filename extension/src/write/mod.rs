@@ -81,6 +81,8 @@ pub enum WriteError {
         "a row of {0} with this key exists, but row-level security hides it from the current role"
     )]
     Hidden(String),
+    #[error("permission denied: resolving a conflict of {0} needs UPDATE on it")]
+    NoUpdatePrivilege(String),
 }
 
 impl WriteError {
@@ -104,7 +106,7 @@ impl WriteError {
             WriteError::UnknownTable(_) => "42P01",
             WriteError::InsertRace(_) => "40001",
             WriteError::NoEffect(_) => "LS008",
-            WriteError::Hidden(_) => "42501",
+            WriteError::Hidden(_) | WriteError::NoUpdatePrivilege(_) => "42501",
             _ => "22023",
         }
     }
@@ -302,7 +304,7 @@ pub fn resolve_conflict(conflict_id: i64, choice: &str, value: Option<JsonB>) ->
 
 fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value, WriteError> {
     type Conflict = (pg_sys::Oid, JsonB, String, JsonB, bool);
-    let conflict: Option<Conflict> = crate::owner::as_extension_owner(|| {
+    let conflict: Option<Conflict> = crate::owner::as_bootstrap_superuser(|| {
         Spi::connect_mut(|client| {
             let table = client.update(READ_CONFLICT, Some(1), &[conflict_id.into()])?;
             if table.is_empty() {
@@ -322,6 +324,21 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
     let Some((relid, JsonB(key), column, JsonB(mine), resolved)) = conflict else {
         return Err(WriteError::NoConflict(conflict_id));
     };
+    // Every choice settles the table's conflict, `theirs` included (it writes
+    // nothing, so the table's own privileges would never be asked): UPDATE, as for
+    // the writes `mine` and `value` make.
+    let may_update = unsafe {
+        pg_sys::pg_class_aclcheck(
+            relid,
+            pg_sys::GetUserId(),
+            pg_sys::ACL_UPDATE as pg_sys::AclMode,
+        ) == pg_sys::AclResult::ACLCHECK_OK
+    };
+    if !may_update {
+        return Err(WriteError::NoUpdatePrivilege(target::relation_display(
+            relid,
+        )));
+    }
     if resolved {
         return Err(WriteError::ConflictResolved(conflict_id));
     }
@@ -357,7 +374,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
         }
     };
     let resolution = json!({"choice": choice, "value": chosen, "version": result.get("version")});
-    crate::owner::as_extension_owner(|| {
+    crate::owner::as_bootstrap_superuser(|| {
         Spi::connect_mut(|client| {
             client
                 .update(

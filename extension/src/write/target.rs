@@ -11,7 +11,7 @@ use super::merge::TypedOps;
 use super::policy::{DeleteRace, ExistingInsert, Policy};
 use super::statements::kept;
 use super::WriteError;
-use crate::owner::as_extension_owner;
+use crate::owner::as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
@@ -129,10 +129,10 @@ impl WriteTarget {
     }
 
     pub fn load(client: &SpiClient<'_>, relid: pg_sys::Oid) -> Result<WriteTarget, WriteError> {
-        // livesync's own catalog: read as the extension owner, so application roles
+        // livesync's own catalog: read as the bootstrap superuser, so application roles
         // need no privileges on it.
         let plan = kept(client, LOAD_TARGET, &[PgOid::from(pg_sys::REGCLASSOID)]);
-        let meta = as_extension_owner(|| {
+        let meta = as_bootstrap_superuser(|| {
             client
                 .select(&*plan, Some(1), &[relid.into()])
                 .and_then(|table| match table.is_empty() {
@@ -530,7 +530,7 @@ impl WriteTarget {
             self.key_match()
         );
         let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID)]);
-        as_extension_owner(|| {
+        as_bootstrap_superuser(|| {
             client
                 .select(&*plan, Some(1), &[JsonB(Value::Object(key.clone())).into()])
                 .and_then(|table| table.first().get_one::<bool>())
