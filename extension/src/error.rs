@@ -48,7 +48,7 @@ impl LivesyncError {
                 "Retry the transaction: the delete has committed, so the retry's row gets a version after its tombstone. Dropping the index on _livesync_version avoids this."
             }
             LivesyncError::LogTableChanged => {
-                "The extension's tables are from another livesync version: run ALTER EXTENSION livesync UPDATE (before the first release there are no upgrade scripts: untrack the tables, re-create the extension, track them again). Indexes added to livesync.changes must be plain column indexes."
+                "The extension's tables are from another livesync version: run ALTER EXTENSION livesync UPDATE in this database. Indexes added to livesync.changes must be plain column indexes."
             }
         }
     }

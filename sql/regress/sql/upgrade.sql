@@ -1,0 +1,89 @@
+-- what this shows: a database on livesync 0.1.0 is brought to the current version by
+-- ALTER EXTENSION livesync UPDATE: its log rows are kept (and a transaction that
+-- committed unsequenced is sequenced after it), its tracked tables are captured as
+-- before, and its objects are the same as a fresh install's.
+\set SHOW_CONTEXT never
+SELECT current_database() AS fresh_db \gset
+-- livesync's objects, one line each: functions (with their bodies and grants),
+-- columns, relations, indexes, views, event triggers. Included by upgrade.sql in
+-- a fresh install and in an upgraded one, which must match.
+CREATE VIEW public.livesync_objects AS
+SELECT 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid))
+       || ' ' || coalesce(p.proacl::text, '') AS item
+FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT format('column %s.%s %s #%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+              a.attnum, a.attnotnull, a.attcompression, pg_get_expr(d.adbin, d.adrelid))
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE c.relnamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT format('relation %s %s %s %s', c.relname, c.relkind, coalesce(c.reloptions::text, ''), coalesce(c.relacl::text, ''))
+FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid))
+FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind = 'v'
+UNION ALL
+SELECT format('event trigger %s %s %s %s', e.evtname, e.evtevent, e.evtfoid::regproc, e.evttags)
+FROM pg_event_trigger e;
+SELECT string_agg(item, E'\n' ORDER BY item) AS fresh FROM public.livesync_objects \gset
+
+CREATE DATABASE livesync_upgrade;
+\c livesync_upgrade
+SET client_min_messages = warning;
+SET livesync.sequencer = commit;
+CREATE EXTENSION livesync VERSION '0.1.0';
+CREATE TABLE notes (id int PRIMARY KEY, body text);
+SELECT livesync.track('notes');
+-- a transaction that committed a change under 0.1.0 (in 0.1.0's log layout) but was
+-- not sequenced yet when the upgrade ran
+INSERT INTO livesync.changes
+VALUES (pg_current_xact_id(), 1, 1, 'notes', 'i', '[[{"id": 1}, null, {"id": 1, "body": "old"}, 1]]', 'postgres', NULL, NULL);
+
+ALTER EXTENSION livesync UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'livesync';
+SELECT ordinal, count, commit_seq, op, entries FROM livesync.changes;
+
+-- the same objects as a fresh install
+-- (the same view as above)
+CREATE VIEW public.livesync_objects AS
+SELECT 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid))
+       || ' ' || coalesce(p.proacl::text, '') AS item
+FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT format('column %s.%s %s #%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+              a.attnum, a.attnotnull, a.attcompression, pg_get_expr(d.adbin, d.adrelid))
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE c.relnamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT format('relation %s %s %s %s', c.relname, c.relkind, coalesce(c.reloptions::text, ''), coalesce(c.relacl::text, ''))
+FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'livesync'::regnamespace
+UNION ALL
+SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid))
+FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind = 'v'
+UNION ALL
+SELECT format('event trigger %s %s %s %s', e.evtname, e.evtevent, e.evtfoid::regproc, e.evttags)
+FROM pg_event_trigger e;
+SELECT item AS only_in_a_fresh_install FROM unnest(string_to_array(:'fresh', E'\n')) AS f(item)
+EXCEPT SELECT item FROM public.livesync_objects ORDER BY 1;
+SELECT item AS only_after_the_upgrade FROM public.livesync_objects
+EXCEPT SELECT item FROM unnest(string_to_array(:'fresh', E'\n')) AS f(item) ORDER BY 1;
+
+-- tracked tables carry on: their triggers fire under the replica role too, a
+-- change and a schema change are captured, and the unsequenced 0.1.0 change is
+-- read first
+SELECT DISTINCT tgenabled FROM pg_trigger WHERE tgrelid = 'notes'::regclass AND tgname LIKE 'livesync%';
+INSERT INTO notes VALUES (2, 'new');
+ALTER TABLE notes ADD COLUMN due date;
+SELECT position, op, key, delta FROM livesync.changes_since(0) ORDER BY position;
+
+\c :fresh_db
+DROP DATABASE livesync_upgrade WITH (FORCE);
+DROP VIEW public.livesync_objects;
