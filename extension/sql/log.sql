@@ -99,12 +99,29 @@ INSERT INTO livesync._retention DEFAULT VALUES;
 -- database restored from a dump starts with an empty log, and readers holding old
 -- positions are told to resync (LS001).
 
+-- Reading the log is for members of livesync_reader (see privileges.sql). The grants
+-- on the log tables enforce it; this check turns their "permission denied for table
+-- batches" into an error that says what to grant.
+CREATE FUNCTION livesync._require_reader(function_name text) RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    IF NOT pg_has_role('livesync_reader', 'USAGE') THEN
+        RAISE EXCEPTION 'permission denied: % needs membership in role livesync_reader', function_name
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'GRANT livesync_reader TO the role that reads the change log.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION livesync.current_position() RETURNS bigint
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT greatest(
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    PERFORM livesync._require_reader('livesync.current_position');
+    RETURN greatest(
         (SELECT max(last_position) FROM livesync.batches),
         (SELECT horizon FROM livesync._retention)
-    )
+    );
+END
 $$;
 COMMENT ON FUNCTION livesync.current_position() IS
     'The newest position a reader can see now; changes_since() of it returns only later commits.';
@@ -144,6 +161,7 @@ DECLARE
     kept_from bigint;
     newest    bigint;
 BEGIN
+    PERFORM livesync._require_reader('livesync.changes_since');
     -- With livesync preloaded, make sure this database's sequencer worker runs: after
     -- a server restart the first reader starts it, not only the first writer.
     PERFORM livesync._ensure_sequencer();
@@ -217,8 +235,11 @@ $$;
 COMMENT ON FUNCTION livesync.changes_since(bigint, int) IS
     'Changes committed after a position, in commit order, whole transactions only. SQLSTATE LS001 means resync.';
 
-CREATE FUNCTION livesync.compact(older_than interval DEFAULT '24 hours') RETURNS bigint
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+-- The body of livesync.compact (declared below), run as the bootstrap superuser once
+-- the caller is known to own the extension or be a member of livesync_maintainer
+-- (src/entry.rs); no ordinary role may call it.
+CREATE FUNCTION livesync._compact(older_than interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     new_horizon bigint;
     removed     bigint;
@@ -247,5 +268,8 @@ BEGIN
     RETURN removed;
 END
 $$;
+
+CREATE FUNCTION livesync.compact(older_than interval DEFAULT '24 hours') RETURNS bigint
+LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_compact';
 COMMENT ON FUNCTION livesync.compact(interval) IS
     'Prunes changes committed longer ago than older_than; returns how many changes were removed.';

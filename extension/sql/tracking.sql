@@ -23,8 +23,10 @@ SELECT t.relation,
              WHERE i.indrelid = t.relation AND i.indisprimary
              ORDER BY k.ord) AS key_columns,
        t.tracked_at
-FROM livesync._tracked t;
-COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key.';
+FROM livesync._tracked t
+-- Like conflicts and policies: a role sees the tables it may read.
+WHERE has_table_privilege(t.relation, 'SELECT');
+COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key (those the current role may SELECT).';
 
 -- A table's columns as readers see them: name and type, in column order, without
 -- livesync's own. A schema change in the log carries this list before and after.
@@ -37,8 +39,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
 $$;
 
-CREATE FUNCTION livesync.track(rel regclass) RETURNS void
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+-- The body of livesync.track (declared below), run as the bootstrap superuser once
+-- the caller is known to own the table (src/entry.rs); no ordinary role may call it.
+CREATE FUNCTION livesync._track(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kind        "char";
     persistence "char";
@@ -117,11 +121,15 @@ BEGIN
     INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel));
 END
 $$;
+
+CREATE FUNCTION livesync.track(rel regclass) RETURNS void
+LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_track';
 COMMENT ON FUNCTION livesync.track(regclass) IS
     'Starts capturing every change to a table with a primary key; adds its _livesync_version and _livesync_clocks columns.';
 
-CREATE FUNCTION livesync.untrack(rel regclass) RETURNS void
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+-- The body of livesync.untrack, run like _track's.
+CREATE FUNCTION livesync._untrack(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
@@ -136,6 +144,9 @@ BEGIN
     EXECUTE format('ALTER TABLE %s DROP COLUMN _livesync_version, DROP COLUMN IF EXISTS _livesync_clocks', rel);
 END
 $$;
+
+CREATE FUNCTION livesync.untrack(rel regclass) RETURNS void
+LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_untrack';
 COMMENT ON FUNCTION livesync.untrack(regclass) IS
     'Stops capture on a table and removes its _livesync_version and _livesync_clocks columns; its past changes stay in the log.';
 
@@ -145,6 +156,13 @@ DECLARE
     key_cols text[];
     version  bigint;
 BEGIN
+    -- Before anything else, so a role that may not read the table learns nothing
+    -- of it (not even whether it is tracked).
+    IF NOT has_table_privilege(rel, 'SELECT') THEN
+        RAISE EXCEPTION 'permission denied: livesync.row_version needs SELECT on table %', rel
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('GRANT SELECT ON %s TO the role that reads it.', rel);
+    END IF;
     SELECT t.key_columns INTO key_cols FROM livesync.tracked t WHERE t.relation = rel;
     IF key_cols IS NULL THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
@@ -169,8 +187,10 @@ COMMENT ON FUNCTION livesync.row_version(regclass, jsonb) IS
 
 -- Schema changes on tracked tables: dropping the table stops tracking it; a change
 -- that would break capture (losing the primary key or the version column) is refused.
+-- SECURITY DEFINER: the role dropping the table (its owner) has no privileges on
+-- livesync's tables.
 CREATE FUNCTION livesync._on_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM livesync._tracked t
     USING pg_event_trigger_dropped_objects() d

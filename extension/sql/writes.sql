@@ -15,13 +15,14 @@ CREATE VIEW livesync.policies AS
 SELECT t.relation, NULL::text AS column_name, t.default_policy AS policy,
        t.existing_insert, t.delete_race
 FROM livesync._tracked t
+WHERE has_table_privilege(t.relation, 'SELECT')
 UNION ALL
 SELECT p.relation, a.attname::text, p.policy, NULL, NULL
 FROM livesync._policies p
-JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped;
-GRANT SELECT ON livesync.policies TO PUBLIC;
+JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped
+WHERE has_table_privilege(p.relation, 'SELECT');
 COMMENT ON VIEW livesync.policies IS
-    'Merge policies of tracked tables: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
+    'Merge policies of the tracked tables the current role may SELECT: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
 
 -- (client_id, mutation_id) -> the result livesync.write returned, so a retried
 -- mutation returns it again instead of applying twice. Pruned by compact().
@@ -30,6 +31,12 @@ CREATE TABLE livesync._mutations (
     mutation_id int8        NOT NULL,
     result      jsonb       NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
+    -- The table written and the role that wrote it: a result (which holds the row)
+    -- is given back only to a retry by the same role on the same table, so nobody
+    -- reads another role's rows by replaying its ids. NULL in records made before
+    -- livesync 0.3.0, which no retry matches.
+    relation    regclass,
+    written_by  oid,
     PRIMARY KEY (client_id, mutation_id)
 );
 
@@ -57,7 +64,6 @@ SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c
 WHERE has_table_privilege(c.relation, 'SELECT');
-GRANT SELECT ON livesync.conflicts TO PUBLIC;
 COMMENT ON VIEW livesync.conflicts IS
     'Conflicts on manual-policy columns (open ones have resolved_at NULL); settle them with livesync.resolve_conflict().';
 
@@ -83,8 +89,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
           WHERE t.oid = type_oid) AS b
 $$;
 
-CREATE FUNCTION livesync.set_policy(rel regclass, column_name text, policy text) RETURNS void
-LANGUAGE plpgsql VOLATILE AS $$
+-- The bodies of set_policy and set_conflict_rules (declared after them), run as the
+-- bootstrap superuser once the caller is known to own the table (src/entry.rs).
+CREATE FUNCTION livesync._set_policy(rel regclass, column_name text, policy text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     col record;
 BEGIN
@@ -126,11 +134,14 @@ BEGIN
     PERFORM livesync._forget_write_settings(rel);
 END
 $$;
+
+CREATE FUNCTION livesync.set_policy(rel regclass, column_name text, policy text) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_column_policy';
 COMMENT ON FUNCTION livesync.set_policy(regclass, text, text) IS
     'Sets how livesync.write settles a column both a client and others changed since the client''s base.';
 
-CREATE FUNCTION livesync.set_policy(rel regclass, policy text) RETURNS void
-LANGUAGE plpgsql VOLATILE AS $$
+CREATE FUNCTION livesync._set_policy(rel regclass, policy text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF rel IS NULL OR policy IS NULL THEN
         RAISE EXCEPTION 'set_policy needs a table and a policy' USING ERRCODE = 'invalid_parameter_value';
@@ -147,12 +158,15 @@ BEGIN
     PERFORM livesync._forget_write_settings(rel);
 END
 $$;
+
+CREATE FUNCTION livesync.set_policy(rel regclass, policy text) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_table_policy';
 COMMENT ON FUNCTION livesync.set_policy(regclass, text) IS
     'Sets the policy of a table''s columns that have none of their own (default lww).';
 
-CREATE FUNCTION livesync.set_conflict_rules(rel regclass, existing_insert text DEFAULT NULL, delete_race text DEFAULT NULL)
+CREATE FUNCTION livesync._set_conflict_rules(rel regclass, existing_insert text, delete_race text)
 RETURNS void
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF existing_insert NOT IN ('merge', 'reject') THEN
         RAISE EXCEPTION 'existing_insert must be merge or reject, got "%"', existing_insert USING ERRCODE = 'invalid_parameter_value';
@@ -161,8 +175,8 @@ BEGIN
         RAISE EXCEPTION 'delete_race must be delete_wins or update_wins, got "%"', delete_race USING ERRCODE = 'invalid_parameter_value';
     END IF;
     UPDATE livesync._tracked t
-    SET existing_insert = coalesce(set_conflict_rules.existing_insert, t.existing_insert),
-        delete_race = coalesce(set_conflict_rules.delete_race, t.delete_race)
+    SET existing_insert = coalesce(_set_conflict_rules.existing_insert, t.existing_insert),
+        delete_race = coalesce(_set_conflict_rules.delete_race, t.delete_race)
     WHERE t.relation = rel;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
@@ -170,6 +184,10 @@ BEGIN
     PERFORM livesync._forget_write_settings(rel);
 END
 $$;
+
+CREATE FUNCTION livesync.set_conflict_rules(rel regclass, existing_insert text DEFAULT NULL, delete_race text DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_conflict_rules';
 COMMENT ON FUNCTION livesync.set_conflict_rules(regclass, text, text) IS
     'How livesync.write treats an insert of an existing key (merge | reject) and a delete racing an update (delete_wins | update_wins).';
 

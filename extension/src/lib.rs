@@ -14,19 +14,26 @@
 //! - `write`: conflict-aware writes (`livesync.write`, policies, conflicts).
 //! - `actor`: who a change is recorded as made by.
 //! - `owner`: running livesync's own reads and writes as the bootstrap superuser.
+//! - `privileges`: who may call what; `entry`: the configuration and maintenance
+//!   entry points, which check the caller and then run their bodies.
+//! - `raise`: raising livesync's own SQLSTATEs from C-interface functions.
 //! - `gucs`, `error`: settings and the error type.
-//! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...).
+//! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
+//!   `sql/privileges.sql`: the roles and grants.
 
 use pgrx::prelude::*;
 
 mod actor;
 mod capture;
 mod catalog;
+mod entry;
 mod error;
 mod gucs;
 mod index_entries;
 mod log_writer;
 mod owner;
+mod privileges;
+mod raise;
 mod restamp;
 mod row_json;
 mod sequencer;
@@ -59,6 +66,7 @@ extension_sql_file!(
     name = "writes",
     requires = ["tracking", write::write_json, write::resolve_conflict]
 );
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -58,8 +58,21 @@ impl Applied {
 }
 
 pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, WriteError> {
-    if let Some(first) = mutation.id.as_ref().and_then(|id| id.lock_and_find(client)) {
-        return Ok(Applied::Value(first));
+    // First: a role without the privileges learns nothing, not even whether the
+    // table is tracked or the mutation was applied before.
+    let missing =
+        crate::privileges::missing_table_privileges(mutation.relid, mutation.op.privileges());
+    if missing != 0 {
+        return Err(WriteError::NoPrivilege {
+            op: mutation.op.name(),
+            privileges: crate::privileges::privilege_names(missing),
+            table: super::target::relation_display(mutation.relid),
+        });
+    }
+    if let Some(id) = &mutation.id {
+        if let Some(first) = id.lock_and_find(client, mutation.relid)? {
+            return Ok(Applied::Value(first));
+        }
     }
     // The lock the write's statements take anyway, taken before the table's settings
     // are read: DDL on the table (untrack, a column renamed or dropped) either
@@ -116,7 +129,7 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
         None => Applied::Value(write.merged(client)?),
     };
     if let Some(id) = &mutation.id {
-        id.record(client, &result);
+        id.record(client, mutation.relid, &result);
     }
     Ok(result)
 }

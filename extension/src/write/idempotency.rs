@@ -32,10 +32,31 @@ const LOCK_BUCKETS: i32 = 1024;
 const LOCK: &str = "SELECT pg_advisory_xact_lock($2, hashtext($1) & $3)";
 
 const FIND: &str = "
-SELECT m.result FROM livesync._mutations m WHERE m.client_id = $1 AND m.mutation_id = $2";
+SELECT m.result, m.relation::oid, m.written_by FROM livesync._mutations m
+WHERE m.client_id = $1 AND m.mutation_id = $2";
 
 const RECORD: &str = "
-INSERT INTO livesync._mutations (client_id, mutation_id, result) VALUES ($1, $2, $3)";
+INSERT INTO livesync._mutations (client_id, mutation_id, result, relation, written_by)
+VALUES ($1, $2, $3, $4, $5)";
+
+// The same on a database still on livesync 0.2.0's tables: between installing a new
+// build and `ALTER EXTENSION livesync UPDATE`, writes keep working (with 0.2.0's
+// rule, which gave a recorded result to any retry).
+const FIND_0_2: &str = "
+SELECT m.result, NULL::oid, NULL::oid FROM livesync._mutations m
+WHERE m.client_id = $1 AND m.mutation_id = $2";
+
+const RECORD_0_2: &str = "
+INSERT INTO livesync._mutations (client_id, mutation_id, result)
+SELECT $1, $2, $3 WHERE $4 IS NOT NULL AND $5 IS NOT NULL";
+
+/// Whether `livesync._mutations` records who wrote it (livesync 0.3.0 on).
+fn records_writer() -> bool {
+    let Some(relid) = crate::catalog::livesync_relation(c"_mutations") else {
+        return true;
+    };
+    unsafe { pg_sys::get_attnum(relid, c"written_by".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
+}
 
 pub struct MutationId {
     pub client_id: String,
@@ -44,8 +65,14 @@ pub struct MutationId {
 
 impl MutationId {
     /// Waits for any other session applying the same mutation, then returns the
-    /// result it committed, if it did.
-    pub fn lock_and_find(&self, client: &SpiClient<'_>) -> Option<Value> {
+    /// result it committed, if it did. A result holds the row as written, so it is
+    /// given back only to the role that wrote it, for the same table: a replayed
+    /// pair from another role or for another table is refused.
+    pub fn lock_and_find(
+        &self,
+        client: &SpiClient<'_>,
+        relid: pg_sys::Oid,
+    ) -> Result<Option<Value>, super::WriteError> {
         let lock_types = [
             PgOid::from(pg_sys::TEXTOID),
             PgOid::from(pg_sys::INT4OID),
@@ -53,7 +80,8 @@ impl MutationId {
         ];
         let lock = kept(client, LOCK, &lock_types);
         let find_types = [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT8OID)];
-        let find = kept(client, FIND, &find_types);
+        let current = records_writer();
+        let find = kept(client, if current { FIND } else { FIND_0_2 }, &find_types);
         let found = as_bootstrap_superuser(|| {
             client.select(
                 &*lock,
@@ -72,14 +100,45 @@ impl MutationId {
                 )
                 .and_then(|table| match table.is_empty() {
                     true => Ok(None),
-                    false => table.first().get::<super::json::Json>(1),
+                    false => {
+                        let row = table.first();
+                        Ok(Some((
+                            row.get::<super::json::Json>(1)?,
+                            row.get::<pg_sys::Oid>(2)?,
+                            row.get::<pg_sys::Oid>(3)?,
+                        )))
+                    }
                 })
         })
         .unwrap_or_else(|e| pgrx::error!("livesync: reading mutation records failed: {e}"));
-        found.map(|super::json::Json(result)| result)
+        let Some((result, relation, written_by)) = found else {
+            return Ok(None);
+        };
+        if !current {
+            return Ok(result.map(|super::json::Json(result)| result));
+        }
+        // Records made before livesync 0.3.0 have neither: no retry matches them.
+        if written_by != Some(unsafe { pg_sys::GetUserId() }) {
+            return Err(super::WriteError::MutationOfAnotherRole {
+                client_id: self.client_id.clone(),
+                mutation_id: self.mutation_id,
+            });
+        }
+        if relation != Some(relid) {
+            return Err(super::WriteError::MutationOfAnotherTable {
+                client_id: self.client_id.clone(),
+                mutation_id: self.mutation_id,
+            });
+        }
+        Ok(result.map(|super::json::Json(result)| result))
     }
 
-    pub fn record(&self, client: &SpiClient<'_>, result: &super::apply::Applied) {
+    pub fn record(
+        &self,
+        client: &SpiClient<'_>,
+        relid: pg_sys::Oid,
+        result: &super::apply::Applied,
+    ) {
         let result = match result {
             super::apply::Applied::Value(value) => JsonB(value.clone()).into(),
             super::apply::Applied::Jsonb(datum) => unsafe {
@@ -90,8 +149,12 @@ impl MutationId {
             PgOid::from(pg_sys::TEXTOID),
             PgOid::from(pg_sys::INT8OID),
             PgOid::from(pg_sys::JSONBOID),
+            PgOid::from(pg_sys::OIDOID),
+            PgOid::from(pg_sys::OIDOID),
         ];
-        let plan = kept(client, RECORD, &types);
+        let statement = if records_writer() { RECORD } else { RECORD_0_2 };
+        let plan = kept(client, statement, &types);
+        let writer = unsafe { pg_sys::GetUserId() };
         as_bootstrap_superuser(|| {
             client.select(
                 &*plan,
@@ -100,6 +163,8 @@ impl MutationId {
                     self.client_id.as_str().into(),
                     self.mutation_id.into(),
                     result,
+                    relid.into(),
+                    writer.into(),
                 ],
             )
         })

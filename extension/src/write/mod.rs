@@ -26,6 +26,7 @@ pub mod target;
 
 pub use target::init;
 
+use crate::raise::{raise, ErrorToRaise};
 use mutation::{MutationArgs, Op};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -81,20 +82,23 @@ pub enum WriteError {
         "a row of {0} with this key exists, but row-level security hides it from the current role"
     )]
     Hidden(String),
-    #[error("permission denied: resolving a conflict of {0} needs UPDATE on it")]
-    NoUpdatePrivilege(String),
+    #[error("permission denied: livesync.write {op} needs {privileges} on table {table}")]
+    NoPrivilege {
+        op: &'static str,
+        privileges: String,
+        table: String,
+    },
+    #[error("permission denied: resolving a conflict of {table} needs {privileges} on it")]
+    NoResolvePrivilege { table: String, privileges: String },
+    #[error("permission denied: conflict {0} is on a table the current role may not read")]
+    ConflictHidden(i64),
+    #[error("mutation {mutation_id} of client \"{client_id}\" was applied by another role")]
+    MutationOfAnotherRole { client_id: String, mutation_id: i64 },
+    #[error("mutation {mutation_id} of client \"{client_id}\" was applied to another table")]
+    MutationOfAnotherTable { client_id: String, mutation_id: i64 },
 }
 
 impl WriteError {
-    /// The SQLSTATE as Postgres encodes it (`MAKE_SQLSTATE`).
-    fn sqlstate_code(&self) -> i32 {
-        self.sqlstate()
-            .bytes()
-            .enumerate()
-            .map(|(i, c)| (i32::from(c.wrapping_sub(b'0')) & 0x3F) << (6 * i))
-            .sum()
-    }
-
     fn sqlstate(&self) -> &'static str {
         match self {
             WriteError::NotTracked(_) => "LS002",
@@ -106,7 +110,11 @@ impl WriteError {
             WriteError::UnknownTable(_) => "42P01",
             WriteError::InsertRace(_) => "40001",
             WriteError::NoEffect(_) => "LS008",
-            WriteError::Hidden(_) | WriteError::NoUpdatePrivilege(_) => "42501",
+            WriteError::Hidden(_)
+            | WriteError::NoPrivilege { .. }
+            | WriteError::NoResolvePrivilege { .. }
+            | WriteError::ConflictHidden(_)
+            | WriteError::MutationOfAnotherRole { .. } => "42501",
             _ => "22023",
         }
     }
@@ -133,6 +141,15 @@ impl WriteError {
             WriteError::Hidden(_) => Some(
                 "The role needs a row-level security policy that lets it see (and update) the row.".into(),
             ),
+            WriteError::NoPrivilege { privileges, table, .. } => Some(format!(
+                "GRANT {privileges} ON {table} TO the role that writes (livesync.write reads and locks the row it merges against, so it always needs SELECT and UPDATE)."
+            )),
+            WriteError::MutationOfAnotherRole { .. } => Some(
+                "A (client_id, mutation_id) pair is retried by the role that first applied it; give each client its own client_id.".into(),
+            ),
+            WriteError::MutationOfAnotherTable { .. } => {
+                Some("Mutation ids are unique per client: use a new mutation_id for another write.".into())
+            }
             _ => None,
         }
     }
@@ -177,14 +194,6 @@ struct WriteOutcome {
     error: *mut ErrorToRaise,
 }
 
-#[repr(C)]
-struct ErrorToRaise {
-    sqlstate: i32,
-    message: *mut std::ffi::c_char,
-    /// Null when there is no hint.
-    hint: *mut std::ffi::c_char,
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
     unsafe {
@@ -213,64 +222,11 @@ unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> W
                 result: result.into_datum(),
                 error: std::ptr::null_mut(),
             },
-            Err(e) => {
-                let error =
-                    pg_sys::palloc(std::mem::size_of::<ErrorToRaise>()).cast::<ErrorToRaise>();
-                error.write(ErrorToRaise {
-                    sqlstate: e.sqlstate_code(),
-                    message: palloc_cstring(&e.to_string()),
-                    hint: e
-                        .hint()
-                        .map_or(std::ptr::null_mut(), |h| palloc_cstring(&h)),
-                });
-                WriteOutcome {
-                    result: pg_sys::Datum::from(0usize),
-                    error,
-                }
-            }
+            Err(e) => WriteOutcome {
+                result: pg_sys::Datum::from(0usize),
+                error: ErrorToRaise::palloc(e.sqlstate(), &e.to_string(), e.hint().as_deref()),
+            },
         }
-    }
-}
-
-unsafe extern "C-unwind" {
-    // elog.h's reporting calls; pgrx does not expose them. Called only from
-    // `raise`, in a frame pgrx does not guard.
-    fn errstart(elevel: std::ffi::c_int, domain: *const std::ffi::c_char) -> bool;
-    fn errcode(sqlerrcode: std::ffi::c_int) -> std::ffi::c_int;
-    fn errmsg(fmt: *const std::ffi::c_char, ...) -> std::ffi::c_int;
-    fn errhint(fmt: *const std::ffi::c_char, ...) -> std::ffi::c_int;
-    fn errfinish(
-        filename: *const std::ffi::c_char,
-        lineno: std::ffi::c_int,
-        funcname: *const std::ffi::c_char,
-    );
-}
-
-/// Raises an ERROR with the given SQLSTATE; does not return.
-unsafe fn raise(error: &ErrorToRaise) -> ! {
-    unsafe {
-        if errstart(pgrx::PgLogLevel::ERROR as std::ffi::c_int, std::ptr::null()) {
-            errcode(error.sqlstate);
-            errmsg(c"%s".as_ptr(), error.message);
-            if !error.hint.is_null() {
-                errhint(c"%s".as_ptr(), error.hint);
-            }
-            errfinish(
-                c"write/mod.rs".as_ptr(),
-                line!() as std::ffi::c_int,
-                c"livesync_write".as_ptr(),
-            );
-        }
-    }
-    unreachable!("an ERROR does not return")
-}
-
-fn palloc_cstring(text: &str) -> *mut std::ffi::c_char {
-    unsafe {
-        let copy = pg_sys::palloc(text.len() + 1).cast::<u8>();
-        std::ptr::copy_nonoverlapping(text.as_ptr(), copy, text.len());
-        *copy.add(text.len()) = 0;
-        copy.cast()
     }
 }
 
@@ -325,19 +281,22 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
         return Err(WriteError::NoConflict(conflict_id));
     };
     // Every choice settles the table's conflict, `theirs` included (it writes
-    // nothing, so the table's own privileges would never be asked): UPDATE, as for
-    // the writes `mine` and `value` make.
-    let may_update = unsafe {
-        pg_sys::pg_class_aclcheck(
-            relid,
-            pg_sys::GetUserId(),
-            pg_sys::ACL_UPDATE as pg_sys::AclMode,
-        ) == pg_sys::AclResult::ACLCHECK_OK
-    };
-    if !may_update {
-        return Err(WriteError::NoUpdatePrivilege(target::relation_display(
-            relid,
-        )));
+    // nothing, so the table's own privileges would never be asked): SELECT and
+    // UPDATE, as for the writes `mine` and `value` make. A role that may not read
+    // the table is not told which table the conflict is on (livesync.conflicts
+    // does not show it either).
+    let missing = crate::privileges::missing_table_privileges(
+        relid,
+        (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE) as pg_sys::AclMode,
+    );
+    if missing & pg_sys::ACL_SELECT as pg_sys::AclMode != 0 {
+        return Err(WriteError::ConflictHidden(conflict_id));
+    }
+    if missing != 0 {
+        return Err(WriteError::NoResolvePrivilege {
+            table: target::relation_display(relid),
+            privileges: crate::privileges::privilege_names(missing),
+        });
     }
     if resolved {
         return Err(WriteError::ConflictResolved(conflict_id));

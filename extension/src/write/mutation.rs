@@ -28,6 +28,28 @@ impl Op {
             other => Err(WriteError::UnknownOp(other.to_string())),
         }
     }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Upsert => "upsert",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// The table privileges the operation needs: SELECT and UPDATE always (the row
+    /// is read locked, FOR UPDATE, to merge against it), and INSERT or DELETE for
+    /// what it may do besides.
+    pub fn privileges(&self) -> pg_sys::AclMode {
+        let always = (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE) as pg_sys::AclMode;
+        always
+            | match self {
+                Op::Insert | Op::Upsert => pg_sys::ACL_INSERT as pg_sys::AclMode,
+                Op::Update => 0,
+                Op::Delete => pg_sys::ACL_DELETE as pg_sys::AclMode,
+            }
+    }
 }
 
 pub struct Mutation {

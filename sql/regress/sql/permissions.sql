@@ -1,53 +1,207 @@
--- what this shows: an application role needs privileges on its own tables only:
--- capture writes the log on its behalf, and the role cannot write the log itself.
+-- what this shows: who may call what (docs/sql.md, "Who may call what"). For every
+-- function and view, a role with exactly the privilege it needs succeeds, and a role
+-- without it gets 42501 and changes and learns nothing.
 \set SHOW_CONTEXT never
-DROP ROLE IF EXISTS livesync_app_role;
-CREATE ROLE livesync_app_role;
-CREATE TABLE notes (id int PRIMARY KEY, body text);
-SELECT livesync.track('notes');
-GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO livesync_app_role;
-GRANT USAGE ON SCHEMA livesync TO livesync_app_role;
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS ls_owner, ls_app, ls_twin, ls_viewer, ls_stranger, ls_bridge, ls_janitor;
+RESET client_min_messages;
+CREATE ROLE ls_owner;                          -- owns the tables
+CREATE ROLE ls_app;                            -- reads and writes notes
+CREATE ROLE ls_twin;                           -- the same grants as ls_app
+CREATE ROLE ls_viewer;                         -- may only read notes
+CREATE ROLE ls_stranger;                       -- no privilege on any table
+CREATE ROLE ls_bridge IN ROLE livesync_reader; -- reads the log, nothing else
+CREATE ROLE ls_janitor IN ROLE livesync_maintainer;
+GRANT USAGE ON SCHEMA livesync TO ls_owner, ls_app, ls_twin, ls_viewer, ls_stranger;
+GRANT CREATE ON SCHEMA public TO ls_owner, ls_stranger;
+
+-- What any role may reach at all: the functions open to PUBLIC, and the relations
+-- it may read. Everything else in the schema is closed to it.
+SELECT p.oid::regprocedure AS open_to_every_role
+FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
+  AND has_function_privilege('ls_stranger', p.oid, 'EXECUTE') ORDER BY p.oid::regprocedure::text;
+SELECT c.relname AS readable_by_every_role
+FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+  AND (has_table_privilege('ls_stranger', c.oid, 'SELECT') OR has_table_privilege('ls_stranger', c.oid, 'INSERT')
+       OR has_table_privilege('ls_stranger', c.oid, 'UPDATE') OR has_table_privilege('ls_stranger', c.oid, 'DELETE'))
+ORDER BY 1;
+-- What livesync_reader adds, and that it writes nothing.
+SELECT p.oid::regprocedure AS open_to_readers
+FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
+  AND has_function_privilege('ls_bridge', p.oid, 'EXECUTE')
+  AND NOT has_function_privilege('ls_stranger', p.oid, 'EXECUTE') ORDER BY p.oid::regprocedure::text;
+SELECT c.relname AS readers_read,
+       has_table_privilege('ls_bridge', c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') AS readers_write
+FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+  AND has_table_privilege('ls_bridge', c.oid, 'SELECT')
+  AND NOT has_table_privilege('ls_stranger', c.oid, 'SELECT') ORDER BY 1;
+-- Every function that runs with livesync's own rights pins its search_path: those
+-- declared SECURITY DEFINER, and the bodies src/entry.rs runs as the superuser.
+SELECT p.proname AS runs_privileged, p.prosecdef AS security_definer,
+       coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false) AS search_path_pinned
+FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
+  AND (p.prosecdef OR p.proname IN ('_track', '_untrack', '_set_policy', '_set_conflict_rules', '_compact'))
+ORDER BY 1, 2;
+
+-- A fingerprint of everything the calls below could change or reveal: tracking,
+-- policies, conflicts, mutation records and the log.
+CREATE FUNCTION public.livesync_state() RETURNS text
+LANGUAGE sql AS $$
+    SELECT md5(concat_ws('|',
+        (SELECT string_agg(format('%s %s %s %s %s', relation, default_policy, existing_insert, delete_race, shape), ',' ORDER BY relation::text) FROM livesync._tracked),
+        (SELECT string_agg(format('%s %s %s', relation, attnum, policy), ',' ORDER BY relation::text, attnum) FROM livesync._policies),
+        (SELECT string_agg(format('%s %s %s', id, resolved_at IS NULL, resolution), ',' ORDER BY id) FROM livesync._conflicts),
+        (SELECT count(*) FROM livesync._mutations),
+        (SELECT max(last_position) FROM livesync.batches),
+        (SELECT count(*) FROM livesync.changes),
+        (SELECT horizon FROM livesync._retention)))
+$$;
+
+-- Configuration: the table's owner (not a superuser) tracks and configures it.
+SET ROLE ls_owner;
+CREATE TABLE notes (id int PRIMARY KEY, body text, score int);
+CREATE TABLE drafts (id int PRIMARY KEY, body text);
+CREATE TABLE secrets (id int PRIMARY KEY, body text);
+SELECT livesync.track('notes'), livesync.track('drafts'), livesync.track('secrets');
+SELECT livesync.set_policy('notes', 'body', 'manual'), livesync.set_policy('notes', 'score', 'max'),
+       livesync.set_policy('notes', 'server_wins'), livesync.set_conflict_rules('notes', 'merge', 'update_wins');
+SELECT livesync.set_policy('notes', 'lww'), livesync.set_conflict_rules('notes', delete_race => 'delete_wins');
+GRANT SELECT, INSERT, UPDATE, DELETE ON notes, drafts TO ls_app, ls_twin;
+GRANT SELECT ON notes TO ls_viewer;
+-- the owner may not read the log: that is livesync_reader's
+SELECT expect_error('SELECT livesync.current_position()');
+RESET ROLE;
+SELECT relation, key_columns FROM livesync.tracked
+WHERE relation IN ('notes'::regclass, 'drafts'::regclass, 'secrets'::regclass) ORDER BY relation::text;
+SELECT * FROM livesync.policies WHERE relation = 'notes'::regclass ORDER BY column_name NULLS FIRST;
 SELECT livesync.current_position() AS p0 \gset
-
-SET ROLE livesync_app_role;
-INSERT INTO notes VALUES (1, 'written by the app role');
-UPDATE notes SET body = 'edited' WHERE id = 1;
-SELECT expect_error($$INSERT INTO livesync.changes (tx, ordinal, relation, op, actor) VALUES (pg_current_xact_id(), 1, 'notes', 'i', 'forged')$$);
+SET ROLE ls_owner;
+INSERT INTO secrets VALUES (1, 'the owner''s secret');
 RESET ROLE;
 
-SELECT pos, op, key, actor FROM log_after(:p0);
-DROP TABLE notes;
-DROP OWNED BY livesync_app_role;
-DROP ROLE livesync_app_role;
-
--- resolve_conflict settles a table's conflict only for a role that may UPDATE the
--- table, whatever the choice: 'theirs' writes nothing, so the table's own
--- privileges were never asked, and a role with none could settle it
-CREATE TABLE cards (id int PRIMARY KEY, status text);
-SELECT livesync.track('cards');
-SELECT livesync.set_policy('cards', 'status', 'manual');
-INSERT INTO cards VALUES (1, 'open');
-SELECT livesync.write('cards', 'update', '{"id": 1}', '{"status": "done"}', 0, '{"status": "new"}') ->> 'status' AS stored;
-SELECT id AS conflict FROM livesync.conflicts WHERE relation = 'cards'::regclass \gset
-CREATE ROLE livesync_outsider;
-GRANT USAGE ON SCHEMA livesync TO livesync_outsider;
-CREATE ROLE livesync_reader_only;
-GRANT USAGE ON SCHEMA livesync TO livesync_reader_only;
-GRANT SELECT ON cards TO livesync_reader_only;
-SET ROLE livesync_outsider;
-SELECT count(*) AS conflicts_seen FROM livesync.conflicts;
-SELECT expect_error(format($$SELECT livesync.resolve_conflict(%s, 'theirs')$$, :conflict));
-SET ROLE livesync_reader_only;
-SELECT count(*) AS conflicts_seen FROM livesync.conflicts;
-SELECT expect_error(format($$SELECT livesync.resolve_conflict(%s, 'theirs')$$, :conflict));
+-- The application role writes its tables, plainly and through livesync.write, and
+-- reads row versions; capture logs its changes although it has no privilege on the log.
+SET ROLE ls_app;
+INSERT INTO notes VALUES (1, 'written by the app', 1);
+UPDATE notes SET score = 2 WHERE id = 1;
+SELECT shown(livesync.write('notes', 'update', '{"id": 1}', '{"score": 5}'));
+SELECT shown(livesync.write('notes', 'insert', '{"id": 2}', '{"body": "second"}', client_id => 'phone-1', mutation_id => 1));
+SELECT shown(livesync.write('notes', 'delete', '{"id": 2}', NULL));
+SELECT shown(livesync.write_batch('[{"rel": "notes", "op": "upsert", "key": {"id": 3}, "new_values": {"body": "batched"}}]')->0);
+SELECT livesync.row_version('notes', '{"id": 1}') > 0 AS has_version;
+-- and the views show it notes and drafts, never secrets
+SELECT relation AS tracked_seen FROM livesync.tracked ORDER BY relation::text;
+SELECT DISTINCT relation::text AS policies_seen FROM livesync.policies ORDER BY 1;
 RESET ROLE;
-SELECT resolved_at IS NULL AS still_open FROM livesync.conflicts WHERE id = :conflict;
-GRANT UPDATE ON cards TO livesync_reader_only;
-SET ROLE livesync_reader_only;
+SELECT livesync_state() AS before \gset
+
+-- Everything it may not do: 42501 each, naming the table and the privilege.
+SET ROLE ls_app;
+SELECT expect_error($$SELECT livesync.track('secrets')$$);
+SELECT expect_error($$SELECT livesync.untrack('notes')$$);
+SELECT expect_error($$SELECT livesync.set_policy('notes', 'body', 'lww')$$);
+SELECT expect_error($$SELECT livesync.set_policy('notes', 'manual')$$);
+SELECT expect_error($$SELECT livesync.set_conflict_rules('notes', 'reject')$$);
+SELECT expect_error($$SELECT livesync.compact('0 seconds')$$);
+SELECT expect_error($$SELECT livesync.changes_since(0)$$);
+SELECT expect_error($$SELECT livesync.current_position()$$);
+SELECT expect_error($$SELECT livesync.row_version('secrets', '{"id": 1}')$$);
+SELECT expect_error($$SELECT livesync.write('secrets', 'update', '{"id": 1}', '{"body": "mine now"}')$$);
+SELECT expect_error($$SELECT livesync.write('secrets', 'insert', '{"id": 9}', '{"body": "planted"}')$$);
+SELECT livesync.write_batch('[{"rel": "secrets", "op": "delete", "key": {"id": 1}}]') #>> '{0,error}' AS batch_error;
+-- nor livesync's own tables and bodies, directly
+SELECT expect_error($$SELECT * FROM livesync.changes$$);
+SELECT expect_error($$SELECT * FROM livesync._mutations$$);
+SELECT expect_error($$INSERT INTO livesync.changes (tx, ordinal, count, commit_seq, relation, op, entries, actor) VALUES (pg_current_xact_id(), 1, 1, 0, 'notes', 'i', '[]', 'forged')$$);
+SELECT expect_error($$UPDATE livesync._tracked SET default_policy = 'client_wins'$$);
+SELECT expect_error($$SELECT livesync._track('secrets')$$);
+SELECT expect_error($$SELECT livesync._compact('0 seconds')$$);
+SELECT expect_error($$SELECT livesync._set_policy('notes', 'client_wins')$$);
+SELECT expect_error($$SELECT livesync._log_schema_change('secrets'::regclass, '[]', '[]')$$);
+-- nor may it plant livesync's capture on a table of its own
+SELECT expect_error($$CREATE TEMP TABLE mine (id int PRIMARY KEY); CREATE TRIGGER forge AFTER INSERT ON mine FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()$$);
+RESET ROLE;
+SELECT livesync_state() = :'before' AS nothing_changed;
+
+-- A SECURITY DEFINER function is checked as its owner, not as whoever calls it: a
+-- stranger's function cannot untrack the owner's table, even when the owner calls it.
+SET ROLE ls_stranger;
+CREATE FUNCTION public.stranger_untracks() RETURNS text
+LANGUAGE sql SECURITY DEFINER AS $$ SELECT expect_error($q$SELECT livesync.untrack('notes')$q$) $$;
+RESET ROLE;
+SET ROLE ls_owner;
+SELECT stranger_untracks();
+RESET ROLE;
+SELECT livesync_state() = :'before' AS nothing_changed;
+
+-- Mutation records: a retry gets its first result back only as the role that wrote
+-- it and for the same table; a replay by another role reads nothing.
+SET ROLE ls_app;
+SELECT shown(livesync.write('notes', 'insert', '{"id": 2}', '{"body": "second"}', client_id => 'phone-1', mutation_id => 1)) AS retried;
+SELECT expect_error($$SELECT livesync.write('drafts', 'insert', '{"id": 2}', '{"body": "other"}', client_id => 'phone-1', mutation_id => 1)$$);
+SET ROLE ls_twin;
+SELECT expect_error($$SELECT livesync.write('notes', 'insert', '{"id": 2}', '{"body": "second"}', client_id => 'phone-1', mutation_id => 1)$$);
+RESET ROLE;
+SELECT livesync_state() = :'before' AS nothing_changed;
+
+-- The reader role reads every tracked table's changes (secrets too: the bridge
+-- decides per subscriber) and nothing else: no rows, no writes, no configuration.
+SET ROLE ls_bridge;
+SELECT livesync.current_position() = (SELECT max(last_position) FROM livesync.batches) AS reader_sees_the_newest;
+SELECT pos, relation, op, key, delta, actor FROM log_after(:p0);
+SELECT expect_error($$SELECT livesync.row_version('notes', '{"id": 1}')$$);
+SELECT expect_error($$SELECT livesync.write('notes', 'update', '{"id": 1}', '{"body": "bridge"}')$$);
+SELECT expect_error($$SELECT livesync.compact('0 seconds')$$);
+SELECT expect_error($$DELETE FROM livesync.changes$$);
+SELECT count(*) AS tracked_seen FROM livesync.tracked;
+RESET ROLE;
+SELECT livesync_state() = :'before' AS nothing_changed;
+
+-- Conflicts: only roles that may SELECT and UPDATE the table settle them, whatever
+-- the choice ('theirs' writes nothing, so the table's privileges would never be
+-- asked); roles that may not read the table neither see them nor learn their table.
+SET ROLE ls_owner;
+SELECT livesync.set_policy('notes', 'body', 'manual');
+RESET ROLE;
+SET ROLE ls_app;
+SELECT shown(livesync.write('notes', 'update', '{"id": 1}', '{"body": "mine"}', 0, '{"body": "old"}')) AS conflicted;
+RESET ROLE;
+SELECT id AS conflict FROM livesync._conflicts WHERE resolved_at IS NULL \gset
+SELECT livesync_state() AS before \gset
+SET ROLE ls_stranger;
+SELECT count(*) AS conflicts_seen FROM livesync.conflicts;
+SELECT regexp_replace(expect_error(format($$SELECT livesync.resolve_conflict(%s, 'theirs')$$, :conflict)), 'conflict \d+', 'conflict N') AS stranger_resolves;
+SET ROLE ls_bridge;
+SELECT regexp_replace(expect_error(format($$SELECT livesync.resolve_conflict(%s, 'theirs')$$, :conflict)), 'conflict \d+', 'conflict N') AS reader_resolves;
+SET ROLE ls_viewer;
+SELECT count(*) AS conflicts_seen FROM livesync.conflicts;
+SELECT expect_error(format($$SELECT livesync.resolve_conflict(%s, 'theirs')$$, :conflict)) AS viewer_resolves;
+SELECT expect_error(format($$SELECT livesync.resolve_conflict(%s, 'mine')$$, :conflict)) AS viewer_resolves;
+RESET ROLE;
+SELECT livesync_state() = :'before' AS nothing_changed;
+SET ROLE ls_app;
 SELECT livesync.resolve_conflict(:conflict, 'theirs') ->> 'status' AS settled;
 RESET ROLE;
 SELECT resolved_at IS NOT NULL AS closed FROM livesync.conflicts WHERE id = :conflict;
-DROP TABLE cards;
-DROP OWNED BY livesync_outsider, livesync_reader_only;
-DROP ROLE livesync_outsider;
-DROP ROLE livesync_reader_only;
+
+-- Maintenance: a livesync_maintainer member compacts (and nobody else without
+-- ownership of the extension, checked above).
+SET ROLE ls_janitor;
+SELECT livesync.compact('1 hour') AS compacted;
+RESET ROLE;
+
+-- The owner untracks, and drops a tracked table (the drop's event trigger cleans
+-- livesync's records although the owner has no privilege on them).
+SET ROLE ls_owner;
+SELECT livesync.untrack('drafts');
+DROP TABLE secrets;
+RESET ROLE;
+SELECT relation AS still_tracked FROM livesync._tracked
+WHERE relation::text IN ('notes', 'drafts') ORDER BY relation::text;
+SELECT count(*) AS records_of_dropped_tables FROM livesync._tracked WHERE relation::text ~ '^\d+$';
+
+DROP FUNCTION public.stranger_untracks();
+DROP FUNCTION public.livesync_state();
+DROP TABLE notes, drafts;
+DROP OWNED BY ls_owner, ls_app, ls_twin, ls_viewer, ls_stranger, ls_bridge, ls_janitor;
+DROP ROLE ls_owner, ls_app, ls_twin, ls_viewer, ls_stranger, ls_bridge, ls_janitor;

@@ -1,0 +1,243 @@
+//! The configuration and maintenance entry points (`livesync.track`, `untrack`,
+//! `set_policy`, `set_conflict_rules`, `compact`): C-interface functions that check
+//! the caller's privilege, then run the function's body (a PL/pgSQL function named
+//! with a leading `_`, which no ordinary role may execute) as the bootstrap
+//! superuser.
+//!
+//! Why not SECURITY DEFINER: inside such a function the caller's identity is gone,
+//! so it cannot ask whether the caller owns the table. Why not SPI through pgrx: an
+//! error the body raises would lose its SQLSTATE (LS002 and the like) on the way
+//! back. So the body runs through raw SPI calls from a frame that owns nothing to
+//! drop: its errors and notices reach the client exactly as raised, and an error
+//! aborts the (sub)transaction, which restores the caller's identity by itself.
+
+use crate::privileges::{self, Denied};
+use crate::raise::{raise, ErrorToRaise};
+use pgrx::pg_sys;
+use std::ffi::{c_char, c_int, c_long, CStr};
+
+/// Who may call an entry point.
+#[derive(Clone, Copy)]
+enum Needs {
+    /// The owner of the table in the first argument.
+    Ownership,
+    /// The extension's owner or a member of `livesync_maintainer`.
+    Maintenance,
+}
+
+struct Entry {
+    /// As the caller wrote it, for messages.
+    name: &'static str,
+    /// Runs the body with the entry point's arguments as $1, $2, ...
+    body: &'static CStr,
+    /// The arguments' types, in order.
+    arg_types: &'static [pg_sys::Oid],
+    needs: Needs,
+    /// Whether the body's single result is the entry point's (else it returns void).
+    returns_value: bool,
+}
+
+const REGCLASS: pg_sys::Oid = pg_sys::REGCLASSOID;
+const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+
+const TRACK: Entry = Entry {
+    name: "livesync.track",
+    body: c"SELECT livesync._track($1)",
+    arg_types: &[REGCLASS],
+    needs: Needs::Ownership,
+    returns_value: false,
+};
+const UNTRACK: Entry = Entry {
+    name: "livesync.untrack",
+    body: c"SELECT livesync._untrack($1)",
+    arg_types: &[REGCLASS],
+    needs: Needs::Ownership,
+    returns_value: false,
+};
+const SET_COLUMN_POLICY: Entry = Entry {
+    name: "livesync.set_policy",
+    body: c"SELECT livesync._set_policy($1, $2, $3)",
+    arg_types: &[REGCLASS, TEXT, TEXT],
+    needs: Needs::Ownership,
+    returns_value: false,
+};
+const SET_TABLE_POLICY: Entry = Entry {
+    name: "livesync.set_policy",
+    body: c"SELECT livesync._set_policy($1, $2)",
+    arg_types: &[REGCLASS, TEXT],
+    needs: Needs::Ownership,
+    returns_value: false,
+};
+const SET_CONFLICT_RULES: Entry = Entry {
+    name: "livesync.set_conflict_rules",
+    body: c"SELECT livesync._set_conflict_rules($1, $2, $3)",
+    arg_types: &[REGCLASS, TEXT, TEXT],
+    needs: Needs::Ownership,
+    returns_value: false,
+};
+const COMPACT: Entry = Entry {
+    name: "livesync.compact",
+    body: c"SELECT livesync._compact($1)",
+    arg_types: &[pg_sys::INTERVALOID],
+    needs: Needs::Maintenance,
+    returns_value: true,
+};
+
+/// Declares the C symbols of one entry point (`pg_finfo_<name>` and `<name>`).
+macro_rules! entry_point {
+    ($finfo:ident, $function:ident, $entry:expr) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
+            const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C-unwind" fn $function(
+            fcinfo: pg_sys::FunctionCallInfo,
+        ) -> pg_sys::Datum {
+            unsafe { run(fcinfo, &$entry) }
+        }
+    };
+}
+
+entry_point!(pg_finfo_livesync_track, livesync_track, TRACK);
+entry_point!(pg_finfo_livesync_untrack, livesync_untrack, UNTRACK);
+entry_point!(
+    pg_finfo_livesync_set_column_policy,
+    livesync_set_column_policy,
+    SET_COLUMN_POLICY
+);
+entry_point!(
+    pg_finfo_livesync_set_table_policy,
+    livesync_set_table_policy,
+    SET_TABLE_POLICY
+);
+entry_point!(
+    pg_finfo_livesync_set_conflict_rules,
+    livesync_set_conflict_rules,
+    SET_CONFLICT_RULES
+);
+entry_point!(pg_finfo_livesync_compact, livesync_compact, COMPACT);
+
+unsafe extern "C-unwind" {
+    // The SPI and identity calls, unguarded: an error inside the body must pass
+    // through this frame untouched (see the module comment).
+    fn SPI_connect() -> c_int;
+    fn SPI_finish() -> c_int;
+    fn SPI_execute_with_args(
+        src: *const c_char,
+        nargs: c_int,
+        argtypes: *mut pg_sys::Oid,
+        values: *mut pg_sys::Datum,
+        nulls: *const c_char,
+        read_only: bool,
+        tcount: c_long,
+    ) -> c_int;
+    fn SPI_getbinval(
+        tuple: pg_sys::HeapTuple,
+        tupdesc: pg_sys::TupleDesc,
+        fnumber: c_int,
+        isnull: *mut bool,
+    ) -> pg_sys::Datum;
+    fn GetUserIdAndSecContext(userid: *mut pg_sys::Oid, sec_context: *mut c_int);
+    fn SetUserIdAndSecContext(userid: pg_sys::Oid, sec_context: c_int);
+}
+
+/// The most arguments an entry point has.
+const MAX_ARGS: usize = 3;
+
+unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum {
+    unsafe {
+        let denied = check_caller(fcinfo, entry);
+        if !denied.is_null() {
+            raise(&*denied);
+        }
+        let nargs = entry.arg_types.len();
+        let mut types = [pg_sys::InvalidOid; MAX_ARGS];
+        let mut values = [pg_sys::Datum::from(0usize); MAX_ARGS];
+        let mut nulls = [b' ' as c_char; MAX_ARGS];
+        let args = (*fcinfo).args.as_slice(nargs);
+        for (i, arg) in args.iter().enumerate() {
+            types[i] = entry.arg_types[i];
+            values[i] = arg.value;
+            if arg.isnull {
+                nulls[i] = b'n' as c_char;
+            }
+        }
+
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        GetUserIdAndSecContext(&mut user, &mut context);
+        SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int,
+        );
+        SPI_connect();
+        let status = SPI_execute_with_args(
+            entry.body.as_ptr(),
+            nargs as c_int,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            false,
+            0,
+        );
+        let mut isnull = true;
+        let mut result = pg_sys::Datum::from(0usize);
+        if status == pg_sys::SPI_OK_SELECT as c_int && entry.returns_value {
+            let table = pg_sys::SPI_tuptable;
+            if !table.is_null() && pg_sys::SPI_processed == 1 {
+                // By-value results only (compact's bigint): they outlive SPI_finish.
+                result = SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut isnull);
+            }
+        }
+        SPI_finish();
+        SetUserIdAndSecContext(user, context);
+        if status < 0 {
+            let failed = ErrorToRaise::palloc(
+                "XX000",
+                &format!(
+                    "livesync: {} failed to run its body (SPI code {status})",
+                    entry.name
+                ),
+                None,
+            );
+            raise(&*failed);
+        }
+        if entry.returns_value {
+            (*fcinfo).isnull = isnull;
+        }
+        result
+    }
+}
+
+/// Checks the caller's privilege; returns the error to raise, or null. Under
+/// pgrx's guard: a missing relation raises here, with its own (known) SQLSTATE.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_caller(
+    fcinfo: pg_sys::FunctionCallInfo,
+    entry: &Entry,
+) -> *mut ErrorToRaise {
+    unsafe {
+        let verdict: Result<(), Denied> = match entry.needs {
+            Needs::Ownership => {
+                let first = (*fcinfo).args.as_slice(1)[0];
+                if first.isnull {
+                    // The body refuses a NULL table before it touches anything.
+                    Ok(())
+                } else {
+                    let relid = pg_sys::Oid::from(first.value.value() as u32);
+                    privileges::require_ownership(relid, entry.name, || {
+                        crate::write::target::relation_display(relid)
+                    })
+                }
+            }
+            Needs::Maintenance => privileges::require_maintenance(entry.name),
+        };
+        match verdict {
+            Ok(()) => std::ptr::null_mut(),
+            Err(denied) => ErrorToRaise::palloc("42501", &denied.message, Some(&denied.hint)),
+        }
+    }
+}

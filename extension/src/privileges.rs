@@ -1,0 +1,101 @@
+//! Who may call what: the checks livesync's entry points make of the calling role
+//! before they act (the model and its reasons are in docs/sql.md, "Who may call
+//! what"; the grants that go with it in sql/privileges.sql).
+//!
+//! Every check asks about `GetUserId()`, the role the call runs as: the session's
+//! role, or the owner of a SECURITY DEFINER function that made the call. A failed
+//! check is SQLSTATE 42501, naming the table and the privilege.
+
+use pgrx::pg_sys;
+
+/// The role whose members may run `livesync.compact` (besides the extension's owner).
+pub const MAINTAINER_ROLE: &str = "livesync_maintainer";
+
+/// A privilege the caller lacks: the message and hint of a 42501.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    pub message: String,
+    pub hint: String,
+}
+
+/// Whether the current role owns the table (is, or has the privileges of, its owner).
+pub fn owns_table(relid: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId()) }
+}
+
+/// The table privileges in `mode` the current role lacks (none: it has them all).
+/// Table-level grants only: livesync writes its own columns
+/// (`_livesync_version`, `_livesync_clocks`) beside the caller's, so column grants
+/// cannot cover a livesync write.
+pub fn missing_table_privileges(relid: pg_sys::Oid, mode: pg_sys::AclMode) -> pg_sys::AclMode {
+    let held = unsafe {
+        pg_sys::pg_class_aclmask(
+            relid,
+            pg_sys::GetUserId(),
+            mode,
+            pg_sys::AclMaskHow::ACLMASK_ALL,
+        )
+    };
+    mode & !held
+}
+
+/// SQL names of the privileges in `mode`, as a GRANT lists them ("SELECT, UPDATE").
+pub fn privilege_names(mode: pg_sys::AclMode) -> String {
+    let names = [
+        (pg_sys::ACL_SELECT, "SELECT"),
+        (pg_sys::ACL_INSERT, "INSERT"),
+        (pg_sys::ACL_UPDATE, "UPDATE"),
+        (pg_sys::ACL_DELETE, "DELETE"),
+    ];
+    names
+        .iter()
+        .filter(|(bit, _)| mode & *bit as pg_sys::AclMode != 0)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `function` may run only as the table's owner.
+pub fn require_ownership(
+    relid: pg_sys::Oid,
+    function: &str,
+    table: impl FnOnce() -> String,
+) -> Result<(), Denied> {
+    if owns_table(relid) {
+        return Ok(());
+    }
+    let table = table();
+    Err(Denied {
+        message: format!("permission denied: {function} needs ownership of table {table}"),
+        hint: format!("Call it as the owner of {table} (or a member of the owning role)."),
+    })
+}
+
+/// `function` may run as the extension's owner or a member of `livesync_maintainer`.
+pub fn require_maintenance(function: &str) -> Result<(), Denied> {
+    let user = unsafe { pg_sys::GetUserId() };
+    let maintainer = unsafe { pg_sys::get_role_oid(c"livesync_maintainer".as_ptr(), true) };
+    let owner = extension_owner();
+    let allowed = unsafe {
+        (owner != pg_sys::InvalidOid && pg_sys::has_privs_of_role(user, owner))
+            || (maintainer != pg_sys::InvalidOid && pg_sys::has_privs_of_role(user, maintainer))
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(Denied {
+        message: format!("permission denied: {function} needs membership in role {MAINTAINER_ROLE}"),
+        hint: format!("GRANT {MAINTAINER_ROLE} TO the role that runs it (the extension's owner may run it too)."),
+    })
+}
+
+/// The owner of the livesync extension in this database (InvalidOid if not installed).
+fn extension_owner() -> pg_sys::Oid {
+    use pgrx::prelude::*;
+    Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'livesync'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(pg_sys::InvalidOid)
+}

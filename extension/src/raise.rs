@@ -1,0 +1,78 @@
+//! Raising errors with livesync's own SQLSTATEs (`LSnnn`) from C-interface entry
+//! points.
+//!
+//! An error passing through pgrx keeps its SQLSTATE only if pgrx knows the code, and
+//! livesync's own codes are not among them. So the entry points do their work under
+//! pgrx's guard, get an error to report back as plain data, and raise it from their
+//! own frame, which owns nothing that needs dropping.
+
+use pgrx::pg_sys;
+use std::ffi::{c_char, c_int};
+
+/// An error to raise, in memory that outlives the guarded call (palloc'd).
+#[repr(C)]
+pub struct ErrorToRaise {
+    pub sqlstate: i32,
+    pub message: *mut c_char,
+    /// Null when there is no hint.
+    pub hint: *mut c_char,
+}
+
+impl ErrorToRaise {
+    /// A palloc'd error; `sqlstate` is the five-character code.
+    pub fn palloc(sqlstate: &str, message: &str, hint: Option<&str>) -> *mut ErrorToRaise {
+        unsafe {
+            let error = pg_sys::palloc(std::mem::size_of::<ErrorToRaise>()).cast::<ErrorToRaise>();
+            error.write(ErrorToRaise {
+                sqlstate: sqlstate_code(sqlstate),
+                message: palloc_cstring(message),
+                hint: hint.map_or(std::ptr::null_mut(), palloc_cstring),
+            });
+            error
+        }
+    }
+}
+
+/// A SQLSTATE as Postgres encodes it (`MAKE_SQLSTATE`).
+pub fn sqlstate_code(sqlstate: &str) -> i32 {
+    sqlstate
+        .bytes()
+        .enumerate()
+        .map(|(i, c)| (i32::from(c.wrapping_sub(b'0')) & 0x3F) << (6 * i))
+        .sum()
+}
+
+unsafe extern "C-unwind" {
+    // elog.h's reporting calls; pgrx does not expose them. Called only from
+    // `raise`, in a frame pgrx does not guard.
+    fn errstart(elevel: c_int, domain: *const c_char) -> bool;
+    fn errcode(sqlerrcode: c_int) -> c_int;
+    fn errmsg(fmt: *const c_char, ...) -> c_int;
+    fn errhint(fmt: *const c_char, ...) -> c_int;
+    fn errfinish(filename: *const c_char, lineno: c_int, funcname: *const c_char);
+}
+
+/// Raises an ERROR with the given SQLSTATE; does not return. Call it only from a
+/// frame that owns nothing needing a drop (the error unwinds by longjmp).
+pub unsafe fn raise(error: &ErrorToRaise) -> ! {
+    unsafe {
+        if errstart(pgrx::PgLogLevel::ERROR as c_int, std::ptr::null()) {
+            errcode(error.sqlstate);
+            errmsg(c"%s".as_ptr(), error.message);
+            if !error.hint.is_null() {
+                errhint(c"%s".as_ptr(), error.hint);
+            }
+            errfinish(c"raise.rs".as_ptr(), line!() as c_int, c"livesync".as_ptr());
+        }
+    }
+    unreachable!("an ERROR does not return")
+}
+
+fn palloc_cstring(text: &str) -> *mut c_char {
+    unsafe {
+        let copy = pg_sys::palloc(text.len() + 1).cast::<u8>();
+        std::ptr::copy_nonoverlapping(text.as_ptr(), copy, text.len());
+        *copy.add(text.len()) = 0;
+        copy.cast()
+    }
+}
