@@ -5,9 +5,14 @@
 -- the caller's privileges first; idempotency records remember who wrote them.
 -- Run by ALTER EXTENSION livesync UPDATE.
 
--- Who wrote a mutation record, and to which table. Records made before this
--- version keep NULL in both, which no retry matches.
+-- Who wrote a mutation record, and to which table; records are per role. Records
+-- made before this version get relation NULL and written_by 0, which no retry
+-- matches.
 ALTER TABLE livesync._mutations ADD COLUMN relation regclass, ADD COLUMN written_by oid;
+UPDATE livesync._mutations SET written_by = 0;
+ALTER TABLE livesync._mutations ALTER COLUMN written_by SET NOT NULL,
+    DROP CONSTRAINT _mutations_pkey,
+    ADD CONSTRAINT _mutations_pkey PRIMARY KEY (written_by, client_id, mutation_id);
 
 CREATE FUNCTION livesync._require_reader(function_name text) RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
@@ -132,6 +137,10 @@ DECLARE
     new_horizon bigint;
     removed     bigint;
 BEGIN
+    IF older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative, got %', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- Idempotency records and settled conflicts go with the log they belong to: a
     -- client whose queue is older than the retained log has to resync anyway.
     DELETE FROM livesync._mutations WHERE created_at < now() - older_than;
@@ -338,6 +347,42 @@ WHERE has_table_privilege(p.relation, 'SELECT');
 COMMENT ON VIEW livesync.policies IS
     'Merge policies of the tracked tables the current role may SELECT: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
 
+CREATE FUNCTION livesync._row_visible(rel regclass, key jsonb) RETURNS bool
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    condition text;
+    visible   bool;
+BEGIN
+    SELECT string_agg(format('livesync_t.%1$I OPERATOR(%2$I.%3$s) livesync_k.%1$I', a.attname, opn.nspname, o.oprname),
+                      ' AND ' ORDER BY k.ord)
+    INTO condition
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey, i.indclass) WITH ORDINALITY AS k(attnum, opclass, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    JOIN pg_opclass oc ON oc.oid = k.opclass
+    JOIN pg_amop am ON am.amopfamily = oc.opcfamily AND am.amoplefttype = oc.opcintype
+                   AND am.amoprighttype = oc.opcintype AND am.amopstrategy = 3
+    JOIN pg_operator o ON o.oid = am.amopopr
+    JOIN pg_namespace opn ON opn.oid = o.oprnamespace
+    WHERE i.indrelid = rel AND i.indisprimary;
+    IF condition IS NULL OR NOT has_table_privilege(rel, 'SELECT') THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s livesync_t, jsonb_populate_record(NULL::%s, $1) livesync_k WHERE %s)',
+                   rel, rel, condition)
+        INTO visible USING key;
+    RETURN visible;
+END
+$$;
+
+CREATE OR REPLACE VIEW livesync.conflicts AS
+SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor,
+       c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
+FROM livesync._conflicts c
+WHERE CASE WHEN has_table_privilege(c.relation, 'SELECT')
+           THEN NOT row_security_active(c.relation) OR livesync._row_visible(c.relation, c.key)
+           ELSE false END;
+
 CREATE FUNCTION livesync._set_policy(rel regclass, column_name text, policy text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -432,6 +477,11 @@ CREATE OR REPLACE FUNCTION livesync.set_conflict_rules(rel regclass, existing_in
 RETURNS void
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_conflict_rules';
 
+-- The DDL guard runs after every command (see tracking.sql).
+DROP EVENT TRIGGER livesync_ddl_end;
+CREATE EVENT TRIGGER livesync_ddl_end ON ddl_command_end
+    EXECUTE FUNCTION livesync._on_ddl_end();
+
 -- The roles and grants, as a fresh install makes them (sql/privileges.sql).
 
 -- Roles are per cluster: a second database installing livesync finds them made.
@@ -472,12 +522,14 @@ TO PUBLIC;
 -- Helpers that public PL/pgSQL functions call as the caller. None does more than its
 -- entry point: _write_json is write with its arguments in one object, and checks
 -- the caller the same way; _resolve_conflict checks the caller itself; _checked
--- raises the error a Rust body reported; _require_reader checks membership.
+-- raises the error a Rust body reported; _require_reader checks membership;
+-- _row_visible tells whether the caller can see a row (the conflicts view).
 GRANT EXECUTE ON FUNCTION
     livesync._write_json(jsonb),
     livesync._resolve_conflict(bigint, text, jsonb),
     livesync._checked(jsonb),
-    livesync._require_reader(text)
+    livesync._require_reader(text),
+    livesync._row_visible(regclass, jsonb)
 TO PUBLIC;
 
 -- Readers read the log tables directly (changes_since runs as its caller, so its

@@ -244,6 +244,10 @@ DECLARE
     new_horizon bigint;
     removed     bigint;
 BEGIN
+    IF older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative, got %', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- Idempotency records and settled conflicts go with the log they belong to: a
     -- client whose queue is older than the retained log has to resync anyway.
     DELETE FROM livesync._mutations WHERE created_at < now() - older_than;

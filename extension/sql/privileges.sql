@@ -49,12 +49,14 @@ TO PUBLIC;
 -- Helpers that public PL/pgSQL functions call as the caller. None does more than its
 -- entry point: _write_json is write with its arguments in one object, and checks
 -- the caller the same way; _resolve_conflict checks the caller itself; _checked
--- raises the error a Rust body reported; _require_reader checks membership.
+-- raises the error a Rust body reported; _require_reader checks membership;
+-- _row_visible tells whether the caller can see a row (the conflicts view).
 GRANT EXECUTE ON FUNCTION
     livesync._write_json(jsonb),
     livesync._resolve_conflict(bigint, text, jsonb),
     livesync._checked(jsonb),
-    livesync._require_reader(text)
+    livesync._require_reader(text),
+    livesync._row_visible(regclass, jsonb)
 TO PUBLIC;
 
 -- Readers read the log tables directly (changes_since runs as its caller, so its

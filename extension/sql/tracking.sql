@@ -272,7 +272,9 @@ $$;
 REVOKE EXECUTE ON FUNCTION livesync._log_schema_change(oid, jsonb, jsonb) FROM PUBLIC;
 
 CREATE EVENT TRIGGER livesync_sql_drop ON sql_drop EXECUTE FUNCTION livesync._on_sql_drop();
+-- Every command, not a list of tags: a tracked table's key or columns can go with
+-- objects it only depends on (DROP COLLATION, OPERATOR CLASS, EXTENSION, SCHEMA,
+-- OWNED ... CASCADE), and a command missed here would leave a broken table that
+-- every later DDL in the database trips over.
 CREATE EVENT TRIGGER livesync_ddl_end ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER INDEX', 'DROP INDEX', 'ALTER TYPE', 'DROP TYPE',
-                 'ALTER DOMAIN', 'DROP DOMAIN', 'DROP FUNCTION')
     EXECUTE FUNCTION livesync._on_ddl_end();

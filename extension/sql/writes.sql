@@ -31,13 +31,14 @@ CREATE TABLE livesync._mutations (
     mutation_id int8        NOT NULL,
     result      jsonb       NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    -- The table written and the role that wrote it: a result (which holds the row)
-    -- is given back only to a retry by the same role on the same table, so nobody
-    -- reads another role's rows by replaying its ids. NULL in records made before
-    -- livesync 0.3.0, which no retry matches.
+    -- The table written, and the role that wrote it. Records are per role: a
+    -- result (which holds the row) goes back only to a retry by the role that
+    -- wrote it, and another role's use of the same ids neither reads nor blocks
+    -- it. Records made before livesync 0.3.0 have relation NULL and written_by 0,
+    -- which no retry matches.
     relation    regclass,
-    written_by  oid,
-    PRIMARY KEY (client_id, mutation_id)
+    written_by  oid         NOT NULL,
+    PRIMARY KEY (written_by, client_id, mutation_id)
 );
 
 -- Conflicts on `manual` columns, kept until livesync.resolve_conflict settles them.
@@ -58,12 +59,47 @@ CREATE TABLE livesync._conflicts (
 );
 CREATE INDEX ON livesync._conflicts (relation) WHERE resolved_at IS NULL;
 
--- A role sees the conflicts of the tables it can read.
+-- Whether the current role can see the row of a table with this primary key (its
+-- row-level security policies let it). Runs as the caller; the key columns are
+-- compared with the primary key's own equality operators, named with their schema,
+-- so a caller's search_path cannot swap in an operator that matches any row.
+CREATE FUNCTION livesync._row_visible(rel regclass, key jsonb) RETURNS bool
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    condition text;
+    visible   bool;
+BEGIN
+    SELECT string_agg(format('livesync_t.%1$I OPERATOR(%2$I.%3$s) livesync_k.%1$I', a.attname, opn.nspname, o.oprname),
+                      ' AND ' ORDER BY k.ord)
+    INTO condition
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey, i.indclass) WITH ORDINALITY AS k(attnum, opclass, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    JOIN pg_opclass oc ON oc.oid = k.opclass
+    JOIN pg_amop am ON am.amopfamily = oc.opcfamily AND am.amoplefttype = oc.opcintype
+                   AND am.amoprighttype = oc.opcintype AND am.amopstrategy = 3
+    JOIN pg_operator o ON o.oid = am.amopopr
+    JOIN pg_namespace opn ON opn.oid = o.oprnamespace
+    WHERE i.indrelid = rel AND i.indisprimary;
+    IF condition IS NULL OR NOT has_table_privilege(rel, 'SELECT') THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s livesync_t, jsonb_populate_record(NULL::%s, $1) livesync_k WHERE %s)',
+                   rel, rel, condition)
+        INTO visible USING key;
+    RETURN visible;
+END
+$$;
+
+-- A role sees the conflicts of the tables it can read, and on a table with
+-- row-level security only those of rows it can see.
 CREATE VIEW livesync.conflicts AS
 SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor,
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c
-WHERE has_table_privilege(c.relation, 'SELECT');
+WHERE CASE WHEN has_table_privilege(c.relation, 'SELECT')
+           THEN NOT row_security_active(c.relation) OR livesync._row_visible(c.relation, c.key)
+           ELSE false END;
 COMMENT ON VIEW livesync.conflicts IS
     'Conflicts on manual-policy columns (open ones have resolved_at NULL); settle them with livesync.resolve_conflict().';
 

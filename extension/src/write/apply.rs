@@ -241,15 +241,10 @@ impl Write<'_> {
             .base
             .take()
             .map(|base| self.target.canonical(client, &base));
+        // A row that row-level security hides from this role is, for this role, not
+        // there: an update or delete of it is `not_found`, as a plain UPDATE of it
+        // changes nothing (telling the caller it exists would reveal it).
         let row = fetched.row;
-        // No row visible, but one exists: row-level security hides it from this
-        // role. Deleting or updating "nothing" would tell the client it succeeded.
-        if row.is_none()
-            && self.target.rls_applies()
-            && self.target.exists_for_anyone(client, &self.key)
-        {
-            return Err(WriteError::Hidden(self.target.display.clone()));
-        }
         match self.mutation.op {
             Op::Insert => self.insert(client, false, row),
             Op::Upsert => self.insert(client, true, row),
@@ -382,13 +377,14 @@ impl Write<'_> {
             if let Some(stored) = self.target.insert(client, &row, &clocks) {
                 return Ok(result("applied", Some(&stored), &[], None));
             }
-            // Nothing inserted and no row to be found: a trigger skipped the insert
-            // (no conflict with anything), or RLS hides the row it conflicted with.
-            if !self.target.exists_for_anyone(client, &self.key) {
-                return Err(WriteError::NoEffect(self.target.display.clone()));
-            }
+            // Nothing inserted and no row to be found: RLS hides the row it
+            // conflicted with (a plain INSERT would fail on the key, so saying so
+            // reveals nothing more), or a trigger skipped the insert.
             if self.target.rls_applies() {
                 return Err(WriteError::Hidden(self.target.display.clone()));
+            }
+            if !self.target.exists(client, &self.key) {
+                return Err(WriteError::NoEffect(self.target.display.clone()));
             }
         }
         Err(WriteError::InsertRace(self.target.display.clone()))
@@ -419,6 +415,9 @@ impl Write<'_> {
                             let mut result = result("merged", Some(&stored), &[], None);
                             result["recreated"] = json!(true);
                             Ok(result)
+                        }
+                        None if self.target.rls_applies() => {
+                            Err(WriteError::Hidden(self.target.display.clone()))
                         }
                         None => Err(WriteError::InsertRace(self.target.display.clone())),
                     }
@@ -499,8 +498,8 @@ impl Write<'_> {
     /// Why a statement on a row that exists had no effect: row-level security
     /// (the row is there for a role that bypasses it, but the caller's policies
     /// exclude it from this command) or else a trigger that returned NULL.
-    fn vetoed(&self, client: &SpiClient<'_>) -> WriteError {
-        if self.target.exists_for_anyone(client, &self.key) && self.target.rls_applies() {
+    fn vetoed(&self, _client: &SpiClient<'_>) -> WriteError {
+        if self.target.rls_applies() {
             WriteError::Hidden(self.target.display.clone())
         } else {
             WriteError::NoEffect(self.target.display.clone())

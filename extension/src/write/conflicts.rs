@@ -3,7 +3,7 @@
 
 use super::merge::Contest;
 use super::statements::kept;
-use crate::owner::as_bootstrap_superuser;
+use crate::owner::sql_as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
@@ -36,7 +36,7 @@ pub fn store(client: &SpiClient<'_>, origin: &ConflictOrigin, contest: &Contest)
         PgOid::from(pg_sys::INT8OID),
     ];
     let plan = kept(client, STORE, &types);
-    let id = as_bootstrap_superuser(|| {
+    let id = sql_as_bootstrap_superuser(|| {
         client
             .select(
                 &*plan,

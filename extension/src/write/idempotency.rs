@@ -18,7 +18,7 @@
 //! wait for each other's commit.
 
 use super::statements::kept;
-use crate::owner::as_bootstrap_superuser;
+use crate::owner::sql_as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
@@ -31,9 +31,13 @@ const LOCK_BUCKETS: i32 = 1024;
 
 const LOCK: &str = "SELECT pg_advisory_xact_lock($2, hashtext($1) & $3)";
 
+// A record of this role, else one made before livesync 0.3.0 (written_by 0), which
+// any role's retry still gets: those records predate the rule, and a retry in
+// flight across the update must not apply its mutation twice.
 const FIND: &str = "
-SELECT m.result, m.relation::oid, m.written_by FROM livesync._mutations m
-WHERE m.client_id = $1 AND m.mutation_id = $2";
+SELECT m.result, m.relation::oid FROM livesync._mutations m
+WHERE m.written_by IN ($3, 0) AND m.client_id = $1 AND m.mutation_id = $2
+ORDER BY m.written_by = 0 LIMIT 1";
 
 const RECORD: &str = "
 INSERT INTO livesync._mutations (client_id, mutation_id, result, relation, written_by)
@@ -43,7 +47,7 @@ VALUES ($1, $2, $3, $4, $5)";
 // build and `ALTER EXTENSION livesync UPDATE`, writes keep working (with 0.2.0's
 // rule, which gave a recorded result to any retry).
 const FIND_0_2: &str = "
-SELECT m.result, NULL::oid, NULL::oid FROM livesync._mutations m
+SELECT m.result, $3 FROM livesync._mutations m
 WHERE m.client_id = $1 AND m.mutation_id = $2";
 
 const RECORD_0_2: &str = "
@@ -67,7 +71,7 @@ impl MutationId {
     /// Waits for any other session applying the same mutation, then returns the
     /// result it committed, if it did. A result holds the row as written, so it is
     /// given back only to the role that wrote it, for the same table: a replayed
-    /// pair from another role or for another table is refused.
+    /// pair for another table is refused. Records are per role (see writes.sql).
     pub fn lock_and_find(
         &self,
         client: &SpiClient<'_>,
@@ -79,10 +83,15 @@ impl MutationId {
             PgOid::from(pg_sys::INT4OID),
         ];
         let lock = kept(client, LOCK, &lock_types);
-        let find_types = [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT8OID)];
+        let find_types = [
+            PgOid::from(pg_sys::TEXTOID),
+            PgOid::from(pg_sys::INT8OID),
+            PgOid::from(pg_sys::OIDOID),
+        ];
         let current = records_writer();
+        let writer = unsafe { pg_sys::GetUserId() };
         let find = kept(client, if current { FIND } else { FIND_0_2 }, &find_types);
-        let found = as_bootstrap_superuser(|| {
+        let found = sql_as_bootstrap_superuser(|| {
             client.select(
                 &*lock,
                 Some(1),
@@ -96,7 +105,11 @@ impl MutationId {
                 .select(
                     &*find,
                     Some(1),
-                    &[self.client_id.as_str().into(), self.mutation_id.into()],
+                    &[
+                        self.client_id.as_str().into(),
+                        self.mutation_id.into(),
+                        writer.into(),
+                    ],
                 )
                 .and_then(|table| match table.is_empty() {
                     true => Ok(None),
@@ -105,26 +118,15 @@ impl MutationId {
                         Ok(Some((
                             row.get::<super::json::Json>(1)?,
                             row.get::<pg_sys::Oid>(2)?,
-                            row.get::<pg_sys::Oid>(3)?,
                         )))
                     }
                 })
         })
         .unwrap_or_else(|e| pgrx::error!("livesync: reading mutation records failed: {e}"));
-        let Some((result, relation, written_by)) = found else {
+        let Some((result, relation)) = found else {
             return Ok(None);
         };
-        if !current {
-            return Ok(result.map(|super::json::Json(result)| result));
-        }
-        // Records made before livesync 0.3.0 have neither: no retry matches them.
-        if written_by != Some(unsafe { pg_sys::GetUserId() }) {
-            return Err(super::WriteError::MutationOfAnotherRole {
-                client_id: self.client_id.clone(),
-                mutation_id: self.mutation_id,
-            });
-        }
-        if relation != Some(relid) {
+        if current && relation.is_some_and(|recorded| recorded != relid) {
             return Err(super::WriteError::MutationOfAnotherTable {
                 client_id: self.client_id.clone(),
                 mutation_id: self.mutation_id,
@@ -155,7 +157,7 @@ impl MutationId {
         let statement = if records_writer() { RECORD } else { RECORD_0_2 };
         let plan = kept(client, statement, &types);
         let writer = unsafe { pg_sys::GetUserId() };
-        as_bootstrap_superuser(|| {
+        sql_as_bootstrap_superuser(|| {
             client.select(
                 &*plan,
                 None,

@@ -79,7 +79,7 @@ pub enum WriteError {
     #[error("the write to {0} changed nothing: a BEFORE trigger on the table skipped the row")]
     NoEffect(String),
     #[error(
-        "a row of {0} with this key exists, but row-level security hides it from the current role"
+        "the write to {0} had no effect: row-level security keeps this row from the current role (or a trigger skipped it)"
     )]
     Hidden(String),
     #[error("permission denied: livesync.write {op} needs {privileges} on table {table}")]
@@ -92,8 +92,6 @@ pub enum WriteError {
     NoResolvePrivilege { table: String, privileges: String },
     #[error("permission denied: conflict {0} is on a table the current role may not read")]
     ConflictHidden(i64),
-    #[error("mutation {mutation_id} of client \"{client_id}\" was applied by another role")]
-    MutationOfAnotherRole { client_id: String, mutation_id: i64 },
     #[error("mutation {mutation_id} of client \"{client_id}\" was applied to another table")]
     MutationOfAnotherTable { client_id: String, mutation_id: i64 },
 }
@@ -113,8 +111,7 @@ impl WriteError {
             WriteError::Hidden(_)
             | WriteError::NoPrivilege { .. }
             | WriteError::NoResolvePrivilege { .. }
-            | WriteError::ConflictHidden(_)
-            | WriteError::MutationOfAnotherRole { .. } => "42501",
+            | WriteError::ConflictHidden(_) => "42501",
             _ => "22023",
         }
     }
@@ -139,14 +136,11 @@ impl WriteError {
                     .into(),
             ),
             WriteError::Hidden(_) => Some(
-                "The role needs a row-level security policy that lets it see (and update) the row.".into(),
+                "The role needs row-level security policies that let it see and write the row; a BEFORE trigger returning NULL has the same effect.".into(),
             ),
             WriteError::NoPrivilege { privileges, table, .. } => Some(format!(
                 "GRANT {privileges} ON {table} TO the role that writes (livesync.write reads and locks the row it merges against, so it always needs SELECT and UPDATE)."
             )),
-            WriteError::MutationOfAnotherRole { .. } => Some(
-                "A (client_id, mutation_id) pair is retried by the role that first applied it; give each client its own client_id.".into(),
-            ),
             WriteError::MutationOfAnotherTable { .. } => {
                 Some("Mutation ids are unique per client: use a new mutation_id for another write.".into())
             }
@@ -260,7 +254,7 @@ pub fn resolve_conflict(conflict_id: i64, choice: &str, value: Option<JsonB>) ->
 
 fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value, WriteError> {
     type Conflict = (pg_sys::Oid, JsonB, String, JsonB, bool);
-    let conflict: Option<Conflict> = crate::owner::as_bootstrap_superuser(|| {
+    let conflict: Option<Conflict> = crate::owner::sql_as_bootstrap_superuser(|| {
         Spi::connect_mut(|client| {
             let table = client.update(READ_CONFLICT, Some(1), &[conflict_id.into()])?;
             if table.is_empty() {
@@ -298,6 +292,24 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
             privileges: crate::privileges::privilege_names(missing),
         });
     }
+    // Nor a conflict of a row that row-level security hides from the role (the
+    // conflicts view does not show it either). Asked as the caller.
+    let rls_applies = unsafe {
+        pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, true)
+            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+    };
+    if rls_applies {
+        let visible = Spi::get_one_with_args::<bool>(
+            "SELECT livesync._row_visible($1, $2)",
+            &[relid.into(), JsonB(key.clone()).into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !visible {
+            return Err(WriteError::ConflictHidden(conflict_id));
+        }
+    }
     if resolved {
         return Err(WriteError::ConflictResolved(conflict_id));
     }
@@ -333,7 +345,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
         }
     };
     let resolution = json!({"choice": choice, "value": chosen, "version": result.get("version")});
-    crate::owner::as_bootstrap_superuser(|| {
+    crate::owner::sql_as_bootstrap_superuser(|| {
         Spi::connect_mut(|client| {
             client
                 .update(

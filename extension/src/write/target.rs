@@ -11,7 +11,7 @@ use super::merge::TypedOps;
 use super::policy::{DeleteRace, ExistingInsert, Policy};
 use super::statements::kept;
 use super::WriteError;
-use crate::owner::as_bootstrap_superuser;
+use crate::owner::sql_as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
@@ -26,7 +26,6 @@ pub const CLOCKS_COLUMN: &str = "_livesync_clocks";
 const LOAD_TARGET: &str = "
 SELECT jsonb_build_object(
     'name', format('%I.%I', n.nspname, c.relname),
-    'display', t.relation::text,
     'existing_insert', t.existing_insert,
     'delete_race', t.delete_race,
     'key', ARRAY(SELECT a.attname::text
@@ -132,7 +131,7 @@ impl WriteTarget {
         // livesync's own catalog: read as the bootstrap superuser, so application roles
         // need no privileges on it.
         let plan = kept(client, LOAD_TARGET, &[PgOid::from(pg_sys::REGCLASSOID)]);
-        let meta = as_bootstrap_superuser(|| {
+        let meta = sql_as_bootstrap_superuser(|| {
             client
                 .select(&*plan, Some(1), &[relid.into()])
                 .and_then(|table| match table.is_empty() {
@@ -173,7 +172,9 @@ impl WriteTarget {
             // plans) differ from a dropped and re-created table's of the same name,
             // whose kept plans would still carry the old row type.
             name: format!("{} /* livesync {} */", text("name"), relid.to_u32()),
-            display: text("display"),
+            // Printed as the caller's search_path shows it (LOAD_TARGET runs with
+            // livesync's pinned one, which would qualify every name).
+            display: relation_display(relid),
             key,
             columns,
             existing_insert: match meta["existing_insert"].as_str() {
@@ -520,9 +521,12 @@ impl WriteTarget {
         row.map(|Json(row)| StoredRow::from_json(row))
     }
 
-    /// Whether a row with this key exists, whoever may see it (read as the
-    /// bootstrap superuser, to whom row-level security does not apply).
-    pub fn exists_for_anyone(&self, client: &SpiClient<'_>, key: &Map<String, Value>) -> bool {
+    /// Whether a row with this key exists, read as the caller: only meaningful
+    /// where row-level security does not apply to it (`rls_applies`). Never read
+    /// with more rights than the caller's: that would evaluate the table's types
+    /// (a domain's CHECK, say) with them, and tell the caller about rows it may
+    /// not see.
+    pub fn exists(&self, client: &SpiClient<'_>, key: &Map<String, Value>) -> bool {
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {} livesync_t, {} livesync_r WHERE {})",
             self.name,
@@ -530,14 +534,12 @@ impl WriteTarget {
             self.key_match()
         );
         let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID)]);
-        as_bootstrap_superuser(|| {
-            client
-                .select(&*plan, Some(1), &[JsonB(Value::Object(key.clone())).into()])
-                .and_then(|table| table.first().get_one::<bool>())
-        })
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+        client
+            .select(&*plan, Some(1), &[JsonB(Value::Object(key.clone())).into()])
+            .and_then(|table| table.first().get_one::<bool>())
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     }
 
     /// Whether row-level security applies to the current role on this table.

@@ -134,15 +134,18 @@ SELECT stranger_untracks();
 RESET ROLE;
 SELECT livesync_state() = :'before' AS nothing_changed;
 
--- Mutation records: a retry gets its first result back only as the role that wrote
--- it and for the same table; a replay by another role reads nothing.
+-- Mutation records: a retry gets its first result back, for the same table only.
 SET ROLE ls_app;
 SELECT shown(livesync.write('notes', 'insert', '{"id": 2}', '{"body": "second"}', client_id => 'phone-1', mutation_id => 1)) AS retried;
 SELECT expect_error($$SELECT livesync.write('drafts', 'insert', '{"id": 2}', '{"body": "other"}', client_id => 'phone-1', mutation_id => 1)$$);
-SET ROLE ls_twin;
-SELECT expect_error($$SELECT livesync.write('notes', 'insert', '{"id": 2}', '{"body": "second"}', client_id => 'phone-1', mutation_id => 1)$$);
 RESET ROLE;
 SELECT livesync_state() = :'before' AS nothing_changed;
+-- Records are per role: another role using the same ids neither reads the first
+-- result (which holds the row) nor is refused by it: its write is its own.
+SET ROLE ls_twin;
+SELECT shown(livesync.write('notes', 'update', '{"id": 1}', '{"score": 7}', client_id => 'phone-1', mutation_id => 1)) AS twin_writes;
+RESET ROLE;
+SELECT livesync_state() AS before \gset
 
 -- The reader role reads every tracked table's changes (secrets too: the bridge
 -- decides per subscriber) and nothing else: no rows, no writes, no configuration.
@@ -200,6 +203,77 @@ SELECT relation AS still_tracked FROM livesync._tracked
 WHERE relation::text IN ('notes', 'drafts') ORDER BY relation::text;
 SELECT count(*) AS records_of_dropped_tables FROM livesync._tracked WHERE relation::text ~ '^\d+$';
 
+-- Nothing of a caller's runs with livesync's rights. A role puts its own hashtext,
+-- = operators and a domain CHECK in the way of the statements livesync runs as the
+-- superuser (mutation records, write settings, conflicts, the existence probe after
+-- a write had no effect); each says so (a NOTICE, which no rollback takes back) if
+-- it ever runs as anyone but that role.
+CREATE SCHEMA ls_trap AUTHORIZATION ls_stranger;
+SET ROLE ls_stranger;
+CREATE FUNCTION ls_trap.caught() RETURNS bool LANGUAGE plpgsql AS $f$
+BEGIN
+    IF current_user <> 'ls_stranger' THEN
+        RAISE NOTICE 'a trap ran as %', current_user;
+    END IF;
+    RETURN true;
+END $f$;
+CREATE FUNCTION ls_trap.hashtext(t text) RETURNS int LANGUAGE sql AS $f$
+SELECT CASE WHEN ls_trap.caught() THEN pg_catalog.hashtext(t) END $f$;
+CREATE FUNCTION ls_trap.eq(a bigint, b bigint) RETURNS bool LANGUAGE sql AS $f$
+SELECT ls_trap.caught() AND a OPERATOR(pg_catalog.=) b $f$;
+CREATE OPERATOR ls_trap.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = ls_trap.eq);
+CREATE FUNCTION ls_trap.eq(a regclass, b regclass) RETURNS bool LANGUAGE sql AS $f$
+SELECT ls_trap.caught() AND a OPERATOR(pg_catalog.=) b $f$;
+CREATE OPERATOR ls_trap.= (LEFTARG = regclass, RIGHTARG = regclass, FUNCTION = ls_trap.eq);
+CREATE DOMAIN ls_trap.watched_int AS int CHECK (ls_trap.caught());
+CREATE TABLE ls_trap.t (id ls_trap.watched_int PRIMARY KEY, v text);
+CREATE TABLE ls_trap.skipped (id ls_trap.watched_int PRIMARY KEY, v text);
+CREATE FUNCTION ls_trap.skip() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN RETURN NULL; END $f$;
+CREATE TRIGGER a_skip BEFORE INSERT ON ls_trap.skipped FOR EACH ROW EXECUTE FUNCTION ls_trap.skip();
+SELECT livesync.track('ls_trap.t'), livesync.track('ls_trap.skipped');
+SELECT livesync.set_policy('ls_trap.t', 'v', 'manual');
+SET search_path = ls_trap, pg_catalog;
+SELECT livesync.write('ls_trap.t', 'insert', '{"id": 1}', '{"v": "x"}', client_id => 'c', mutation_id => 1) ->> 'status' AS trapped_write;
+SELECT livesync.write('ls_trap.t', 'update', '{"id": 1}', '{"v": "y"}', 0, '{"v": "w"}', client_id => 'c', mutation_id => 2) ->> 'status' AS trapped_conflict;
+SELECT public.expect_error($q$SELECT livesync.write('ls_trap.skipped', 'insert', '{"id": 1}', '{"v": "x"}')$q$);
+SELECT public.expect_error($q$SELECT livesync.resolve_conflict(999999, 'theirs')$q$);
+RESET search_path;
+RESET ROLE;
+
+-- Conflicts of rows that row-level security hides: not shown, not settled.
+SET ROLE ls_owner;
+CREATE TABLE shared_notes (id int PRIMARY KEY, owner text NOT NULL, body text);
+SELECT livesync.track('shared_notes'), livesync.set_policy('shared_notes', 'body', 'manual');
+ALTER TABLE shared_notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON shared_notes USING (owner = current_user);
+GRANT SELECT, UPDATE ON shared_notes TO ls_app, ls_twin;
+INSERT INTO shared_notes VALUES (1, 'ls_app', 'app''s note'), (2, 'ls_twin', 'twin''s note');
+RESET ROLE;
+SET ROLE ls_app;
+SELECT livesync.write('shared_notes', 'update', '{"id": 1}', '{"body": "private draft"}', 0, '{"body": "older"}') ->> 'status' AS app_conflicts;
+RESET ROLE;
+SELECT id AS hidden_conflict FROM livesync._conflicts WHERE relation = 'shared_notes'::regclass AND resolved_at IS NULL \gset
+SET ROLE ls_twin;
+SELECT count(*) AS conflicts_seen FROM livesync.conflicts WHERE relation = 'shared_notes'::regclass;
+SELECT regexp_replace(expect_error(format($$SELECT livesync.resolve_conflict(%s, 'theirs')$$, :hidden_conflict)), 'conflict \d+', 'conflict N') AS twin_resolves;
+SET ROLE ls_app;
+SELECT count(*) AS conflicts_seen FROM livesync.conflicts WHERE relation = 'shared_notes'::regclass;
+RESET ROLE;
+SELECT resolved_at IS NULL AS still_open FROM livesync._conflicts WHERE id = :hidden_conflict;
+
+-- DDL that takes a tracked table's key away through an object it depends on is
+-- refused like a direct one; compact refuses a negative age.
+SET ROLE ls_owner;
+CREATE COLLATION ls_c FROM "C";
+CREATE TABLE keyed (k text COLLATE ls_c PRIMARY KEY, v text);
+SELECT livesync.track('keyed');
+SELECT expect_error('DROP COLLATION ls_c CASCADE');
+RESET ROLE;
+SELECT expect_error($$SELECT livesync.compact('-1 day')$$);
+
+DROP TABLE shared_notes, keyed, ls_trap.t, ls_trap.skipped;
+DROP SCHEMA ls_trap CASCADE;
+DROP COLLATION ls_c;
 DROP FUNCTION public.stranger_untracks();
 DROP FUNCTION public.livesync_state();
 DROP TABLE notes, drafts;
