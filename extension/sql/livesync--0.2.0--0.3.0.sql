@@ -5,17 +5,17 @@
 -- the caller's privileges first; idempotency records remember who wrote them.
 -- Run by ALTER EXTENSION livesync UPDATE.
 
--- Who wrote a mutation record, and to which table; records are per role. Records
--- made before this version get relation NULL and written_by 0, which no retry
--- matches.
-ALTER TABLE livesync._mutations ADD COLUMN relation regclass, ADD COLUMN written_by oid;
-UPDATE livesync._mutations SET written_by = 0;
-ALTER TABLE livesync._mutations ALTER COLUMN written_by SET NOT NULL,
+-- Mutation records now say which role wrote them, and to which table, and are per
+-- role. Records made before do not say: given back to any role's retry they would
+-- hand one role another's rows, so they go. A retry in flight across the update is
+-- applied again (drain clients' queues first where mutations add up: sum, append).
+DELETE FROM livesync._mutations;
+ALTER TABLE livesync._mutations ADD COLUMN relation regclass, ADD COLUMN written_by oid NOT NULL,
     DROP CONSTRAINT _mutations_pkey,
     ADD CONSTRAINT _mutations_pkey PRIMARY KEY (written_by, client_id, mutation_id);
 
 CREATE FUNCTION livesync._require_reader(function_name text) RETURNS void
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT pg_has_role('livesync_reader', 'USAGE') THEN
         RAISE EXCEPTION 'permission denied: % needs membership in role livesync_reader', function_name
@@ -26,7 +26,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION livesync.current_position() RETURNS bigint
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM livesync._require_reader('livesync.current_position');
     RETURN greatest(
@@ -54,7 +54,7 @@ RETURNS TABLE (
 -- the read cannot straddle a concurrent compaction. No JIT: the planner's guess for
 -- unnesting runs (100 changes per log row) made the read look expensive enough to
 -- compile, which took half a second for a millisecond's work.
-LANGUAGE plpgsql STABLE STRICT SET jit = off AS $$
+LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kept_from bigint;
     newest    bigint;
@@ -137,8 +137,9 @@ DECLARE
     new_horizon bigint;
     removed     bigint;
 BEGIN
-    IF older_than < interval '0' THEN
-        RAISE EXCEPTION 'older_than must not be negative, got %', older_than
+    -- Compared through now(): '1 mon -30 days' is not < '0' but reaches past now in March.
+    IF now() - older_than > now() THEN
+        RAISE EXCEPTION 'older_than must not reach into the future, got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Idempotency records and settled conflicts go with the log they belong to: a
@@ -169,7 +170,7 @@ $$;
 CREATE OR REPLACE FUNCTION livesync.compact(older_than interval DEFAULT '24 hours') RETURNS bigint
 LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_compact';
 
-CREATE OR REPLACE VIEW livesync.tracked AS
+CREATE OR REPLACE VIEW livesync.tracked WITH (security_barrier) AS
 SELECT t.relation,
        ARRAY(SELECT a.attname::text
              FROM pg_index i
@@ -289,7 +290,7 @@ CREATE OR REPLACE FUNCTION livesync.untrack(rel regclass) RETURNS void
 LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_untrack';
 
 CREATE OR REPLACE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint
-LANGUAGE plpgsql STABLE STRICT AS $$
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_cols text[];
     version  bigint;
@@ -321,6 +322,94 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION livesync.write_batch(mutations jsonb, all_or_nothing boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    mutation jsonb;
+    result   jsonb;
+    -- Appending to an array variable is done in place (amortised O(1)); appending
+    -- to a jsonb array copied it every time, which made a batch quadratic.
+    results  jsonb[] := '{}';
+    i        int := 0;
+    size     int;
+    maximum  int := coalesce(nullif(current_setting('livesync.max_batch_mutations', true), '')::int, 10000);
+BEGIN
+    IF jsonb_typeof(mutations) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'mutations must be a JSON array of mutation objects' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    size := jsonb_array_length(mutations);
+    IF size > maximum THEN
+        RAISE EXCEPTION 'a batch of % mutations is larger than livesync.max_batch_mutations (%)', size, maximum
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'Split the batch, or raise livesync.max_batch_mutations.';
+    END IF;
+    IF all_or_nothing THEN
+        -- One subtransaction for the whole batch: any error (raised by a mutation or
+        -- a rejection) undoes everything and is reported as LS007 with the failing
+        -- mutation's result.
+        BEGIN
+            FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
+                result := livesync._checked(livesync._write_json(mutation));
+                IF result ->> 'status' = 'rejected' THEN
+                    RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
+                        USING ERRCODE = 'LS007', DETAIL = result::text;
+                END IF;
+                results := results OPERATOR(pg_catalog.||) result;
+                i := i + 1;
+            END LOOP;
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE = 'LS007' THEN
+                RAISE;
+            END IF;
+            result := pg_catalog.jsonb_build_object('status', 'rejected', 'reason', 'error',
+                                         'error', pg_catalog.jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
+            RAISE EXCEPTION 'mutation % of the batch failed (%: %); nothing was applied', i, SQLSTATE, SQLERRM
+                USING ERRCODE = 'LS007', DETAIL = result::text;
+        END;
+    ELSE
+        FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
+            -- Each mutation in a subtransaction of its own: one that fails is
+            -- rolled back and reported, the others stand.
+            BEGIN
+                result := livesync._checked(livesync._write_json(mutation));
+            EXCEPTION WHEN OTHERS THEN
+                result := pg_catalog.jsonb_build_object('status', 'rejected', 'reason', 'error',
+                                             'error', pg_catalog.jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
+            END;
+            results := results OPERATOR(pg_catalog.||) result;
+            i := i + 1;
+        END LOOP;
+    END IF;
+    RETURN pg_catalog.to_jsonb(results);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF conflict_id IS NULL OR choice IS NULL THEN
+        RAISE EXCEPTION 'resolve_conflict needs a conflict id and a choice'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'choice is mine, theirs or value (with a value).';
+    END IF;
+    RETURN livesync._checked(livesync._resolve_conflict(conflict_id, choice, value));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION livesync._checked(result jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF result ? '_raise' THEN
+        IF result #>> '{_raise,hint}' IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = result #>> '{_raise,sqlstate}', MESSAGE = result #>> '{_raise,message}';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = result #>> '{_raise,sqlstate}', MESSAGE = result #>> '{_raise,message}',
+                              HINT = result #>> '{_raise,hint}';
+    END IF;
+    RETURN result;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION livesync._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -333,16 +422,16 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE VIEW livesync.policies AS
-SELECT t.relation, NULL::text AS column_name, t.default_policy AS policy,
-       t.existing_insert, t.delete_race
-FROM livesync._tracked t
-WHERE has_table_privilege(t.relation, 'SELECT')
-UNION ALL
-SELECT p.relation, a.attname::text, p.policy, NULL, NULL
-FROM livesync._policies p
-JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped
-WHERE has_table_privilege(p.relation, 'SELECT');
+CREATE OR REPLACE VIEW livesync.policies WITH (security_barrier) AS
+SELECT u.relation, u.column_name, u.policy, u.existing_insert, u.delete_race
+FROM (SELECT t.relation, NULL::text AS column_name, t.default_policy AS policy,
+             t.existing_insert, t.delete_race
+      FROM livesync._tracked t
+      UNION ALL
+      SELECT p.relation, a.attname::text, p.policy, NULL, NULL
+      FROM livesync._policies p
+      JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped) AS u
+WHERE has_table_privilege(u.relation, 'SELECT');
 
 COMMENT ON VIEW livesync.policies IS
     'Merge policies of the tracked tables the current role may SELECT: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
@@ -375,7 +464,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE VIEW livesync.conflicts AS
+CREATE OR REPLACE VIEW livesync.conflicts WITH (security_barrier) AS
 SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor,
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c

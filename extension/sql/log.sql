@@ -103,7 +103,7 @@ INSERT INTO livesync._retention DEFAULT VALUES;
 -- on the log tables enforce it; this check turns their "permission denied for table
 -- batches" into an error that says what to grant.
 CREATE FUNCTION livesync._require_reader(function_name text) RETURNS void
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT pg_has_role('livesync_reader', 'USAGE') THEN
         RAISE EXCEPTION 'permission denied: % needs membership in role livesync_reader', function_name
@@ -114,7 +114,7 @@ END
 $$;
 
 CREATE FUNCTION livesync.current_position() RETURNS bigint
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM livesync._require_reader('livesync.current_position');
     RETURN greatest(
@@ -156,7 +156,7 @@ RETURNS TABLE (
 -- the read cannot straddle a concurrent compaction. No JIT: the planner's guess for
 -- unnesting runs (100 changes per log row) made the read look expensive enough to
 -- compile, which took half a second for a millisecond's work.
-LANGUAGE plpgsql STABLE STRICT SET jit = off AS $$
+LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kept_from bigint;
     newest    bigint;
@@ -244,8 +244,9 @@ DECLARE
     new_horizon bigint;
     removed     bigint;
 BEGIN
-    IF older_than < interval '0' THEN
-        RAISE EXCEPTION 'older_than must not be negative, got %', older_than
+    -- Compared through now(): '1 mon -30 days' is not < '0' but reaches past now in March.
+    IF now() - older_than > now() THEN
+        RAISE EXCEPTION 'older_than must not reach into the future, got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Idempotency records and settled conflicts go with the log they belong to: a

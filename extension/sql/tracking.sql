@@ -14,7 +14,9 @@ CREATE TABLE livesync._tracked (
 );
 SELECT pg_catalog.pg_extension_config_dump('livesync._tracked', '');
 
-CREATE VIEW livesync.tracked AS
+-- security_barrier (all three views): a caller's own condition in its WHERE clause
+-- must not see rows before the view's privilege filter has dropped them.
+CREATE VIEW livesync.tracked WITH (security_barrier) AS
 SELECT t.relation,
        ARRAY(SELECT a.attname::text
              FROM pg_index i
@@ -151,7 +153,7 @@ COMMENT ON FUNCTION livesync.untrack(regclass) IS
     'Stops capture on a table and removes its _livesync_version and _livesync_clocks columns; its past changes stay in the log.';
 
 CREATE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint
-LANGUAGE plpgsql STABLE STRICT AS $$
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key_cols text[];
     version  bigint;

@@ -11,16 +11,18 @@ CREATE TABLE livesync._policies (
 );
 SELECT pg_catalog.pg_extension_config_dump('livesync._policies', '');
 
-CREATE VIEW livesync.policies AS
-SELECT t.relation, NULL::text AS column_name, t.default_policy AS policy,
-       t.existing_insert, t.delete_race
-FROM livesync._tracked t
-WHERE has_table_privilege(t.relation, 'SELECT')
-UNION ALL
-SELECT p.relation, a.attname::text, p.policy, NULL, NULL
-FROM livesync._policies p
-JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped
-WHERE has_table_privilege(p.relation, 'SELECT');
+-- The filter is outside the UNION ALL: a caller's condition is pushed into the
+-- branches of a union, security_barrier or not, so the barrier has to sit above it.
+CREATE VIEW livesync.policies WITH (security_barrier) AS
+SELECT u.relation, u.column_name, u.policy, u.existing_insert, u.delete_race
+FROM (SELECT t.relation, NULL::text AS column_name, t.default_policy AS policy,
+             t.existing_insert, t.delete_race
+      FROM livesync._tracked t
+      UNION ALL
+      SELECT p.relation, a.attname::text, p.policy, NULL, NULL
+      FROM livesync._policies p
+      JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum AND NOT a.attisdropped) AS u
+WHERE has_table_privilege(u.relation, 'SELECT');
 COMMENT ON VIEW livesync.policies IS
     'Merge policies of the tracked tables the current role may SELECT: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
 
@@ -34,8 +36,7 @@ CREATE TABLE livesync._mutations (
     -- The table written, and the role that wrote it. Records are per role: a
     -- result (which holds the row) goes back only to a retry by the role that
     -- wrote it, and another role's use of the same ids neither reads nor blocks
-    -- it. Records made before livesync 0.3.0 have relation NULL and written_by 0,
-    -- which no retry matches.
+    -- it.
     relation    regclass,
     written_by  oid         NOT NULL,
     PRIMARY KEY (written_by, client_id, mutation_id)
@@ -93,7 +94,7 @@ $$;
 
 -- A role sees the conflicts of the tables it can read, and on a table with
 -- row-level security only those of rows it can see.
-CREATE VIEW livesync.conflicts AS
+CREATE VIEW livesync.conflicts WITH (security_barrier) AS
 SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor,
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c
@@ -230,7 +231,7 @@ COMMENT ON FUNCTION livesync.set_conflict_rules(regclass, text, text) IS
 -- Raises an error a Rust body reported as {"_raise": {sqlstate, message, hint}}
 -- (pgrx would turn livesync's own LSnnn codes into XX000), else passes the result on.
 CREATE FUNCTION livesync._checked(result jsonb) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF result ? '_raise' THEN
         IF result #>> '{_raise,hint}' IS NULL THEN
@@ -259,6 +260,11 @@ LANGUAGE c VOLATILE CALLED ON NULL INPUT AS 'MODULE_PATHNAME', 'livesync_write';
 COMMENT ON FUNCTION livesync.write(regclass, text, jsonb, jsonb, bigint, jsonb, text, bigint, text) IS
     'Applies one client mutation with a field-level three-way merge against its base; returns {status, version, row, conflicts, conflict_id}.';
 
+-- No pinned search_path here or in resolve_conflict, unlike livesync's other
+-- functions: the writes they make fire the table's own triggers, which must run
+-- with the caller's search_path, as they do for a plain UPDATE. Variadic and
+-- polymorphic functions are named with their schema instead: a function of the
+-- exact argument types in a schema on that path would be chosen over them.
 CREATE FUNCTION livesync.write_batch(mutations jsonb, all_or_nothing boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -291,15 +297,15 @@ BEGIN
                     RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
                         USING ERRCODE = 'LS007', DETAIL = result::text;
                 END IF;
-                results := results || result;
+                results := results OPERATOR(pg_catalog.||) result;
                 i := i + 1;
             END LOOP;
         EXCEPTION WHEN OTHERS THEN
             IF SQLSTATE = 'LS007' THEN
                 RAISE;
             END IF;
-            result := jsonb_build_object('status', 'rejected', 'reason', 'error',
-                                         'error', jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
+            result := pg_catalog.jsonb_build_object('status', 'rejected', 'reason', 'error',
+                                         'error', pg_catalog.jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
             RAISE EXCEPTION 'mutation % of the batch failed (%: %); nothing was applied', i, SQLSTATE, SQLERRM
                 USING ERRCODE = 'LS007', DETAIL = result::text;
         END;
@@ -310,14 +316,14 @@ BEGIN
             BEGIN
                 result := livesync._checked(livesync._write_json(mutation));
             EXCEPTION WHEN OTHERS THEN
-                result := jsonb_build_object('status', 'rejected', 'reason', 'error',
-                                             'error', jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
+                result := pg_catalog.jsonb_build_object('status', 'rejected', 'reason', 'error',
+                                             'error', pg_catalog.jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
             END;
-            results := results || result;
+            results := results OPERATOR(pg_catalog.||) result;
             i := i + 1;
         END LOOP;
     END IF;
-    RETURN to_jsonb(results);
+    RETURN pg_catalog.to_jsonb(results);
 END
 $$;
 COMMENT ON FUNCTION livesync.write_batch(jsonb, boolean) IS

@@ -21,6 +21,9 @@ use std::ffi::{c_char, c_int, c_long, CStr};
 enum Needs {
     /// The owner of the table in the first argument.
     Ownership,
+    /// The owner of the table in the first argument and of every table inheriting
+    /// from it (whose columns change with the table's).
+    OwnershipOfTree,
     /// The extension's owner or a member of `livesync_maintainer`.
     Maintenance,
 }
@@ -44,14 +47,14 @@ const TRACK: Entry = Entry {
     name: "livesync.track",
     body: c"SELECT livesync._track($1)",
     arg_types: &[REGCLASS],
-    needs: Needs::Ownership,
+    needs: Needs::OwnershipOfTree,
     returns_value: false,
 };
 const UNTRACK: Entry = Entry {
     name: "livesync.untrack",
     body: c"SELECT livesync._untrack($1)",
     arg_types: &[REGCLASS],
-    needs: Needs::Ownership,
+    needs: Needs::OwnershipOfTree,
     returns_value: false,
 };
 const SET_COLUMN_POLICY: Entry = Entry {
@@ -220,20 +223,19 @@ unsafe extern "C-unwind" fn check_caller(
     entry: &Entry,
 ) -> *mut ErrorToRaise {
     unsafe {
-        let verdict: Result<(), Denied> = match entry.needs {
-            Needs::Ownership => {
-                let first = (*fcinfo).args.as_slice(1)[0];
-                if first.isnull {
-                    // The body refuses a NULL table before it touches anything.
-                    Ok(())
-                } else {
-                    let relid = pg_sys::Oid::from(first.value.value() as u32);
-                    privileges::require_ownership(relid, entry.name, || {
-                        crate::write::target::relation_display(relid)
-                    })
-                }
+        let first = (*fcinfo).args.as_slice(1)[0];
+        // A NULL table: the body refuses it before it touches anything.
+        let relid = (!first.isnull).then(|| pg_sys::Oid::from(first.value.value() as u32));
+        let display = crate::write::target::relation_display;
+        let verdict: Result<(), Denied> = match (entry.needs, relid) {
+            (Needs::Ownership | Needs::OwnershipOfTree, None) => Ok(()),
+            (Needs::Ownership, Some(relid)) => {
+                privileges::require_ownership(relid, entry.name, || display(relid))
             }
-            Needs::Maintenance => privileges::require_maintenance(entry.name),
+            (Needs::OwnershipOfTree, Some(relid)) => {
+                privileges::require_ownership_of_tree(relid, entry.name, display)
+            }
+            (Needs::Maintenance, _) => privileges::require_maintenance(entry.name),
         };
         match verdict {
             Ok(()) => std::ptr::null_mut(),

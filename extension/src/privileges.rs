@@ -71,6 +71,51 @@ pub fn require_ownership(
     })
 }
 
+/// `function` may run only as the owner of the table and of every table that
+/// inherits from it: it adds or drops columns, which ALTER TABLE does to the
+/// children too (and ALTER TABLE itself asks for their ownership).
+pub fn require_ownership_of_tree(
+    relid: pg_sys::Oid,
+    function: &str,
+    display: impl Fn(pg_sys::Oid) -> String,
+) -> Result<(), Denied> {
+    require_ownership(relid, function, || display(relid))?;
+    for child in inheritors(relid) {
+        if !owns_table(child) {
+            let (child, parent) = (display(child), display(relid));
+            return Err(Denied {
+                message: format!(
+                    "permission denied: {function} needs ownership of table {child}, which inherits from {parent}"
+                ),
+                hint: format!("Call it as the owner of {parent} and of every table that inherits from it."),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every table that inherits from `relid`, at any depth. Asked as the caller with
+/// every name qualified.
+fn inheritors(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    use pgrx::prelude::*;
+    Spi::connect(|client| {
+        client
+            .select(
+                "WITH RECURSIVE tree(relid) AS (
+                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent OPERATOR(pg_catalog.=) $1
+                     UNION
+                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
+                 SELECT relid FROM tree",
+                None,
+                &[relid.into()],
+            )?
+            .map(|row| row.get::<pg_sys::Oid>(1))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map(|children| children.into_iter().flatten().collect())
+    .unwrap_or_else(|e| pgrx::error!("livesync: reading inheritance children failed: {e}"))
+}
+
 /// `function` may run as the extension's owner or a member of `livesync_maintainer`.
 pub fn require_maintenance(function: &str) -> Result<(), Denied> {
     let user = unsafe { pg_sys::GetUserId() };
@@ -90,10 +135,13 @@ pub fn require_maintenance(function: &str) -> Result<(), Denied> {
 }
 
 /// The owner of the livesync extension in this database (InvalidOid if not installed).
+/// Asked as the caller, so every name is qualified: the caller's search_path must not
+/// choose the `=` that picks the row.
 fn extension_owner() -> pg_sys::Oid {
     use pgrx::prelude::*;
     Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'livesync'",
+        "SELECT e.extowner FROM pg_catalog.pg_extension e
+         WHERE e.extname OPERATOR(pg_catalog.=) 'livesync'::pg_catalog.name",
     )
     .ok()
     .flatten()

@@ -31,13 +31,9 @@ const LOCK_BUCKETS: i32 = 1024;
 
 const LOCK: &str = "SELECT pg_advisory_xact_lock($2, hashtext($1) & $3)";
 
-// A record of this role, else one made before livesync 0.3.0 (written_by 0), which
-// any role's retry still gets: those records predate the rule, and a retry in
-// flight across the update must not apply its mutation twice.
 const FIND: &str = "
 SELECT m.result, m.relation::oid FROM livesync._mutations m
-WHERE m.written_by IN ($3, 0) AND m.client_id = $1 AND m.mutation_id = $2
-ORDER BY m.written_by = 0 LIMIT 1";
+WHERE m.written_by = $3 AND m.client_id = $1 AND m.mutation_id = $2";
 
 const RECORD: &str = "
 INSERT INTO livesync._mutations (client_id, mutation_id, result, relation, written_by)
@@ -126,7 +122,7 @@ impl MutationId {
         let Some((result, relation)) = found else {
             return Ok(None);
         };
-        if current && relation.is_some_and(|recorded| recorded != relid) {
+        if current && relation != Some(relid) {
             return Err(super::WriteError::MutationOfAnotherTable {
                 client_id: self.client_id.clone(),
                 mutation_id: self.mutation_id,

@@ -236,9 +236,14 @@ pub fn write_json(mutation: JsonB) -> JsonB {
     }
 }
 
+// Read without a lock: a role that may not settle the conflict must not hold it
+// locked from those who may. The lock is taken once the caller has passed.
 const READ_CONFLICT: &str = "
 SELECT relation::oid, key, column_name, mine, resolved_at IS NOT NULL
-FROM livesync._conflicts WHERE id = $1 FOR UPDATE";
+FROM livesync._conflicts WHERE id = $1";
+
+const LOCK_CONFLICT: &str = "
+SELECT resolved_at IS NOT NULL FROM livesync._conflicts WHERE id = $1 FOR UPDATE";
 
 const SETTLE_CONFLICT: &str = "
 UPDATE livesync._conflicts SET resolved_at = now(), resolution = $2 WHERE id = $1";
@@ -310,6 +315,18 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
             return Err(WriteError::ConflictHidden(conflict_id));
         }
     }
+    // Settled by someone else meanwhile? Read again under the lock.
+    let resolved = resolved
+        || crate::owner::sql_as_bootstrap_superuser(|| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(LOCK_CONFLICT, Some(1), &[conflict_id.into()])?
+                    .first()
+                    .get_one::<bool>()
+            })
+        })
+        .unwrap_or_else(|e| pgrx::error!("livesync: locking conflict {conflict_id} failed: {e}"))
+        .unwrap_or(true);
     if resolved {
         return Err(WriteError::ConflictResolved(conflict_id));
     }

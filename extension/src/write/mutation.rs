@@ -184,9 +184,11 @@ impl MutationArgs {
 
 /// A table name as SQL would resolve it (search_path, quoting).
 fn resolve_table(name: &str) -> Result<pg_sys::Oid, WriteError> {
-    let oid =
-        pgrx::Spi::get_one_with_args::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[name.into()])
-            .ok()
-            .flatten();
+    let oid = pgrx::Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass($1)::oid",
+        &[name.into()],
+    )
+    .ok()
+    .flatten();
     oid.ok_or_else(|| WriteError::UnknownTable(name.to_string()))
 }

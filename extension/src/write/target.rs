@@ -24,8 +24,8 @@ pub const VERSION_COLUMN: &str = "_livesync_version";
 pub const CLOCKS_COLUMN: &str = "_livesync_clocks";
 
 const LOAD_TARGET: &str = "
-SELECT jsonb_build_object(
-    'name', format('%I.%I', n.nspname, c.relname),
+SELECT pg_catalog.jsonb_build_object(
+    'name', pg_catalog.format('%I.%I', n.nspname, c.relname),
     'existing_insert', t.existing_insert,
     'delete_race', t.delete_race,
     'key', ARRAY(SELECT a.attname::text
@@ -34,7 +34,7 @@ SELECT jsonb_build_object(
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                  WHERE i.indrelid = t.relation AND i.indisprimary
                  ORDER BY k.ord),
-    'columns', (SELECT jsonb_object_agg(a.attname, coalesce(p.policy, t.default_policy))
+    'columns', (SELECT pg_catalog.jsonb_object_agg(a.attname, coalesce(p.policy, t.default_policy))
                 FROM pg_attribute a
                 LEFT JOIN livesync._policies p ON p.relation = t.relation AND p.attnum = a.attnum
                 WHERE a.attrelid = t.relation AND a.attnum > 0 AND NOT a.attisdropped
@@ -205,7 +205,10 @@ impl WriteTarget {
     }
 
     fn record(&self, param: u32) -> String {
-        format!("jsonb_populate_record(NULL::{}, ${param})", self.name)
+        format!(
+            "pg_catalog.jsonb_populate_record(NULL::{}, ${param})",
+            self.name
+        )
     }
 
     /// The values typed by the table's columns and printed back as the table
@@ -220,7 +223,7 @@ impl WriteTarget {
             return Map::new();
         }
         let sql = format!(
-            "SELECT to_jsonb(livesync_r) FROM {} livesync_r",
+            "SELECT pg_catalog.to_jsonb(livesync_r) FROM {} livesync_r",
             self.record(1)
         );
         let plan = kept(client, &sql, &[PgOid::from(pg_sys::JSONBOID)]);
@@ -245,8 +248,8 @@ impl WriteTarget {
         mine: &Map<String, Value>,
     ) -> Fetched {
         let sql = format!(
-            "SELECT to_jsonb(livesync_t), to_jsonb(livesync_r),
-                    (SELECT jsonb_object_agg(e.key, jsonb_hash_extended(e.value, 0)) FROM jsonb_each(to_jsonb(livesync_t)) e)
+            "SELECT pg_catalog.to_jsonb(livesync_t), pg_catalog.to_jsonb(livesync_r),
+                    (SELECT pg_catalog.jsonb_object_agg(e.key, pg_catalog.jsonb_hash_extended(e.value, 0)) FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(livesync_t)) e)
              FROM {} livesync_t, {} livesync_r WHERE {} FOR UPDATE OF livesync_t",
             self.name,
             self.record(1),
@@ -312,7 +315,7 @@ impl WriteTarget {
                 let literal = spi::quote_literal(c);
                 let column = spi::quote_identifier(c);
                 format!(
-                    "{literal}, {} || jsonb_build_array(jsonb_hash_extended(to_jsonb(livesync_r.{column}), 0))",
+                    "{literal}, {} || pg_catalog.jsonb_build_array(pg_catalog.jsonb_hash_extended(pg_catalog.to_jsonb(livesync_r.{column}), 0))",
                     clock(&literal)
                 )
             })
@@ -321,7 +324,7 @@ impl WriteTarget {
         // columns, concatenated (wide tables have hundreds).
         let new = items
             .chunks(50)
-            .map(|chunk| format!("jsonb_build_object({})", chunk.join(", ")))
+            .map(|chunk| format!("pg_catalog.jsonb_build_object({})", chunk.join(", ")))
             .collect::<Vec<_>>()
             .join(" || ");
         let new = if new.is_empty() {
@@ -366,7 +369,7 @@ impl WriteTarget {
             None => String::new(),
         };
         let sql = format!(
-            "UPDATE {} livesync_t SET {}, {CLOCKS_COLUMN} = {clocks} FROM {} livesync_r WHERE {}{version_check} RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
+            "UPDATE {} livesync_t SET {}, {CLOCKS_COLUMN} = {clocks} FROM {} livesync_r WHERE {}{version_check} RETURNING pg_catalog.to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
             Self::assignments(values.keys()),
             self.record(1),
@@ -399,7 +402,7 @@ impl WriteTarget {
         // One clock for every column: wall, counter and node are $3, $4, $5.
         let clocks = self.clocks_expression(
             columns.iter().copied(),
-            |_| "jsonb_build_array($3, $4, $5)".to_string(),
+            |_| "pg_catalog.jsonb_build_array($3, $4, $5)".to_string(),
             true,
         );
         let version_check = match expected_version {
@@ -408,10 +411,10 @@ impl WriteTarget {
         };
         let sql = format!(
             "UPDATE {name} livesync_t SET {assignments}, {CLOCKS_COLUMN} = {clocks} \
-             FROM jsonb_populate_record(NULL::{name}, $1 || $2) livesync_r \
+             FROM pg_catalog.jsonb_populate_record(NULL::{name}, $1 || $2) livesync_r \
              WHERE {key_match}{version_check} \
-             RETURNING jsonb_build_object('status', 'applied', 'version', livesync_t.{VERSION_COLUMN}, \
-                 'row', to_jsonb(livesync_t) - '{VERSION_COLUMN}' - '{CLOCKS_COLUMN}')",
+             RETURNING pg_catalog.jsonb_build_object('status', 'applied', 'version', livesync_t.{VERSION_COLUMN}, \
+                 'row', pg_catalog.to_jsonb(livesync_t) - '{VERSION_COLUMN}' - '{CLOCKS_COLUMN}')",
             name = self.name,
             assignments = Self::assignments(columns.iter().copied()),
             key_match = self.key_match(),
@@ -462,7 +465,7 @@ impl WriteTarget {
         let key: Vec<String> = self.key.iter().map(spi::quote_identifier).collect();
         let sql = format!(
             "INSERT INTO {} AS livesync_t ({}, {CLOCKS_COLUMN}) SELECT {}, {} FROM {} livesync_r
-             ON CONFLICT ({}) DO NOTHING RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
+             ON CONFLICT ({}) DO NOTHING RETURNING pg_catalog.to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
             columns.join(", "),
             columns
@@ -487,7 +490,7 @@ impl WriteTarget {
         key: &Map<String, Value>,
     ) -> Option<StoredRow> {
         let sql = format!(
-            "DELETE FROM {} livesync_t USING {} livesync_r WHERE {} RETURNING to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
+            "DELETE FROM {} livesync_t USING {} livesync_r WHERE {} RETURNING pg_catalog.to_jsonb(livesync_t) - '{CLOCKS_COLUMN}'",
             self.name,
             self.record(1),
             self.key_match()
@@ -583,7 +586,7 @@ impl WriteTarget {
     ) -> Value {
         let c = spi::quote_identifier(column);
         let sql = format!(
-            "SELECT to_jsonb({}) FROM (SELECT livesync_a.{c} AS a, livesync_b.{c} AS b, livesync_c.{c} AS c \
+            "SELECT pg_catalog.to_jsonb({}) FROM (SELECT livesync_a.{c} AS a, livesync_b.{c} AS b, livesync_c.{c} AS c \
              FROM {} livesync_a, {} livesync_b, {} livesync_c) v",
             expression,
             self.record(1),

@@ -239,6 +239,24 @@ SELECT public.expect_error($q$SELECT livesync.write('ls_trap.skipped', 'insert',
 SELECT public.expect_error($q$SELECT livesync.resolve_conflict(999999, 'theirs')$q$);
 RESET search_path;
 RESET ROLE;
+-- The maintenance check asks who owns the extension: a role that owns another one (a
+-- trusted extension it created) and an = that matches that one instead gains nothing.
+SELECT current_database() AS db \gset
+GRANT CREATE ON DATABASE :"db" TO ls_stranger;
+SET ROLE ls_stranger;
+CREATE EXTENSION pgcrypto SCHEMA ls_trap;
+CREATE FUNCTION ls_trap.eq(a name, b text) RETURNS bool LANGUAGE sql AS $f$
+SELECT a::text OPERATOR(pg_catalog.=) 'pgcrypto' $f$;
+CREATE OPERATOR ls_trap.= (LEFTARG = name, RIGHTARG = text, FUNCTION = ls_trap.eq);
+CREATE FUNCTION ls_trap.eq(a name, b name) RETURNS bool LANGUAGE sql AS $f$
+SELECT a::text OPERATOR(pg_catalog.=) 'pgcrypto' $f$;
+CREATE OPERATOR ls_trap.= (LEFTARG = name, RIGHTARG = name, FUNCTION = ls_trap.eq);
+SET search_path = ls_trap, pg_catalog;
+SELECT public.expect_error($q$SELECT livesync.compact('1 hour')$q$);
+RESET search_path;
+DROP EXTENSION pgcrypto;
+RESET ROLE;
+REVOKE CREATE ON DATABASE :"db" FROM ls_stranger;
 
 -- Conflicts of rows that row-level security hides: not shown, not settled.
 SET ROLE ls_owner;
@@ -261,6 +279,31 @@ SELECT count(*) AS conflicts_seen FROM livesync.conflicts WHERE relation = 'shar
 RESET ROLE;
 SELECT resolved_at IS NULL AS still_open FROM livesync._conflicts WHERE id = :hidden_conflict;
 
+-- The views filter before a caller's own condition sees a row (security_barrier):
+-- a cheap function that reports what it is shown sees nothing of other tables.
+CREATE FUNCTION public.peek(r regclass, detail text) RETURNS bool
+LANGUAGE plpgsql COST 0.0000001 AS $f$ BEGIN RAISE NOTICE 'peeked at % %', r, detail; RETURN true; END $f$;
+SET ROLE ls_stranger;
+SELECT count(*) AS conflicts_seen FROM livesync.conflicts WHERE peek(relation, theirs::text);
+SELECT count(*) AS tracked_seen FROM livesync.tracked WHERE peek(relation, key_columns::text);
+SELECT count(*) AS policies_seen FROM livesync.policies WHERE peek(relation, policy);
+RESET ROLE;
+DROP FUNCTION public.peek(regclass, text);
+
+-- track and untrack change the columns of tables inheriting from the table too, so
+-- they need ownership of those as well (as ALTER TABLE does).
+SET ROLE ls_owner;
+CREATE TABLE parent (id int PRIMARY KEY, v text);
+CREATE TABLE child (extra int) INHERITS (parent);
+RESET ROLE;
+ALTER TABLE child OWNER TO ls_app;
+SET ROLE ls_owner;
+SELECT expect_error($$SELECT livesync.track('parent')$$);
+RESET ROLE;
+SELECT count(*) AS livesync_columns_on_child FROM pg_attribute
+WHERE attrelid = 'child'::regclass AND attname LIKE '\_livesync%' AND NOT attisdropped;
+DROP TABLE child, parent;
+
 -- DDL that takes a tracked table's key away through an object it depends on is
 -- refused like a direct one; compact refuses a negative age.
 SET ROLE ls_owner;
@@ -270,6 +313,7 @@ SELECT livesync.track('keyed');
 SELECT expect_error('DROP COLLATION ls_c CASCADE');
 RESET ROLE;
 SELECT expect_error($$SELECT livesync.compact('-1 day')$$);
+SELECT expect_error($$SELECT livesync.compact('1 mon -40 days')$$);
 
 DROP TABLE shared_notes, keyed, ls_trap.t, ls_trap.skipped;
 DROP SCHEMA ls_trap CASCADE;
