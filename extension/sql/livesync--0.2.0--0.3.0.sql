@@ -290,37 +290,40 @@ CREATE OR REPLACE FUNCTION livesync.untrack(rel regclass) RETURNS void
 LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_untrack';
 
 CREATE OR REPLACE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint
-LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE STRICT AS $$
 DECLARE
     key_cols text[];
     version  bigint;
 BEGIN
     -- Before anything else, so a role that may not read the table learns nothing
     -- of it (not even whether it is tracked).
-    IF NOT has_table_privilege(rel, 'SELECT') THEN
+    IF NOT pg_catalog.has_table_privilege(rel, 'SELECT') THEN
         RAISE EXCEPTION 'permission denied: livesync.row_version needs SELECT on table %', rel
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('GRANT SELECT ON %s TO the role that reads it.', rel);
+                  HINT = pg_catalog.format('GRANT SELECT ON %s TO the role that reads it.', rel);
     END IF;
     SELECT t.key_columns INTO key_cols FROM livesync.tracked t WHERE t.relation = rel;
     IF key_cols IS NULL THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
     END IF;
     IF jsonb_typeof(key) IS DISTINCT FROM 'object'
-       OR ARRAY(SELECT jsonb_object_keys(key) ORDER BY 1) IS DISTINCT FROM ARRAY(SELECT unnest(key_cols) ORDER BY 1) THEN
+       OR ARRAY(SELECT jsonb_object_keys(key) ORDER BY 1) IS DISTINCT FROM ARRAY(SELECT pg_catalog.unnest(key_cols) ORDER BY 1) THEN
         RAISE EXCEPTION 'key % does not name exactly the primary key columns of %', key, rel
             USING ERRCODE = 'LS004',
-                  HINT = format('Pass a JSON object with the keys %s.', array_to_string(key_cols, ', '));
+                  HINT = pg_catalog.format('Pass a JSON object with the keys %s.', pg_catalog.array_to_string(key_cols, ', '));
     END IF;
     -- jsonb_populate_record types the key values as the table's own columns, so
     -- the lookup uses the primary key index.
-    EXECUTE format('SELECT t._livesync_version FROM %s t, jsonb_populate_record(NULL::%s, $1) k WHERE %s',
+    EXECUTE pg_catalog.format('SELECT t._livesync_version FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1) k WHERE %s',
                    rel, rel,
-                   (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(key_cols) AS c))
+                   (SELECT string_agg(pg_catalog.format('t.%1$I = k.%1$I', c), ' AND ') FROM pg_catalog.unnest(key_cols) AS c))
         INTO version USING key;
     RETURN version;
 END
 $$;
+
+CREATE OR REPLACE FUNCTION livesync._write_json(mutation jsonb) RETURNS jsonb
+LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_write_json';
 
 CREATE OR REPLACE FUNCTION livesync.write_batch(mutations jsonb, all_or_nothing boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $$
@@ -349,7 +352,7 @@ BEGIN
         -- mutation's result.
         BEGIN
             FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
-                result := livesync._checked(livesync._write_json(mutation));
+                result := livesync._write_json(mutation);
                 IF result ->> 'status' = 'rejected' THEN
                     RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
                         USING ERRCODE = 'LS007', DETAIL = result::text;
@@ -371,7 +374,7 @@ BEGIN
             -- Each mutation in a subtransaction of its own: one that fails is
             -- rolled back and reported, the others stand.
             BEGIN
-                result := livesync._checked(livesync._write_json(mutation));
+                result := livesync._write_json(mutation);
             EXCEPTION WHEN OTHERS THEN
                 result := pg_catalog.jsonb_build_object('status', 'rejected', 'reason', 'error',
                                              'error', pg_catalog.jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));
@@ -437,27 +440,29 @@ COMMENT ON VIEW livesync.policies IS
     'Merge policies of the tracked tables the current role may SELECT: one row per table (column_name NULL: the default and the table rules) and one per column with its own policy.';
 
 CREATE FUNCTION livesync._row_visible(rel regclass, key jsonb) RETURNS bool
-LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE STRICT AS $$
 DECLARE
     condition text;
     visible   bool;
 BEGIN
-    SELECT string_agg(format('livesync_t.%1$I OPERATOR(%2$I.%3$s) livesync_k.%1$I', a.attname, opn.nspname, o.oprname),
+    SELECT string_agg(pg_catalog.format('livesync_t.%1$I OPERATOR(%2$I.%3$s) livesync_k.%1$I', a.attname, opn.nspname, o.oprname),
                       ' AND ' ORDER BY k.ord)
     INTO condition
-    FROM pg_index i
-    CROSS JOIN LATERAL unnest(i.indkey, i.indclass) WITH ORDINALITY AS k(attnum, opclass, ord)
-    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-    JOIN pg_opclass oc ON oc.oid = k.opclass
-    JOIN pg_amop am ON am.amopfamily = oc.opcfamily AND am.amoplefttype = oc.opcintype
-                   AND am.amoprighttype = oc.opcintype AND am.amopstrategy = 3
-    JOIN pg_operator o ON o.oid = am.amopopr
-    JOIN pg_namespace opn ON opn.oid = o.oprnamespace
-    WHERE i.indrelid = rel AND i.indisprimary;
-    IF condition IS NULL OR NOT has_table_privilege(rel, 'SELECT') THEN
+    FROM pg_catalog.pg_index i
+    CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.indkey::pg_catalog.int2[]),
+                                  pg_catalog.unnest(i.indclass::pg_catalog.oid[])) WITH ORDINALITY AS k(attnum, opclass, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+    JOIN pg_catalog.pg_opclass oc ON oc.oid OPERATOR(pg_catalog.=) k.opclass
+    JOIN pg_catalog.pg_amop am ON am.amopfamily OPERATOR(pg_catalog.=) oc.opcfamily
+                   AND am.amoplefttype OPERATOR(pg_catalog.=) oc.opcintype
+                   AND am.amoprighttype OPERATOR(pg_catalog.=) oc.opcintype AND am.amopstrategy OPERATOR(pg_catalog.=) 3
+    JOIN pg_catalog.pg_operator o ON o.oid OPERATOR(pg_catalog.=) am.amopopr
+    JOIN pg_catalog.pg_namespace opn ON opn.oid OPERATOR(pg_catalog.=) o.oprnamespace
+    WHERE i.indrelid OPERATOR(pg_catalog.=) rel AND i.indisprimary;
+    IF condition IS NULL OR NOT pg_catalog.has_table_privilege(rel, 'SELECT') THEN
         RETURN false;
     END IF;
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s livesync_t, jsonb_populate_record(NULL::%s, $1) livesync_k WHERE %s)',
+    EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s livesync_t, pg_catalog.jsonb_populate_record(NULL::%s, $1) livesync_k WHERE %s)',
                    rel, rel, condition)
         INTO visible USING key;
     RETURN visible;
@@ -469,7 +474,7 @@ SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c
 WHERE CASE WHEN has_table_privilege(c.relation, 'SELECT')
-           THEN NOT row_security_active(c.relation) OR livesync._row_visible(c.relation, c.key)
+           THEN NOT row_security_active(c.relation)
            ELSE false END;
 
 CREATE FUNCTION livesync._set_policy(rel regclass, column_name text, policy text) RETURNS void
@@ -612,7 +617,7 @@ TO PUBLIC;
 -- entry point: _write_json is write with its arguments in one object, and checks
 -- the caller the same way; _resolve_conflict checks the caller itself; _checked
 -- raises the error a Rust body reported; _require_reader checks membership;
--- _row_visible tells whether the caller can see a row (the conflicts view).
+-- _row_visible tells whether the caller can see a row (resolve_conflict asks).
 GRANT EXECUTE ON FUNCTION
     livesync._write_json(jsonb),
     livesync._resolve_conflict(bigint, text, jsonb),

@@ -50,7 +50,7 @@ TO PUBLIC;
 -- entry point: _write_json is write with its arguments in one object, and checks
 -- the caller the same way; _resolve_conflict checks the caller itself; _checked
 -- raises the error a Rust body reported; _require_reader checks membership;
--- _row_visible tells whether the caller can see a row (the conflicts view).
+-- _row_visible tells whether the caller can see a row (resolve_conflict asks).
 GRANT EXECUTE ON FUNCTION
     livesync._write_json(jsonb),
     livesync._resolve_conflict(bigint, text, jsonb),

@@ -152,34 +152,37 @@ LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_untrack';
 COMMENT ON FUNCTION livesync.untrack(regclass) IS
     'Stops capture on a table and removes its _livesync_version and _livesync_clocks columns; its past changes stay in the log.';
 
+-- Runs as the caller with its search_path (like a plain SELECT: the key's = and the
+-- table's RLS policies resolve as they would there); livesync's own calls name
+-- their schema.
 CREATE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint
-LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE STRICT AS $$
 DECLARE
     key_cols text[];
     version  bigint;
 BEGIN
     -- Before anything else, so a role that may not read the table learns nothing
     -- of it (not even whether it is tracked).
-    IF NOT has_table_privilege(rel, 'SELECT') THEN
+    IF NOT pg_catalog.has_table_privilege(rel, 'SELECT') THEN
         RAISE EXCEPTION 'permission denied: livesync.row_version needs SELECT on table %', rel
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('GRANT SELECT ON %s TO the role that reads it.', rel);
+                  HINT = pg_catalog.format('GRANT SELECT ON %s TO the role that reads it.', rel);
     END IF;
     SELECT t.key_columns INTO key_cols FROM livesync.tracked t WHERE t.relation = rel;
     IF key_cols IS NULL THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
     END IF;
     IF jsonb_typeof(key) IS DISTINCT FROM 'object'
-       OR ARRAY(SELECT jsonb_object_keys(key) ORDER BY 1) IS DISTINCT FROM ARRAY(SELECT unnest(key_cols) ORDER BY 1) THEN
+       OR ARRAY(SELECT jsonb_object_keys(key) ORDER BY 1) IS DISTINCT FROM ARRAY(SELECT pg_catalog.unnest(key_cols) ORDER BY 1) THEN
         RAISE EXCEPTION 'key % does not name exactly the primary key columns of %', key, rel
             USING ERRCODE = 'LS004',
-                  HINT = format('Pass a JSON object with the keys %s.', array_to_string(key_cols, ', '));
+                  HINT = pg_catalog.format('Pass a JSON object with the keys %s.', pg_catalog.array_to_string(key_cols, ', '));
     END IF;
     -- jsonb_populate_record types the key values as the table's own columns, so
     -- the lookup uses the primary key index.
-    EXECUTE format('SELECT t._livesync_version FROM %s t, jsonb_populate_record(NULL::%s, $1) k WHERE %s',
+    EXECUTE pg_catalog.format('SELECT t._livesync_version FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1) k WHERE %s',
                    rel, rel,
-                   (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(key_cols) AS c))
+                   (SELECT string_agg(pg_catalog.format('t.%1$I = k.%1$I', c), ' AND ') FROM pg_catalog.unnest(key_cols) AS c))
         INTO version USING key;
     RETURN version;
 END

@@ -61,45 +61,52 @@ CREATE TABLE livesync._conflicts (
 CREATE INDEX ON livesync._conflicts (relation) WHERE resolved_at IS NULL;
 
 -- Whether the current role can see the row of a table with this primary key (its
--- row-level security policies let it). Runs as the caller; the key columns are
--- compared with the primary key's own equality operators, named with their schema,
--- so a caller's search_path cannot swap in an operator that matches any row.
+-- row-level security policies let it): resolve_conflict asks before settling. Runs
+-- as the caller with its search_path, so the table's policies work as in a plain
+-- SELECT; the key columns are compared with the primary key's own equality
+-- operators, named with their schema, so that path cannot swap in an = that
+-- matches any row.
 CREATE FUNCTION livesync._row_visible(rel regclass, key jsonb) RETURNS bool
-LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE STRICT AS $$
 DECLARE
     condition text;
     visible   bool;
 BEGIN
-    SELECT string_agg(format('livesync_t.%1$I OPERATOR(%2$I.%3$s) livesync_k.%1$I', a.attname, opn.nspname, o.oprname),
+    SELECT string_agg(pg_catalog.format('livesync_t.%1$I OPERATOR(%2$I.%3$s) livesync_k.%1$I', a.attname, opn.nspname, o.oprname),
                       ' AND ' ORDER BY k.ord)
     INTO condition
-    FROM pg_index i
-    CROSS JOIN LATERAL unnest(i.indkey, i.indclass) WITH ORDINALITY AS k(attnum, opclass, ord)
-    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-    JOIN pg_opclass oc ON oc.oid = k.opclass
-    JOIN pg_amop am ON am.amopfamily = oc.opcfamily AND am.amoplefttype = oc.opcintype
-                   AND am.amoprighttype = oc.opcintype AND am.amopstrategy = 3
-    JOIN pg_operator o ON o.oid = am.amopopr
-    JOIN pg_namespace opn ON opn.oid = o.oprnamespace
-    WHERE i.indrelid = rel AND i.indisprimary;
-    IF condition IS NULL OR NOT has_table_privilege(rel, 'SELECT') THEN
+    FROM pg_catalog.pg_index i
+    CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.indkey::pg_catalog.int2[]),
+                                  pg_catalog.unnest(i.indclass::pg_catalog.oid[])) WITH ORDINALITY AS k(attnum, opclass, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+    JOIN pg_catalog.pg_opclass oc ON oc.oid OPERATOR(pg_catalog.=) k.opclass
+    JOIN pg_catalog.pg_amop am ON am.amopfamily OPERATOR(pg_catalog.=) oc.opcfamily
+                   AND am.amoplefttype OPERATOR(pg_catalog.=) oc.opcintype
+                   AND am.amoprighttype OPERATOR(pg_catalog.=) oc.opcintype AND am.amopstrategy OPERATOR(pg_catalog.=) 3
+    JOIN pg_catalog.pg_operator o ON o.oid OPERATOR(pg_catalog.=) am.amopopr
+    JOIN pg_catalog.pg_namespace opn ON opn.oid OPERATOR(pg_catalog.=) o.oprnamespace
+    WHERE i.indrelid OPERATOR(pg_catalog.=) rel AND i.indisprimary;
+    IF condition IS NULL OR NOT pg_catalog.has_table_privilege(rel, 'SELECT') THEN
         RETURN false;
     END IF;
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s livesync_t, jsonb_populate_record(NULL::%s, $1) livesync_k WHERE %s)',
+    EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s livesync_t, pg_catalog.jsonb_populate_record(NULL::%s, $1) livesync_k WHERE %s)',
                    rel, rel, condition)
         INTO visible USING key;
     RETURN visible;
 END
 $$;
 
--- A role sees the conflicts of the tables it can read, and on a table with
--- row-level security only those of rows it can see.
+-- A role sees the conflicts of the tables it can read; on a table with row-level
+-- security, only if the policies do not apply to it (its owner, a BYPASSRLS role).
+-- Asking the policies row by row would run the table's policy functions, another
+-- role's code, for whoever browses the view; resolve_conflict does ask them, for the
+-- one conflict the caller names.
 CREATE VIEW livesync.conflicts WITH (security_barrier) AS
 SELECT c.id, c.relation, c.key, c.column_name, c.base, c.mine, c.theirs, c.actor,
        c.client_id, c.mutation_id, c.created_at, c.resolved_at, c.resolution
 FROM livesync._conflicts c
 WHERE CASE WHEN has_table_privilege(c.relation, 'SELECT')
-           THEN NOT row_security_active(c.relation) OR livesync._row_visible(c.relation, c.key)
+           THEN NOT row_security_active(c.relation)
            ELSE false END;
 COMMENT ON VIEW livesync.conflicts IS
     'Conflicts on manual-policy columns (open ones have resolved_at NULL); settle them with livesync.resolve_conflict().';
@@ -260,6 +267,11 @@ LANGUAGE c VOLATILE CALLED ON NULL INPUT AS 'MODULE_PATHNAME', 'livesync_write';
 COMMENT ON FUNCTION livesync.write(regclass, text, jsonb, jsonb, bigint, jsonb, text, bigint, text) IS
     'Applies one client mutation with a field-level three-way merge against its base; returns {status, version, row, conflicts, conflict_id}.';
 
+-- One element of write_batch's array (src/write/mod.rs): livesync.write with its
+-- arguments in one object ({rel, op, key, new_values, ...}), raising its errors.
+CREATE FUNCTION livesync._write_json(mutation jsonb) RETURNS jsonb
+LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_write_json';
+
 -- No pinned search_path here or in resolve_conflict, unlike livesync's other
 -- functions: the writes they make fire the table's own triggers, which must run
 -- with the caller's search_path, as they do for a plain UPDATE. Variadic and
@@ -292,7 +304,7 @@ BEGIN
         -- mutation's result.
         BEGIN
             FOR mutation IN SELECT m FROM jsonb_array_elements(mutations) AS e(m) LOOP
-                result := livesync._checked(livesync._write_json(mutation));
+                result := livesync._write_json(mutation);
                 IF result ->> 'status' = 'rejected' THEN
                     RAISE EXCEPTION 'mutation % of the batch was rejected (%); nothing was applied', i, result ->> 'reason'
                         USING ERRCODE = 'LS007', DETAIL = result::text;
@@ -314,7 +326,7 @@ BEGIN
             -- Each mutation in a subtransaction of its own: one that fails is
             -- rolled back and reported, the others stand.
             BEGIN
-                result := livesync._checked(livesync._write_json(mutation));
+                result := livesync._write_json(mutation);
             EXCEPTION WHEN OTHERS THEN
                 result := pg_catalog.jsonb_build_object('status', 'rejected', 'reason', 'error',
                                              'error', pg_catalog.jsonb_build_object('sqlstate', SQLSTATE, 'message', SQLERRM));

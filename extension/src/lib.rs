@@ -64,7 +64,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/writes.sql",
     name = "writes",
-    requires = ["tracking", write::write_json, write::resolve_conflict]
+    requires = ["tracking", write::resolve_conflict]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

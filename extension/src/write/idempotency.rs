@@ -1,7 +1,7 @@
 //! `(client_id, mutation_id)` records: a mutation retried after it committed gets
 //! its first result back and changes nothing.
 //!
-//! The client is locked (a transaction-scoped advisory lock) before the pair is
+//! The client is locked (a transaction-scoped lock) before the pair is
 //! looked up, so two sessions applying the same mutation at once take turns: the
 //! second finds the first's record once the first commits, or applies the mutation
 //! itself if the first rolled back. The lookup is a statement of its own, after the
@@ -16,6 +16,11 @@
 //! database failed with "out of shared memory"). A batch from one client now holds
 //! one lock; any batch at most `LOCK_BUCKETS`. Two clients sharing a bucket only
 //! wait for each other's commit.
+//!
+//! Not an advisory lock: any role can take those (`pg_advisory_lock`), and one that
+//! knew a client's id could hold its bucket and stall its writes. The lock is on an
+//! object tag of livesync's own (`_mutations`, sub-id = bucket + 1), which no SQL
+//! command takes, and it is taken directly, without a statement.
 
 use super::statements::kept;
 use crate::owner::sql_as_bootstrap_superuser;
@@ -24,12 +29,16 @@ use pgrx::spi::SpiClient;
 use pgrx::{JsonB, PgOid};
 use serde_json::Value;
 
-/// First key of livesync's advisory locks ("LS"); the second is the client's bucket.
-const LOCK_CLASS: i32 = 0x4c53;
-/// How many distinct advisory locks mutation records can take.
-const LOCK_BUCKETS: i32 = 1024;
+/// How many distinct locks mutation records can take.
+const LOCK_BUCKETS: u32 = 1024;
 
-const LOCK: &str = "SELECT pg_advisory_xact_lock($2, hashtext($1) & $3)";
+/// The client's lock bucket: FNV-1a of its id (the same in every backend).
+fn bucket(client_id: &str) -> u16 {
+    let hash = client_id.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    (hash % LOCK_BUCKETS) as u16
+}
 
 const FIND: &str = "
 SELECT m.result, m.relation::oid FROM livesync._mutations m
@@ -73,12 +82,6 @@ impl MutationId {
         client: &SpiClient<'_>,
         relid: pg_sys::Oid,
     ) -> Result<Option<Value>, super::WriteError> {
-        let lock_types = [
-            PgOid::from(pg_sys::TEXTOID),
-            PgOid::from(pg_sys::INT4OID),
-            PgOid::from(pg_sys::INT4OID),
-        ];
-        let lock = kept(client, LOCK, &lock_types);
         let find_types = [
             PgOid::from(pg_sys::TEXTOID),
             PgOid::from(pg_sys::INT8OID),
@@ -87,16 +90,17 @@ impl MutationId {
         let current = records_writer();
         let writer = unsafe { pg_sys::GetUserId() };
         let find = kept(client, if current { FIND } else { FIND_0_2 }, &find_types);
+        if let Some(mutations) = crate::catalog::livesync_relation(c"_mutations") {
+            unsafe {
+                pg_sys::LockDatabaseObject(
+                    pg_sys::RelationRelationId,
+                    mutations,
+                    bucket(&self.client_id) + 1,
+                    pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+                )
+            };
+        }
         let found = sql_as_bootstrap_superuser(|| {
-            client.select(
-                &*lock,
-                Some(1),
-                &[
-                    self.client_id.as_str().into(),
-                    LOCK_CLASS.into(),
-                    (LOCK_BUCKETS - 1).into(),
-                ],
-            )?;
             client
                 .select(
                     &*find,

@@ -258,7 +258,10 @@ DROP EXTENSION pgcrypto;
 RESET ROLE;
 REVOKE CREATE ON DATABASE :"db" FROM ls_stranger;
 
--- Conflicts of rows that row-level security hides: not shown, not settled.
+-- Conflicts on a table with row-level security: the view shows them only to roles the
+-- policies do not apply to (asking the policies would run the table's code for
+-- whoever browses); resolve_conflict asks them, so a role settles only conflicts
+-- of rows it can see.
 SET ROLE ls_owner;
 CREATE TABLE shared_notes (id int PRIMARY KEY, owner text NOT NULL, body text);
 SELECT livesync.track('shared_notes'), livesync.set_policy('shared_notes', 'body', 'manual');
@@ -278,6 +281,11 @@ SET ROLE ls_app;
 SELECT count(*) AS conflicts_seen FROM livesync.conflicts WHERE relation = 'shared_notes'::regclass;
 RESET ROLE;
 SELECT resolved_at IS NULL AS still_open FROM livesync._conflicts WHERE id = :hidden_conflict;
+SET ROLE ls_owner;
+SELECT count(*) AS owner_sees FROM livesync.conflicts WHERE relation = 'shared_notes'::regclass;
+SET ROLE ls_app;
+SELECT livesync.resolve_conflict(:hidden_conflict, 'theirs') ->> 'status' AS app_settles_its_own;
+RESET ROLE;
 
 -- The views filter before a caller's own condition sees a row (security_barrier):
 -- a cheap function that reports what it is shown sees nothing of other tables.
@@ -315,6 +323,29 @@ RESET ROLE;
 SELECT expect_error($$SELECT livesync.compact('-1 day')$$);
 SELECT expect_error($$SELECT livesync.compact('1 mon -40 days')$$);
 
+-- _write_json (PUBLIC: write_batch calls it as the caller) fails like write, with an
+-- ERROR, so a direct call keeps nothing of what it did before failing (here a
+-- manual conflict stored before a trigger vetoed the update).
+CREATE TABLE vetoing (id int PRIMARY KEY, v text, w text);
+SELECT livesync.track('vetoing'), livesync.set_policy('vetoing', 'v', 'manual');
+INSERT INTO vetoing VALUES (1, 'a', 'a');
+CREATE FUNCTION public.veto() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN IF NEW.w = 'veto' THEN RETURN NULL; END IF; RETURN NEW; END $f$;
+CREATE TRIGGER a_veto BEFORE UPDATE ON vetoing FOR EACH ROW EXECUTE FUNCTION public.veto();
+SELECT expect_error($$SELECT livesync._write_json('{"rel": "vetoing", "op": "update", "key": {"id": 1}, "new_values": {"v": "b", "w": "veto"}, "base_values": {"v": "x", "w": "x"}}')$$);
+SELECT count(*) AS conflicts_left FROM livesync._conflicts WHERE relation = 'vetoing'::regclass;
+
+-- Functions that run as the caller keep the caller's search_path, so keys whose =
+-- lives outside pg_catalog (citext) compare as the table does.
+CREATE EXTENSION IF NOT EXISTS citext;
+CREATE TABLE tags (name citext PRIMARY KEY, n int);
+SELECT livesync.track('tags');
+INSERT INTO tags VALUES ('Rust', 1);
+SELECT livesync.row_version('tags', '{"name": "rust"}') > 0 AS found_case_insensitively;
+SELECT livesync.write('tags', 'update', '{"name": "RUST"}', '{"n": 2}') -> 'row' AS written;
+
+DROP TABLE vetoing, tags;
+DROP FUNCTION public.veto();
 DROP TABLE shared_notes, keyed, ls_trap.t, ls_trap.skipped;
 DROP SCHEMA ls_trap CASCADE;
 DROP COLLATION ls_c;

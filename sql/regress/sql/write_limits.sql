@@ -70,13 +70,16 @@ SELECT jsonb_array_length(livesync.write_batch(
                                                 'client_id', 'c1', 'mutation_id', g))
             FROM generate_series(1, 2000) g))) AS results;
 SELECT count(*), sum(n) FROM batched;
--- one advisory lock for a batch from one client, not one per mutation
+-- one lock for a batch from one client, not one per mutation (on livesync's own
+-- object tag: no advisory lock, which any role could take and hold)
 BEGIN;
 SELECT jsonb_array_length(livesync.write_batch(
            (SELECT jsonb_agg(jsonb_build_object('rel', 'batched', 'op', 'update', 'key', jsonb_build_object('id', g),
                                                 'new_values', jsonb_build_object('n', 0),
                                                 'client_id', 'c1', 'mutation_id', 10000 + g))
             FROM generate_series(1, 500) g))) AS results;
+SELECT count(*) AS client_locks FROM pg_locks
+WHERE locktype = 'object' AND objid = 'livesync._mutations'::regclass AND pid = pg_backend_pid();
 SELECT count(*) AS advisory_locks FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid();
 COMMIT;
 
