@@ -16,18 +16,7 @@ use pgrx::pg_sys;
 /// `sql_as_bootstrap_superuser`). An error inside `f` aborts the (sub)transaction,
 /// which restores the user by itself.
 pub fn as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut user = pg_sys::InvalidOid;
-        let mut context = 0;
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-        let result = f();
-        pg_sys::SetUserIdAndSecContext(user, context);
-        result
-    }
+    as_superuser_with(0, f)
 }
 
 /// Runs SQL statements in `f` as the bootstrap superuser, the way Postgres runs a
@@ -39,16 +28,7 @@ pub fn as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
 /// The statements must touch only livesync's tables and the catalogs: values of a
 /// user's table would bring the table owner's code (domain checks, casts) along.
 pub fn sql_as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut user = pg_sys::InvalidOid;
-        let mut context = 0;
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
+    as_superuser_with(pg_sys::SECURITY_RESTRICTED_OPERATION as i32, || unsafe {
         // As fmgr_security_definer does for a function's SET clause: undone below,
         // or by the (sub)transaction's abort if `f` raises.
         let nest_level = pg_sys::NewGUCNestLevel();
@@ -64,6 +44,21 @@ pub fn sql_as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
         );
         let result = f();
         pg_sys::AtEOXact_GUC(true, nest_level);
+        result
+    })
+}
+
+/// Runs `f` as the bootstrap superuser, with `extra` added to the security context.
+fn as_superuser_with<R>(extra: i32, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | extra,
+        );
+        let result = f();
         pg_sys::SetUserIdAndSecContext(user, context);
         result
     }
