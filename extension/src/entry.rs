@@ -176,7 +176,15 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum 
             pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
             context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int,
         );
-        SPI_connect();
+        if SPI_connect() < 0 {
+            SetUserIdAndSecContext(user, context);
+            let failed = ErrorToRaise::palloc(
+                "XX000",
+                &format!("livesync: {} could not connect to SPI", entry.name),
+                None,
+            );
+            raise(&*failed);
+        }
         let status = SPI_execute_with_args(
             entry.body.as_ptr(),
             nargs as c_int,
