@@ -185,7 +185,7 @@ WHERE has_table_privilege(t.relation, 'SELECT');
 
 COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key (those the current role may SELECT).';
 
-CREATE FUNCTION livesync._track(rel regclass) RETURNS void
+CREATE FUNCTION livesync._track_table(rel regclass) RETURNS bool
 LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kind        "char";
@@ -226,9 +226,9 @@ BEGIN
             USING ERRCODE = 'LS003',
                   HINT = format('Changes are keyed by primary key: add one (ALTER TABLE %s ADD PRIMARY KEY (...)) and call livesync.track again.', rel);
     END IF;
-    IF EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+    IF EXISTS (SELECT 1 FROM livesync.tracked t WHERE t.relation = rel) THEN
         RAISE NOTICE 'table % is already tracked', rel;
-        RETURN;
+        RETURN false;
     END IF;
 
     -- A constant default adds the column without rewriting the table: rows that
@@ -262,14 +262,19 @@ BEGIN
                                    ENABLE ALWAYS TRIGGER livesync_capture_update,
                                    ENABLE ALWAYS TRIGGER livesync_capture_delete,
                                    ENABLE ALWAYS TRIGGER livesync_capture_truncate', rel);
-    INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel));
+    RETURN true;
 END
+$$;
+
+CREATE FUNCTION livesync._track_register(rel regclass) RETURNS void
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel))
 $$;
 
 CREATE OR REPLACE FUNCTION livesync.track(rel regclass) RETURNS void
 LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_track';
 
-CREATE FUNCTION livesync._untrack(rel regclass) RETURNS void
+CREATE FUNCTION livesync._untrack_register(rel regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
@@ -277,6 +282,12 @@ BEGIN
     END IF;
     DELETE FROM livesync._tracked WHERE relation = rel;
     DELETE FROM livesync._conflicts WHERE relation = rel;
+END
+$$;
+
+CREATE FUNCTION livesync._untrack_table(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
     EXECUTE format('DROP TRIGGER livesync_capture_truncate ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_delete ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_update ON %s', rel);
@@ -625,6 +636,12 @@ GRANT EXECUTE ON FUNCTION
     livesync._require_reader(text),
     livesync._row_visible(regclass, jsonb)
 TO PUBLIC;
+
+-- track creates the triggers as the table's owner, who needs EXECUTE on their
+-- functions; _capture refuses tables track has not registered, and _stamp_version
+-- only stamps the row's own version column.
+GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesync._track_table(regclass),
+    livesync._untrack_table(regclass) TO PUBLIC;
 
 -- Readers read the log tables directly (changes_since runs as its caller, so its
 -- speed is a plain query's).

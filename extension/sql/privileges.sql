@@ -59,6 +59,12 @@ GRANT EXECUTE ON FUNCTION
     livesync._row_visible(regclass, jsonb)
 TO PUBLIC;
 
+-- track creates the triggers as the table's owner, who needs EXECUTE on their
+-- functions; _capture refuses tables track has not registered, and _stamp_version
+-- only stamps the row's own version column.
+GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesync._track_table(regclass),
+    livesync._untrack_table(regclass) TO PUBLIC;
+
 -- Readers read the log tables directly (changes_since runs as its caller, so its
 -- speed is a plain query's).
 GRANT SELECT ON livesync.changes, livesync.batches, livesync._retention TO livesync_reader;

@@ -41,9 +41,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
 $$;
 
--- The body of livesync.track (declared below), run as the bootstrap superuser once
--- the caller is known to own the table (src/entry.rs); no ordinary role may call it.
-CREATE FUNCTION livesync._track(rel regclass) RETURNS void
+-- livesync.track (declared below) in two steps, run by src/entry.rs once the caller
+-- is known to own the table and every table inheriting from it:
+--   _track_table, as the caller: the table's new columns and triggers, the DDL its
+--     owner could run by hand (so any event trigger fires as the owner, as for the
+--     owner's own ALTER TABLE); false when the table is already tracked;
+--   _track_register, as the bootstrap superuser: livesync's record of the table
+--     (capture refuses tables without one, so the triggers alone log nothing).
+CREATE FUNCTION livesync._track_table(rel regclass) RETURNS bool
 LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kind        "char";
@@ -84,9 +89,9 @@ BEGIN
             USING ERRCODE = 'LS003',
                   HINT = format('Changes are keyed by primary key: add one (ALTER TABLE %s ADD PRIMARY KEY (...)) and call livesync.track again.', rel);
     END IF;
-    IF EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+    IF EXISTS (SELECT 1 FROM livesync.tracked t WHERE t.relation = rel) THEN
         RAISE NOTICE 'table % is already tracked', rel;
-        RETURN;
+        RETURN false;
     END IF;
 
     -- A constant default adds the column without rewriting the table: rows that
@@ -120,8 +125,13 @@ BEGIN
                                    ENABLE ALWAYS TRIGGER livesync_capture_update,
                                    ENABLE ALWAYS TRIGGER livesync_capture_delete,
                                    ENABLE ALWAYS TRIGGER livesync_capture_truncate', rel);
-    INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel));
+    RETURN true;
 END
+$$;
+
+CREATE FUNCTION livesync._track_register(rel regclass) RETURNS void
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO livesync._tracked (relation, shape) VALUES (rel, livesync._shape(rel))
 $$;
 
 CREATE FUNCTION livesync.track(rel regclass) RETURNS void
@@ -129,8 +139,9 @@ LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_track';
 COMMENT ON FUNCTION livesync.track(regclass) IS
     'Starts capturing every change to a table with a primary key; adds its _livesync_version and _livesync_clocks columns.';
 
--- The body of livesync.untrack, run like _track's.
-CREATE FUNCTION livesync._untrack(rel regclass) RETURNS void
+-- livesync.untrack in two steps, the other way round: livesync's record goes first
+-- (as the bootstrap superuser), then the columns and triggers (as the caller).
+CREATE FUNCTION livesync._untrack_register(rel regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
@@ -138,6 +149,12 @@ BEGIN
     END IF;
     DELETE FROM livesync._tracked WHERE relation = rel;
     DELETE FROM livesync._conflicts WHERE relation = rel;
+END
+$$;
+
+CREATE FUNCTION livesync._untrack_table(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
     EXECUTE format('DROP TRIGGER livesync_capture_truncate ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_delete ON %s', rel);
     EXECUTE format('DROP TRIGGER livesync_capture_update ON %s', rel);

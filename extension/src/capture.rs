@@ -103,6 +103,45 @@ fn _log_schema_change(rel: pg_sys::Oid, before: pgrx::JsonB, after: pgrx::JsonB)
     });
 }
 
+thread_local! {
+    /// Whether `livesync._tracked` lists a relation, per backend; an entry goes with
+    /// the relation's next invalidation (track's and untrack's DDL cause one).
+    static REGISTERED: std::cell::RefCell<HashMap<pg_sys::Oid, bool>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// Registers the invalidation callback; called once per process from `_PG_init`.
+pub fn init() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(forget_registered), pg_sys::Datum::from(0usize))
+    };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_registered(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    REGISTERED.with(|known| crate::catalog::forget_relation(known, relid));
+}
+
+/// Whether livesync.track registered the table. `_capture` is executable by every
+/// role (track creates the triggers as the table's owner), so it refuses to log a
+/// table that carries its triggers without having been tracked.
+fn registered(relid: pg_sys::Oid) -> bool {
+    if let Some(known) = REGISTERED.with(|known| known.borrow().get(&relid).copied()) {
+        return known;
+    }
+    let found = crate::owner::sql_as_bootstrap_superuser(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = $1::regclass)",
+            &[relid.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    REGISTERED.with(|known| known.borrow_mut().insert(relid, found));
+    found
+}
+
 #[pg_trigger]
 fn _capture<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -114,6 +153,10 @@ fn _capture<'a>(
 unsafe fn capture_statement(td: &pg_sys::TriggerData) {
     unsafe {
         let rel = td.tg_relation;
+        if !registered((*rel).rd_id) {
+            LivesyncError::NotRegistered(crate::write::target::relation_display((*rel).rd_id))
+                .raise();
+        }
         let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
         let mut log = StatementLog::new((*rel).rd_id);
 

@@ -1,14 +1,16 @@
 //! The configuration and maintenance entry points (`livesync.track`, `untrack`,
 //! `set_policy`, `set_conflict_rules`, `compact`): C-interface functions that check
-//! the caller's privilege, then run the function's body (a PL/pgSQL function named
-//! with a leading `_`, which no ordinary role may execute) as the bootstrap
-//! superuser.
+//! the caller's privilege, then run the function's steps (PL/pgSQL functions named
+//! with a leading `_`): those that write livesync's own tables as the bootstrap
+//! superuser (no ordinary role may execute them), the DDL on the caller's table
+//! (`track`'s columns and triggers) as the caller, so that every event trigger
+//! fires as the table's owner, as for the owner's own ALTER TABLE.
 //!
 //! Why not SECURITY DEFINER: inside such a function the caller's identity is gone,
 //! so it cannot ask whether the caller owns the table. Why not SPI through pgrx: an
-//! error the body raises would lose its SQLSTATE (LS002 and the like) on the way
-//! back. So the body runs through raw SPI calls from a frame that owns nothing to
-//! drop: its errors and notices reach the client exactly as raised, and an error
+//! error a step raises would lose its SQLSTATE (LS002 and the like) on the way
+//! back. So the steps run through raw SPI calls from a frame that owns nothing to
+//! drop: their errors and notices reach the client exactly as raised, and an error
 //! aborts the (sub)transaction, which restores the caller's identity by itself.
 
 use crate::privileges::{self, Denied};
@@ -31,13 +33,31 @@ enum Needs {
 struct Entry {
     /// As the caller wrote it, for messages.
     name: &'static str,
-    /// Runs the body with the entry point's arguments as $1, $2, ...
-    body: &'static CStr,
+    /// What it runs, in order, each with the entry point's arguments as $1, $2, ...
+    steps: &'static [Step],
     /// The arguments' types, in order.
     arg_types: &'static [pg_sys::Oid],
     needs: Needs,
-    /// Whether the body's single result is the entry point's (else it returns void).
+    /// Whether the last step's single result is the entry point's (else void).
     returns_value: bool,
+}
+
+/// One statement of an entry point.
+struct Step {
+    sql: &'static CStr,
+    /// As the bootstrap superuser (livesync's own tables), else as the caller (DDL
+    /// on the caller's table, which fires event triggers as the caller).
+    elevated: bool,
+    /// The statement returns a bool: false ends the entry point there.
+    gate: bool,
+}
+
+const fn elevated(sql: &'static CStr) -> Step {
+    Step {
+        sql,
+        elevated: true,
+        gate: false,
+    }
 }
 
 const REGCLASS: pg_sys::Oid = pg_sys::REGCLASSOID;
@@ -45,42 +65,56 @@ const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
 
 const TRACK: Entry = Entry {
     name: "livesync.track",
-    body: c"SELECT livesync._track($1)",
+    steps: &[
+        Step {
+            sql: c"SELECT livesync._track_table($1)",
+            elevated: false,
+            gate: true,
+        },
+        elevated(c"SELECT livesync._track_register($1)"),
+    ],
     arg_types: &[REGCLASS],
     needs: Needs::OwnershipOfTree,
     returns_value: false,
 };
 const UNTRACK: Entry = Entry {
     name: "livesync.untrack",
-    body: c"SELECT livesync._untrack($1)",
+    steps: &[
+        elevated(c"SELECT livesync._untrack_register($1)"),
+        Step {
+            sql: c"SELECT livesync._untrack_table($1)",
+            elevated: false,
+            gate: false,
+        },
+    ],
     arg_types: &[REGCLASS],
     needs: Needs::OwnershipOfTree,
     returns_value: false,
 };
 const SET_COLUMN_POLICY: Entry = Entry {
     name: "livesync.set_policy",
-    body: c"SELECT livesync._set_policy($1, $2, $3)",
+    steps: &[elevated(c"SELECT livesync._set_policy($1, $2, $3)")],
     arg_types: &[REGCLASS, TEXT, TEXT],
     needs: Needs::Ownership,
     returns_value: false,
 };
 const SET_TABLE_POLICY: Entry = Entry {
     name: "livesync.set_policy",
-    body: c"SELECT livesync._set_policy($1, $2)",
+    steps: &[elevated(c"SELECT livesync._set_policy($1, $2)")],
     arg_types: &[REGCLASS, TEXT],
     needs: Needs::Ownership,
     returns_value: false,
 };
 const SET_CONFLICT_RULES: Entry = Entry {
     name: "livesync.set_conflict_rules",
-    body: c"SELECT livesync._set_conflict_rules($1, $2, $3)",
+    steps: &[elevated(c"SELECT livesync._set_conflict_rules($1, $2, $3)")],
     arg_types: &[REGCLASS, TEXT, TEXT],
     needs: Needs::Ownership,
     returns_value: false,
 };
 const COMPACT: Entry = Entry {
     name: "livesync.compact",
-    body: c"SELECT livesync._compact($1)",
+    steps: &[elevated(c"SELECT livesync._compact($1)")],
     arg_types: &[pg_sys::INTERVALOID],
     needs: Needs::Maintenance,
     returns_value: true,
@@ -172,12 +206,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum 
         let mut user = pg_sys::InvalidOid;
         let mut context = 0;
         GetUserIdAndSecContext(&mut user, &mut context);
-        SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int,
-        );
         if SPI_connect() < 0 {
-            SetUserIdAndSecContext(user, context);
             let failed = ErrorToRaise::palloc(
                 "XX000",
                 &format!("livesync: {} could not connect to SPI", entry.name),
@@ -185,37 +214,50 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum 
             );
             raise(&*failed);
         }
-        let status = SPI_execute_with_args(
-            entry.body.as_ptr(),
-            nargs as c_int,
-            types.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
-            false,
-            0,
-        );
         let mut isnull = true;
         let mut result = pg_sys::Datum::from(0usize);
-        if status == pg_sys::SPI_OK_SELECT as c_int && entry.returns_value {
+        for step in entry.steps {
+            if step.elevated {
+                SetUserIdAndSecContext(
+                    pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+                    context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int,
+                );
+            }
+            let status = SPI_execute_with_args(
+                step.sql.as_ptr(),
+                nargs as c_int,
+                types.as_mut_ptr(),
+                values.as_mut_ptr(),
+                nulls.as_ptr(),
+                false,
+                0,
+            );
+            SetUserIdAndSecContext(user, context);
+            if status < 0 {
+                let failed = ErrorToRaise::palloc(
+                    "XX000",
+                    &format!(
+                        "livesync: {} failed to run a step (SPI code {status})",
+                        entry.name
+                    ),
+                    None,
+                );
+                raise(&*failed);
+            }
             let table = pg_sys::SPI_tuptable;
-            if !table.is_null() && pg_sys::SPI_processed == 1 {
-                // By-value results only (compact's bigint): they outlive SPI_finish.
+            isnull = true;
+            if status == pg_sys::SPI_OK_SELECT as c_int
+                && !table.is_null()
+                && pg_sys::SPI_processed == 1
+            {
+                // By-value results only (a bool, compact's bigint): they outlive SPI_finish.
                 result = SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut isnull);
+            }
+            if step.gate && (isnull || result.value() == 0) {
+                break;
             }
         }
         SPI_finish();
-        SetUserIdAndSecContext(user, context);
-        if status < 0 {
-            let failed = ErrorToRaise::palloc(
-                "XX000",
-                &format!(
-                    "livesync: {} failed to run its body (SPI code {status})",
-                    entry.name
-                ),
-                None,
-            );
-            raise(&*failed);
-        }
         if entry.returns_value {
             (*fcinfo).isnull = isnull;
         }

@@ -18,6 +18,8 @@ pub enum LivesyncError {
     LogTableChanged,
     #[error("an insert into {0} waited for a concurrent delete of its key, and its _livesync_version is indexed, so it cannot be given a newer version in place")]
     InsertOvertaken(String),
+    #[error("livesync's capture trigger fired on {0}, which livesync.track has not registered")]
+    NotRegistered(String),
 }
 
 impl LivesyncError {
@@ -32,6 +34,9 @@ impl LivesyncError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             LivesyncError::InsertOvertaken(_) => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            LivesyncError::NotRegistered(_) => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
         }
     }
 
@@ -44,6 +49,9 @@ impl LivesyncError {
                 "Call livesync.untrack() and livesync.track() on the table to repair its capture."
             }
             LivesyncError::NotInstalled => "Run CREATE EXTENSION livesync in this database.",
+            LivesyncError::NotRegistered(_) => {
+                "Capture triggers are livesync.track's to install: call livesync.track on the table, or drop the triggers."
+            }
             LivesyncError::InsertOvertaken(_) => {
                 "Retry the transaction: the delete has committed, so the retry's row gets a version after its tombstone. Dropping the index on _livesync_version avoids this."
             }

@@ -72,6 +72,7 @@ extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     actor::init();
+    capture::init();
     catalog::init();
     log_writer::init();
     row_json::init();

@@ -36,11 +36,11 @@ FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind IN
   AND has_table_privilege('ls_bridge', c.oid, 'SELECT')
   AND NOT has_table_privilege('ls_stranger', c.oid, 'SELECT') ORDER BY 1;
 -- Every function that runs with livesync's own rights pins its search_path: those
--- declared SECURITY DEFINER, and the bodies src/entry.rs runs as the superuser.
+-- declared SECURITY DEFINER, and the steps src/entry.rs runs as the superuser.
 SELECT p.proname AS runs_privileged, p.prosecdef AS security_definer,
        coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false) AS search_path_pinned
 FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
-  AND (p.prosecdef OR p.proname IN ('_track', '_untrack', '_set_policy', '_set_conflict_rules', '_compact'))
+  AND (p.prosecdef OR p.proname IN ('_track_register', '_untrack_register', '_set_policy', '_set_conflict_rules', '_compact'))
 ORDER BY 1, 2;
 
 -- A fingerprint of everything the calls below could change or reveal: tracking,
@@ -114,12 +114,15 @@ SELECT expect_error($$SELECT * FROM livesync.changes$$);
 SELECT expect_error($$SELECT * FROM livesync._mutations$$);
 SELECT expect_error($$INSERT INTO livesync.changes (tx, ordinal, count, commit_seq, relation, op, entries, actor) VALUES (pg_current_xact_id(), 1, 1, 0, 'notes', 'i', '[]', 'forged')$$);
 SELECT expect_error($$UPDATE livesync._tracked SET default_policy = 'client_wins'$$);
-SELECT expect_error($$SELECT livesync._track('secrets')$$);
+SELECT expect_error($$SELECT livesync._track_register('secrets')$$);
+SELECT expect_error($$SELECT livesync._track_table('secrets')$$);
 SELECT expect_error($$SELECT livesync._compact('0 seconds')$$);
 SELECT expect_error($$SELECT livesync._set_policy('notes', 'client_wins')$$);
 SELECT expect_error($$SELECT livesync._log_schema_change('secrets'::regclass, '[]', '[]')$$);
--- nor may it plant livesync's capture on a table of its own
-SELECT expect_error($$CREATE TEMP TABLE mine (id int PRIMARY KEY); CREATE TRIGGER forge AFTER INSERT ON mine FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture()$$);
+-- nor make livesync log a table of its own by attaching the capture trigger by hand
+-- (track creates the triggers as the owner, so anyone may attach them; capture
+-- refuses a table track has not registered)
+SELECT expect_error($$CREATE TEMP TABLE mine (id int PRIMARY KEY); CREATE TRIGGER forge AFTER INSERT ON mine REFERENCING NEW TABLE AS livesync_new FOR EACH STATEMENT EXECUTE FUNCTION livesync._capture(); INSERT INTO mine VALUES (1)$$);
 RESET ROLE;
 SELECT livesync_state() = :'before' AS nothing_changed;
 
@@ -239,6 +242,22 @@ SELECT public.expect_error($q$SELECT livesync.write('ls_trap.skipped', 'insert',
 SELECT public.expect_error($q$SELECT livesync.resolve_conflict(999999, 'theirs')$q$);
 RESET search_path;
 RESET ROLE;
+-- track's DDL (columns, triggers) runs as the caller, so another party's event
+-- trigger with an invoker-rights function fires as the table's owner, exactly as for
+-- the owner's own ALTER TABLE, never as the superuser.
+CREATE FUNCTION public.audit_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+BEGIN RAISE NOTICE '% ran as %', tg_tag, current_user; END $f$;
+CREATE EVENT TRIGGER ls_audit ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TRIGGER', 'COMMENT')
+    EXECUTE FUNCTION public.audit_ddl();
+SET ROLE ls_owner;
+CREATE TABLE audited (id int PRIMARY KEY);
+SELECT livesync.track('audited');
+SELECT livesync.untrack('audited');
+DROP TABLE audited;
+RESET ROLE;
+DROP EVENT TRIGGER ls_audit;
+DROP FUNCTION public.audit_ddl();
+
 -- The maintenance check asks who owns the extension: a role that owns another one (a
 -- trusted extension it created) and an = that matches that one instead gains nothing.
 SELECT current_database() AS db \gset
