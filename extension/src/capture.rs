@@ -129,17 +129,40 @@ fn registered(relid: pg_sys::Oid) -> bool {
     if let Some(known) = REGISTERED.with(|known| known.borrow().get(&relid).copied()) {
         return known;
     }
-    let found = crate::owner::sql_as_bootstrap_superuser(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = $1::regclass)",
-            &[relid.into()],
-        )
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    let found = unsafe { listed_in_tracked(relid) };
     REGISTERED.with(|known| known.borrow_mut().insert(relid, found));
     found
+}
+
+/// Looks `relid` up in `livesync._tracked` by its primary key, with the latest
+/// snapshot, as the catalogs are read: the transaction's own snapshot (REPEATABLE
+/// READ) could predate a track or untrack whose triggers this statement already
+/// sees, and its stale answer would then be cached past the invalidation.
+unsafe fn listed_in_tracked(relid: pg_sys::Oid) -> bool {
+    let (Some(tracked), Some(primary_key)) = (
+        crate::catalog::livesync_relation(c"_tracked"),
+        crate::catalog::livesync_relation(c"_tracked_pkey"),
+    ) else {
+        return false;
+    };
+    unsafe {
+        let rel = pg_sys::table_open(tracked, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::RegProcedure::from(pg_sys::F_OIDEQ),
+            pg_sys::Datum::from(relid),
+        );
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let scan = pg_sys::systable_beginscan(rel, primary_key, true, snapshot, 1, &mut key);
+        let found = !pg_sys::systable_getnext(scan).is_null();
+        pg_sys::systable_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
+    }
 }
 
 #[pg_trigger]
@@ -153,7 +176,11 @@ fn _capture<'a>(
 unsafe fn capture_statement(td: &pg_sys::TriggerData) {
     unsafe {
         let rel = td.tg_relation;
-        if !registered((*rel).rd_id) {
+        // Only as track installs it: AFTER, per statement (fired per row, with a
+        // transition table, it would log the statement's rows once per row).
+        let as_installed = td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
+            && td.tg_event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER;
+        if !as_installed || !registered((*rel).rd_id) {
             LivesyncError::NotRegistered(crate::write::target::relation_display((*rel).rd_id))
                 .raise();
         }

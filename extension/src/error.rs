@@ -18,7 +18,7 @@ pub enum LivesyncError {
     LogTableChanged,
     #[error("an insert into {0} waited for a concurrent delete of its key, and its _livesync_version is indexed, so it cannot be given a newer version in place")]
     InsertOvertaken(String),
-    #[error("livesync's capture trigger fired on {0}, which livesync.track has not registered")]
+    #[error("livesync's capture trigger fired on {0} other than as livesync.track installs it (on a table it tracks, AFTER, per statement)")]
     NotRegistered(String),
 }
 
