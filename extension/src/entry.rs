@@ -273,19 +273,25 @@ unsafe extern "C-unwind" fn check_caller(
     entry: &Entry,
 ) -> *mut ErrorToRaise {
     unsafe {
-        let first = (*fcinfo).args.as_slice(1)[0];
-        // A NULL table: the body refuses it before it touches anything.
-        let relid = (!first.isnull).then(|| pg_sys::Oid::from(first.value.value() as u32));
         let display = crate::write::target::relation_display;
-        let verdict: Result<(), Denied> = match (entry.needs, relid) {
-            (Needs::Ownership | Needs::OwnershipOfTree, None) => Ok(()),
-            (Needs::Ownership, Some(relid)) => {
-                privileges::require_ownership(relid, entry.name, || display(relid))
+        let verdict: Result<(), Denied> = match entry.needs {
+            Needs::Maintenance => privileges::require_maintenance(entry.name),
+            ownership => {
+                // The table is the first argument; a NULL one the steps refuse
+                // before they touch anything.
+                let first = (*fcinfo).args.as_slice(1)[0];
+                if first.isnull {
+                    Ok(())
+                } else {
+                    let relid = pg_sys::Oid::from(first.value.value() as u32);
+                    match ownership {
+                        Needs::OwnershipOfTree => {
+                            privileges::require_ownership_of_tree(relid, entry.name, display)
+                        }
+                        _ => privileges::require_ownership(relid, entry.name, || display(relid)),
+                    }
+                }
             }
-            (Needs::OwnershipOfTree, Some(relid)) => {
-                privileges::require_ownership_of_tree(relid, entry.name, display)
-            }
-            (Needs::Maintenance, _) => privileges::require_maintenance(entry.name),
         };
         match verdict {
             Ok(()) => std::ptr::null_mut(),

@@ -9,7 +9,7 @@
 use pgrx::pg_sys;
 
 /// The role whose members may run `livesync.compact` (besides the extension's owner).
-pub const MAINTAINER_ROLE: &str = "livesync_maintainer";
+const MAINTAINER_ROLE: &std::ffi::CStr = c"livesync_maintainer";
 
 /// A privilege the caller lacks: the message and hint of a 42501.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +119,7 @@ fn inheritors(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
 /// `function` may run as the extension's owner or a member of `livesync_maintainer`.
 pub fn require_maintenance(function: &str) -> Result<(), Denied> {
     let user = unsafe { pg_sys::GetUserId() };
-    let maintainer = unsafe { pg_sys::get_role_oid(c"livesync_maintainer".as_ptr(), true) };
+    let maintainer = unsafe { pg_sys::get_role_oid(MAINTAINER_ROLE.as_ptr(), true) };
     let owner = extension_owner();
     let allowed = unsafe {
         (owner != pg_sys::InvalidOid && pg_sys::has_privs_of_role(user, owner))
@@ -128,9 +128,12 @@ pub fn require_maintenance(function: &str) -> Result<(), Denied> {
     if allowed {
         return Ok(());
     }
+    let role = MAINTAINER_ROLE.to_string_lossy();
     Err(Denied {
-        message: format!("permission denied: {function} needs membership in role {MAINTAINER_ROLE}"),
-        hint: format!("GRANT {MAINTAINER_ROLE} TO the role that runs it (the extension's owner may run it too)."),
+        message: format!("permission denied: {function} needs membership in role {role}"),
+        hint: format!(
+            "GRANT {role} TO the role that runs it (the extension's owner may run it too)."
+        ),
     })
 }
 

@@ -480,7 +480,7 @@ impl Write<'_> {
                 .update(client, &self.key, &merged.writes, &clocks, None)
             {
                 Some(stored) => stored,
-                None => return Err(self.vetoed(client)),
+                None => return Err(self.vetoed()),
             }
         };
         let status = if conflict_ids.iter().any(Option::is_some) {
@@ -498,7 +498,7 @@ impl Write<'_> {
     /// Why a statement on a row that exists had no effect: row-level security
     /// (the row is there for a role that bypasses it, but the caller's policies
     /// exclude it from this command) or else a trigger that returned NULL.
-    fn vetoed(&self, _client: &SpiClient<'_>) -> WriteError {
+    fn vetoed(&self) -> WriteError {
         if self.target.rls_applies() {
             WriteError::Hidden(self.target.display.clone())
         } else {
@@ -524,7 +524,7 @@ impl Write<'_> {
             return Ok(rejected("changed_since_base", Some(&row)));
         }
         if self.target.delete(client, &self.key).is_none() {
-            return Err(self.vetoed(client));
+            return Err(self.vetoed());
         }
         Ok(result("applied", None, &[], None))
     }

@@ -5,31 +5,9 @@
 -- objects are the same as a fresh install's.
 \set SHOW_CONTEXT never
 SELECT current_database() AS fresh_db \gset
--- livesync's objects, one line each: functions (with their bodies and grants),
--- columns, relations, indexes, views, event triggers. Included by upgrade.sql in
--- a fresh install and in an upgraded one, which must match.
-CREATE VIEW public.livesync_objects AS
-SELECT 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid))
-       || ' ' || coalesce(p.proacl::text, '') AS item
-FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT format('column %s.%s %s #%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-              a.attnum, a.attnotnull, a.attcompression, pg_get_expr(d.adbin, d.adrelid))
-FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-WHERE c.relnamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT format('relation %s %s %s %s', c.relname, c.relkind, coalesce(c.reloptions::text, ''), coalesce(c.relacl::text, ''))
-FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT 'index ' || pg_get_indexdef(i.indexrelid)
-FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid))
-FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind = 'v'
-UNION ALL
-SELECT format('event trigger %s %s %s %s', e.evtname, e.evtevent, e.evtfoid::regproc, e.evttags)
-FROM pg_event_trigger e;
+-- livesync's objects as a view, one line each (include/livesync_objects.sql): made
+-- in a fresh install and in an upgraded one, which must match.
+\i include/livesync_objects.sql
 SELECT string_agg(item, E'\n' ORDER BY item) AS fresh FROM public.livesync_objects \gset
 
 CREATE DATABASE livesync_upgrade;
@@ -71,29 +49,7 @@ SELECT count(*) AS old_records FROM livesync._mutations;
 SELECT livesync.write('notes', 'insert', '{"id": 11}', '{"body": "changed since"}', client_id => 'phone', mutation_id => 1) -> 'row' ->> 'body' AS applied_again;
 
 -- the same objects as a fresh install
--- (the same view as above)
-CREATE VIEW public.livesync_objects AS
-SELECT 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid))
-       || ' ' || coalesce(p.proacl::text, '') AS item
-FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT format('column %s.%s %s #%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-              a.attnum, a.attnotnull, a.attcompression, pg_get_expr(d.adbin, d.adrelid))
-FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-WHERE c.relnamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT format('relation %s %s %s %s', c.relname, c.relkind, coalesce(c.reloptions::text, ''), coalesce(c.relacl::text, ''))
-FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT 'index ' || pg_get_indexdef(i.indexrelid)
-FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'livesync'::regnamespace
-UNION ALL
-SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid))
-FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind = 'v'
-UNION ALL
-SELECT format('event trigger %s %s %s %s', e.evtname, e.evtevent, e.evtfoid::regproc, e.evttags)
-FROM pg_event_trigger e;
+\i include/livesync_objects.sql
 SELECT item AS only_in_a_fresh_install FROM unnest(string_to_array(:'fresh', E'\n')) AS f(item)
 EXCEPT SELECT item FROM public.livesync_objects ORDER BY 1;
 SELECT item AS only_after_the_upgrade FROM public.livesync_objects
