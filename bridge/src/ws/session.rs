@@ -1,0 +1,709 @@
+//! One WebSocket connection: a reader loop that handles the client's messages in
+//! order, and a writer task that drains the connection's bounded queue, writing
+//! several queued frames per flush. When either ends, the other is stopped.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::channel;
+use super::protocol::{
+    ClientMessage, ErrorCode, ErrorMessage, Hello, ServerMessage, SnapshotRequest, Subscribe,
+    WriteBatchRequest, WriteRequest, PROTOCOL_VERSION,
+};
+use super::registry::Admission;
+use crate::auth::{AuthError, Identity};
+use crate::hub::{Outbound, Outbox, OutboxReceiver, RowFilter, SubKey, SubscribeRequest};
+use crate::metrics as m;
+use crate::pg::catalog::{self, StreamAccess, TableInfo};
+use crate::pg::{snapshot, writer, PgError};
+use crate::state::AppState;
+
+/// Close codes (besides the standard ones).
+pub mod close {
+    /// Authentication failed.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// Too many connections from this address.
+    pub const RATE_LIMITED: u16 = 4029;
+    /// No pong within two heartbeats.
+    pub const HEARTBEAT: u16 = 4008;
+    /// Unsupported protocol version.
+    pub const PROTOCOL: u16 = 4002;
+    /// The server is restarting: reconnect (RFC 6455 1012).
+    pub const RESTART: u16 = 1012;
+}
+
+/// Largest frame the WebSocket layer reads at all; frames between the configured
+/// limit and this get `too_large` and the connection stays.
+const HARD_FRAME_LIMIT: usize = 64 << 20;
+
+/// Frames written per flush at most.
+const WRITE_BATCH: usize = 64;
+
+/// `GET /ws`.
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let admission = state
+        .connections
+        .admit(peer.ip(), state.config.limits.connections_per_ip);
+    let hard_limit = HARD_FRAME_LIMIT.max(state.config.limits.max_frame_bytes * 2);
+    ws.max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        // Small buffers: an idle connection should cost little memory.
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| async move {
+            match admission {
+                Some(admission) => run(socket, state, admission).await,
+                None => refuse(socket).await,
+            }
+        })
+}
+
+async fn refuse(mut socket: WebSocket) {
+    m::error_sent("rate_limited");
+    let error = ErrorMessage::new(
+        None,
+        ErrorCode::RateLimited,
+        "too many connections from this address",
+    );
+    let _ = socket.send(Message::Text(error.to_json().into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close::RATE_LIMITED,
+            reason: "too many connections".into(),
+        })))
+        .await;
+}
+
+async fn run(socket: WebSocket, state: AppState, admission: Admission) {
+    let (sink, mut stream) = socket.split();
+    let (outbox, receiver) = Outbox::new(admission.id, state.config.limits.queue_capacity);
+    state.connections.register_outbox(outbox.clone());
+    let mut writer = tokio::spawn(write_loop(sink, receiver));
+    let mut session = Session {
+        state: state.clone(),
+        outbox,
+        id: format!("{}-{}", state.config.node_name, admission.id),
+        hello: None,
+        subs: HashMap::new(),
+        bucket: TokenBucket::new(state.config.limits.messages_per_second),
+        tasks: tokio_util::task::TaskTracker::new(),
+    };
+    let heartbeat = state.config.heartbeat;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut last_heard = Instant::now();
+    let shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                last_heard = Instant::now();
+                if !session.on_frame(frame).await {
+                    break;
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > heartbeat * 2 {
+                    tracing::debug!(session = %session.id, "no answer to heartbeats; closing");
+                    session.queue(Outbound::Close { code: close::HEARTBEAT, reason: "heartbeat timeout".into() });
+                    break;
+                }
+                session.queue(Outbound::Ping);
+            }
+            _ = shutdown.cancelled() => {
+                let reconnect = ServerMessage::Reconnect { reason: "server shutting down", retry_after_ms: 1000 };
+                let _ = session.outbox.send(Outbound::Text(reconnect.to_json())).await;
+                let _ = session.outbox.send(Outbound::Close { code: close::RESTART, reason: "server restarting".into() }).await;
+                break;
+            }
+            _ = &mut writer => break,
+        }
+    }
+    for (_, key) in session.subs.drain() {
+        state.hub.unsubscribe(key);
+    }
+    session.tasks.close();
+    let drain = state.config.heartbeat.min(Duration::from_secs(5));
+    // Let queued messages (a close, a reconnect) go out, but never wait on a client
+    // that does not read.
+    let Session { outbox, .. } = session;
+    drop(outbox);
+    if tokio::time::timeout(drain, &mut writer).await.is_err() {
+        writer.abort();
+    }
+    drop(admission);
+}
+
+/// Writes queued messages, several per flush, until the queue closes or a write fails.
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut receiver: OutboxReceiver) {
+    while let Some(first) = receiver.recv().await {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(outbound) = next.take() {
+            match outbound {
+                Outbound::Close { code, reason } => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    return;
+                }
+                Outbound::Text(text) => {
+                    if sink.feed(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Outbound::Ping => {
+                    if sink.feed(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+                Outbound::Changes { prefix, body } => {
+                    for part in &body.parts {
+                        let mut text = String::with_capacity(prefix.len() + part.len());
+                        text.push_str(&prefix);
+                        text.push_str(part);
+                        if sink
+                            .feed(Message::Text(Utf8Bytes::from(text)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            written += 1;
+            if written < WRITE_BATCH {
+                next = receiver.try_recv().ok();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+struct HelloState {
+    client_id: String,
+    identity: Identity,
+}
+
+struct Session {
+    state: AppState,
+    outbox: Outbox,
+    id: String,
+    hello: Option<HelloState>,
+    /// Subscription id (as JSON text) → hub key.
+    subs: HashMap<String, SubKey>,
+    bucket: TokenBucket,
+    /// Snapshots in flight.
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Session {
+    /// Queues a control message without waiting (heartbeats).
+    fn queue(&self, message: Outbound) {
+        let _ = self.outbox.try_send(message);
+    }
+
+    /// Sends a message, waiting for room in the queue.
+    async fn send(&self, text: String) {
+        let _ = self.outbox.send(Outbound::Text(text)).await;
+    }
+
+    async fn error(&self, error: ErrorMessage) {
+        m::error_sent(error.code.as_str());
+        self.send(error.to_json()).await;
+    }
+
+    /// Handles one frame; false ends the connection.
+    async fn on_frame(&mut self, frame: Message) -> bool {
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                self.error(ErrorMessage::new(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                ))
+                .await;
+                return true;
+            }
+            Message::Close(_) => return false,
+            Message::Ping(_) | Message::Pong(_) => return true,
+        };
+        if !self.bucket.take() {
+            self.error(ErrorMessage::new(
+                None,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second; this one was dropped",
+                    self.state.config.limits.messages_per_second
+                ),
+            ))
+            .await;
+            return true;
+        }
+        if text.len() > self.state.config.limits.max_frame_bytes {
+            self.error(ErrorMessage::new(
+                None,
+                ErrorCode::TooLarge,
+                format!(
+                    "frame of {} bytes; the limit is {}",
+                    text.len(),
+                    self.state.config.limits.max_frame_bytes
+                ),
+            ))
+            .await;
+            return true;
+        }
+        let message = match ClientMessage::parse(text.as_str()) {
+            Ok(message) => message,
+            Err((id, reason)) => {
+                self.error(ErrorMessage::new(id, ErrorCode::BadRequest, reason))
+                    .await;
+                return true;
+            }
+        };
+        match message {
+            ClientMessage::Hello(hello) => return self.on_hello(hello).await,
+            ClientMessage::Ping(ping) => {
+                self.send(
+                    ServerMessage::Pong {
+                        id: ping.id.as_ref(),
+                    }
+                    .to_json(),
+                )
+                .await;
+                return true;
+            }
+            _ if self.hello.is_none() => {
+                self.error(ErrorMessage::new(
+                    None,
+                    ErrorCode::Unauthorized,
+                    "send hello first",
+                ))
+                .await;
+                return true;
+            }
+            ClientMessage::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
+            ClientMessage::Unsubscribe(unsubscribe) => {
+                let id_json = unsubscribe.id.to_string();
+                match self.subs.remove(&id_json) {
+                    Some(key) => {
+                        self.state.hub.unsubscribe(key);
+                        self.send(
+                            ServerMessage::Unsubscribed {
+                                id: &unsubscribe.id,
+                            }
+                            .to_json(),
+                        )
+                        .await;
+                    }
+                    None => {
+                        self.error(ErrorMessage::new(
+                            Some(unsubscribe.id),
+                            ErrorCode::NotFound,
+                            "no such subscription",
+                        ))
+                        .await
+                    }
+                }
+            }
+            ClientMessage::Snapshot(request) => self.on_snapshot(request).await,
+            ClientMessage::Write(request) => self.on_write(request).await,
+            ClientMessage::WriteBatch(request) => self.on_write_batch(request).await,
+        }
+        true
+    }
+
+    async fn on_hello(&mut self, hello: Hello) -> bool {
+        if self.hello.is_some() {
+            self.error(ErrorMessage::new(
+                None,
+                ErrorCode::BadRequest,
+                "hello was already sent",
+            ))
+            .await;
+            return true;
+        }
+        if hello.protocol != PROTOCOL_VERSION {
+            self.error(ErrorMessage::new(
+                None,
+                ErrorCode::BadRequest,
+                format!(
+                    "protocol {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                    hello.protocol
+                ),
+            ))
+            .await;
+            self.queue(Outbound::Close {
+                code: close::PROTOCOL,
+                reason: "unsupported protocol".into(),
+            });
+            return false;
+        }
+        if hello.client_id.is_empty() || hello.client_id.len() > 256 {
+            self.error(ErrorMessage::new(
+                None,
+                ErrorCode::BadRequest,
+                "client_id must be 1 to 256 bytes",
+            ))
+            .await;
+            return true;
+        }
+        match self
+            .state
+            .auth
+            .identify(hello.token.as_deref(), &hello.client_id)
+        {
+            Ok(identity) => {
+                let welcome = ServerMessage::Welcome {
+                    session: &self.id,
+                    node: &self.state.config.node_name,
+                    position: self.state.hub.head().unwrap_or(0),
+                    heartbeat_ms: self.state.config.heartbeat.as_millis() as u64,
+                    protocol: PROTOCOL_VERSION,
+                };
+                self.send(welcome.to_json()).await;
+                self.hello = Some(HelloState {
+                    client_id: hello.client_id,
+                    identity,
+                });
+                true
+            }
+            Err(e) => {
+                let message = match e {
+                    AuthError::Key(_) => "the server's key configuration is invalid".to_string(),
+                    e => e.to_string(),
+                };
+                self.error(ErrorMessage::new(None, ErrorCode::Unauthorized, message))
+                    .await;
+                self.queue(Outbound::Close {
+                    code: close::UNAUTHORIZED,
+                    reason: "unauthorized".into(),
+                });
+                false
+            }
+        }
+    }
+
+    fn identity(&self) -> &Identity {
+        &self
+            .hello
+            .as_ref()
+            .expect("checked before dispatch")
+            .identity
+    }
+
+    /// Resolves a channel to a tracked table, or the error to send.
+    async fn table(&self, id: &Value, channel_name: &str) -> Result<TableInfo, ErrorMessage> {
+        let name = channel::parse(channel_name).map_err(|e| {
+            ErrorMessage::new(Some(id.clone()), ErrorCode::BadRequest, e.to_string())
+        })?;
+        let db = |e: PgError| ErrorMessage::from_db(Some(id.clone()), &e);
+        let client = self.state.pool.get().await.map_err(|e| db(e.into()))?;
+        let table = catalog::table(&client, &name)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                ErrorMessage::new(
+                    Some(id.clone()),
+                    ErrorCode::NotFound,
+                    format!("no table {}", name.display()),
+                )
+            })?;
+        if !table.tracked {
+            return Err(ErrorMessage::new(
+                Some(id.clone()),
+                ErrorCode::NotFound,
+                format!("table {} is not tracked (livesync.track)", name.display()),
+            ));
+        }
+        Ok(table)
+    }
+
+    fn filter(
+        &self,
+        id: &Value,
+        table: &TableInfo,
+        spec: Option<crate::hub::FilterSpec>,
+    ) -> Result<Option<RowFilter>, ErrorMessage> {
+        spec.map(|spec| RowFilter::new(spec, &table.key_columns, &table.columns))
+            .transpose()
+            .map_err(|e| ErrorMessage::new(Some(id.clone()), ErrorCode::BadRequest, e.to_string()))
+    }
+
+    async fn on_subscribe(&mut self, request: Subscribe) {
+        let id = request.id.clone();
+        if let Err(error) = self.subscribe(request).await {
+            let _ = id;
+            self.error(error).await;
+        }
+    }
+
+    async fn subscribe(&mut self, request: Subscribe) -> Result<(), ErrorMessage> {
+        let id = request.id;
+        let bad = |code, message: String| ErrorMessage::new(Some(id.clone()), code, message);
+        let id_json = id.to_string();
+        if self.subs.contains_key(&id_json) {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("subscription {id_json} exists; unsubscribe first or use another id"),
+            ));
+        }
+        if self.subs.len() >= self.state.config.limits.max_subscriptions {
+            return Err(bad(
+                ErrorCode::TooLarge,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.state.config.limits.max_subscriptions
+                ),
+            ));
+        }
+        if request.since.is_some_and(|s| s < 0) {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                "since must not be negative".into(),
+            ));
+        }
+        let table = self.table(&id, &request.channel).await?;
+        let filter = self.filter(&id, &table, request.filter)?;
+        let db = |e: PgError| ErrorMessage::from_db(Some(id.clone()), &e);
+        let client = self.state.pool.get().await.map_err(|e| db(e.into()))?;
+        match catalog::stream_access(&client, table.relation, self.identity().role.as_deref())
+            .await
+            .map_err(db)?
+        {
+            StreamAccess::Allowed => {}
+            StreamAccess::NoSelect => {
+                return Err(bad(ErrorCode::Forbidden, format!("permission denied: the role may not SELECT from {}", table.name.display())))
+            }
+            StreamAccess::NoRole => return Err(bad(ErrorCode::Forbidden, "the role this connection runs as does not exist".into())),
+            StreamAccess::RowSecurity => {
+                return Err(bad(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "{} has row-level security: live changes stream only to roles that bypass it (per-row streaming is not available yet)",
+                        table.name.display()
+                    ),
+                ))
+            }
+        }
+        if let Some(since) = request.since {
+            // Outside the retained log (or ahead of it): say so now, not after
+            // `subscribed`.
+            let statement = client
+                .prepare_cached("SELECT 1 FROM livesync.change_runs($1, 1) LIMIT 1")
+                .await
+                .map_err(|e| db(e.into()))?;
+            client
+                .query(&statement, &[&since])
+                .await
+                .map_err(|e| db(e.into()))?;
+        }
+        drop(client);
+        let (key, after) = self
+            .state
+            .hub
+            .subscribe(SubscribeRequest {
+                outbox: self.outbox.clone(),
+                relation: table.relation,
+                channel: format!("table:{}", table.name.display()),
+                filter,
+                sub_id_json: id_json.clone(),
+                since: request.since,
+            })
+            .map_err(|e| bad(ErrorCode::Unavailable, e.to_string()))?;
+        self.subs.insert(id_json, key);
+        let channel = format!("table:{}", table.name.display());
+        self.send(
+            ServerMessage::Subscribed {
+                id: &id,
+                channel: &channel,
+                position: after,
+            }
+            .to_json(),
+        )
+        .await;
+        self.state.hub.start(key, after);
+        Ok(())
+    }
+
+    async fn on_snapshot(&mut self, request: SnapshotRequest) {
+        let id = request.id.clone();
+        let table = match self.table(&id, &request.channel).await {
+            Ok(table) => table,
+            Err(error) => return self.error(error).await,
+        };
+        let filter = match self.filter(&id, &table, request.filter) {
+            Ok(filter) => filter,
+            Err(error) => return self.error(error).await,
+        };
+        let state = self.state.clone();
+        let identity = self.identity().clone();
+        let outbox = self.outbox.clone();
+        // In its own task: a big table must not hold up this connection's heartbeat
+        // or its other requests.
+        self.tasks.spawn(async move {
+            let (pages_tx, mut pages_rx) = mpsc::channel(1);
+            let id_json = id.to_string();
+            let channel = serde_json::to_string(&format!("table:{}", table.name.display())).expect("a string serialises");
+            let forward = async {
+                let mut page_number = 0;
+                while let Some(page) = pages_rx.recv().await {
+                    let page: snapshot::SnapshotPage = page;
+                    page_number += 1;
+                    let mut text = format!(
+                        "{{\"type\":\"snapshot_page\",\"id\":{id_json},\"channel\":{channel},\"position\":{},\"page\":{page_number},\"last\":{},\"rows\":[",
+                        page.position, page.last
+                    );
+                    for (i, row) in page.rows.iter().enumerate() {
+                        if i > 0 {
+                            text.push(',');
+                        }
+                        text.push_str(row);
+                    }
+                    text.push_str("]}");
+                    if outbox.send(Outbound::Text(text)).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let read = snapshot::read(
+                &state.pool,
+                &identity,
+                &table,
+                filter.as_ref(),
+                state.config.limits.snapshot_page_rows,
+                pages_tx,
+            );
+            let (result, ()) = tokio::join!(read, forward);
+            if let Err(e) = result {
+                let error = ErrorMessage::from_db(Some(id), &e);
+                m::error_sent(error.code.as_str());
+                let _ = outbox.send(Outbound::Text(error.to_json())).await;
+            }
+        });
+    }
+
+    async fn on_write(&mut self, request: WriteRequest) {
+        let hello = self.hello.as_ref().expect("checked before dispatch");
+        match writer::write(
+            &self.state.pool,
+            &hello.identity,
+            &hello.client_id,
+            &request.mutation,
+        )
+        .await
+        {
+            Ok(result) => {
+                m::write_outcome(outcome(result.get("status")));
+                self.send(
+                    ServerMessage::WriteResult {
+                        id: &request.id,
+                        result: &result,
+                    }
+                    .to_json(),
+                )
+                .await;
+            }
+            Err(e) => {
+                m::write_outcome("error");
+                self.error(ErrorMessage::from_db(Some(request.id), &e))
+                    .await;
+            }
+        }
+    }
+
+    async fn on_write_batch(&mut self, request: WriteBatchRequest) {
+        let hello = self.hello.as_ref().expect("checked before dispatch");
+        match writer::write_batch(
+            &self.state.pool,
+            &hello.identity,
+            &hello.client_id,
+            &request.mutations,
+            request.all_or_nothing,
+        )
+        .await
+        {
+            Ok(results) => {
+                if let Value::Array(items) = &results {
+                    for item in items {
+                        m::write_outcome(outcome(item.get("status")));
+                    }
+                }
+                self.send(
+                    ServerMessage::WriteBatchResult {
+                        id: &request.id,
+                        results: &results,
+                    }
+                    .to_json(),
+                )
+                .await;
+            }
+            Err(e) => {
+                m::write_outcome("error");
+                self.error(ErrorMessage::from_db(Some(request.id), &e))
+                    .await;
+            }
+        }
+    }
+}
+
+/// The metrics label for a write's `status`.
+pub fn outcome(status: Option<&Value>) -> &'static str {
+    match status.and_then(Value::as_str) {
+        Some("applied") => "applied",
+        Some("merged") => "merged",
+        Some("conflict") => "conflict",
+        Some("rejected") => "rejected",
+        _ => "other",
+    }
+}
+
+/// Messages per second per connection.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32) -> Self {
+        TokenBucket {
+            rate: per_second as f64,
+            tokens: per_second as f64,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
