@@ -126,42 +126,16 @@ $$;
 COMMENT ON FUNCTION livesync.current_position() IS
     'The newest position a reader can see now; changes_since() of it returns only later commits.';
 
-CREATE FUNCTION livesync._delta(op "char", old jsonb, new jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(
-        CASE op
-            WHEN 'i' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('new', v)) FROM jsonb_each(new) AS e(k, v))
-            WHEN 'd' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('old', v)) FROM jsonb_each(old) AS e(k, v))
-            WHEN 'u' THEN (SELECT jsonb_object_agg(k, jsonb_build_object('old', old -> k, 'new', v)) FROM jsonb_each(new) AS e(k, v))
-            WHEN 's' THEN jsonb_build_object('columns', jsonb_build_object('old', old -> 'columns', 'new', new -> 'columns'))
-        END,
-        '{}'::jsonb)
-$$;
-
-CREATE FUNCTION livesync.changes_since(after bigint, max_changes int DEFAULT 1000)
-RETURNS TABLE (
-    "position"   bigint,
-    relation     regclass,
-    op           text,
-    key          jsonb,
-    delta        jsonb,
-    version      bigint,
-    actor        text,
-    tx           xid8,
-    committed_at timestamptz,
-    client_id    text,
-    mutation_id  bigint
-)
--- STABLE: every statement below sees the same snapshot, so the horizon check and
--- the read cannot straddle a concurrent compaction. No JIT: the planner's guess for
--- unnesting runs (100 changes per log row) made the read look expensive enough to
--- compile, which took half a second for a millisecond's work.
-LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
+-- What every read of the log checks first, in the reading statement's snapshot: that
+-- the caller is a member of livesync_reader, that the page has room for a change,
+-- and that the log still holds the position read from (LS001: resync).
+CREATE FUNCTION livesync._check_read(function_name text, after bigint, max_changes int) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kept_from bigint;
     newest    bigint;
 BEGIN
-    PERFORM livesync._require_reader('livesync.changes_since');
+    PERFORM livesync._require_reader(function_name);
     -- With livesync preloaded, make sure this database's sequencer worker runs: after
     -- a server restart the first reader starts it, not only the first writer.
     PERFORM livesync._ensure_sequencer();
@@ -181,59 +155,166 @@ BEGIN
             USING ERRCODE = 'LS001',
                   HINT = 'The log was reset or restored from a backup: resync from livesync.current_position().';
     END IF;
+END
+$$;
 
+-- The runs of the whole transactions committed after a position, as many
+-- transactions as fit in max_changes (the first one whole however large it is), in
+-- position order: what change_runs returns and changes_since explodes into changes.
+-- A run holding `after` itself (a reader resuming inside a transaction) comes back
+-- cut to the changes after it, first_position moved along. Commit markers (op 'c')
+-- hold no change and take no position: they are left out. A transaction whose rows
+-- are all markers (a rolled-back savepoint took every change) is never given
+-- positions (tick.rs), so it is in no batch and never read.
+-- No JIT: the planner's guess for the runs made the read look expensive enough to
+-- compile, which took half a second for a millisecond's work.
+CREATE FUNCTION livesync._runs_since(after bigint, max_changes int)
+RETURNS TABLE (
+    first_position    bigint,
+    tx_first_position bigint,
+    tx_last_position  bigint,
+    relation          regclass,
+    op                "char",
+    entries           jsonb,
+    actor             text,
+    tx                xid8,
+    committed_at      timestamptz,
+    client_id         text,
+    mutation_id       bigint
+)
+LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
     RETURN QUERY
-    WITH batches AS (
-        -- The next batches, up to the one that reaches max_changes (each batch holds
-        -- at least one change, so max_changes batches are always enough).
-        SELECT k.*,
-               sum(k.last_position - greatest(k.first_position, after + 1) + 1)
-                   OVER (ORDER BY k.last_position) AS upto
-        FROM (SELECT * FROM livesync.batches k
-              WHERE k.last_position > after
-              ORDER BY k.last_position
-              LIMIT max_changes) AS k
-    ), txs AS (
-        -- Their transactions, each with its block of positions.
+    WITH txs AS (
+        -- The transactions of the batches that hold the next max_changes positions
+        -- (through the first batch that reaches after + max_changes: every batch
+        -- holds at least one position), each with its block of positions.
         SELECT u.tx, u.first AS first_position,
                coalesce(b.firsts[u.i + 1] - 1, b.last_position) AS last_position,
                b.committed_at
-        FROM batches b
+        FROM livesync.batches b
         CROSS JOIN LATERAL unnest(b.txs, b.firsts) WITH ORDINALITY AS u(tx, first, i)
-        WHERE b.upto - (b.last_position - greatest(b.first_position, after + 1) + 1) < max_changes
+        WHERE b.last_position > after
+          AND b.last_position <= coalesce((SELECT min(e.last_position) FROM livesync.batches e
+                                           WHERE e.last_position >= after + max_changes),
+                                          9223372036854775807)
     ), running AS (
         -- Whole transactions in position order, as many as fit in max_changes; the
-        -- first one always comes back whole however large it is.
+        -- first one always comes back whole however large it is. (A transaction's
+        -- block fits in int4, as its ordinals do; int4 sums add up in int8, bigint
+        -- sums in numeric.)
         SELECT t.*,
-               sum(t.last_position - greatest(t.first_position, after + 1) + 1)
+               sum((t.last_position - greatest(t.first_position, after + 1) + 1)::int4)
                    OVER (ORDER BY t.last_position) AS total
         FROM txs t
         WHERE t.last_position > after
     ), chosen AS (
         SELECT r.* FROM running r
         WHERE r.total <= max_changes
-           OR r.first_position = (SELECT min(first_position) FROM running)
+           OR r.first_position = (SELECT min(f.first_position) FROM running f)
     )
-    SELECT t.first_position + c.ordinal + e.n - 2,
+    SELECT greatest(c.first, after + 1),
+           t.first_position,
+           t.last_position,
            c.relation,
-           CASE c.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete' WHEN 't' THEN 'truncate' WHEN 's' THEN 'schema' END,
-           nullif(e.change -> 0, 'null'),
-           livesync._delta(c.op, e.change -> 1, e.change -> 2),
-           (e.change ->> 3)::bigint,
+           c.op,
+           CASE WHEN c.first > after THEN c.entries
+                ELSE jsonb_path_query_array(c.entries, '$[$n to last]',
+                                            jsonb_build_object('n', after + 1 - c.first))
+           END,
            c.actor,
            c.tx,
            t.committed_at,
            c.client_id,
            c.mutation_id
     FROM chosen t
-    JOIN livesync.changes c ON c.tx = t.tx
-    CROSS JOIN LATERAL jsonb_array_elements(c.entries) WITH ORDINALITY AS e(change, n)
-    WHERE t.first_position + c.ordinal + e.n - 2 > after
+    -- A transaction's runs by the log's key. The ORDER BY keeps this a nested loop of
+    -- index probes: a join the planner may turn into a scan of the whole log.
+    CROSS JOIN LATERAL (
+        SELECT t.first_position + l.ordinal - 1 AS first, l.*
+        FROM livesync.changes l
+        WHERE l.tx = t.tx AND l.op <> 'c' AND t.first_position + l.ordinal + l.count - 2 > after
+        ORDER BY l.ordinal
+    ) AS c
     ORDER BY 1;
+END
+$$;
+
+-- The body of changes_since: _runs_since's runs, one row per change (src/log_reader.rs).
+CREATE FUNCTION livesync._changes_since(after bigint, max_changes int)
+RETURNS TABLE (
+    "position"   bigint,
+    relation     regclass,
+    op           text,
+    key          jsonb,
+    delta        jsonb,
+    version      bigint,
+    actor        text,
+    tx           xid8,
+    committed_at timestamptz,
+    client_id    text,
+    mutation_id  bigint
+)
+LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'livesync_changes_since';
+
+CREATE FUNCTION livesync.changes_since(after bigint, max_changes int DEFAULT 1000)
+RETURNS TABLE (
+    "position"   bigint,
+    relation     regclass,
+    op           text,
+    key          jsonb,
+    delta        jsonb,
+    version      bigint,
+    actor        text,
+    tx           xid8,
+    committed_at timestamptz,
+    client_id    text,
+    mutation_id  bigint
+)
+-- STABLE: every statement below sees the same snapshot, so the checks and the read
+-- cannot straddle a concurrent compaction.
+LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM livesync._check_read('livesync.changes_since', after, max_changes);
+    RETURN QUERY SELECT * FROM livesync._changes_since(after, max_changes);
 END
 $$;
 COMMENT ON FUNCTION livesync.changes_since(bigint, int) IS
     'Changes committed after a position, in commit order, whole transactions only. SQLSTATE LS001 means resync.';
+
+-- The log as it is stored, for readers that take runs rather than rows (the bridge):
+-- _runs_since's runs with the table's name as it is now.
+CREATE FUNCTION livesync.change_runs(after bigint, max_changes int DEFAULT 10000)
+RETURNS TABLE (
+    first_position    bigint,
+    tx_first_position bigint,
+    tx_last_position  bigint,
+    relation          oid,
+    schema_name       text,
+    table_name        text,
+    op                "char",
+    entries           jsonb,
+    actor             text,
+    tx                bigint,
+    committed_at      timestamptz,
+    client_id         text,
+    mutation_id       bigint
+)
+LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM livesync._check_read('livesync.change_runs', after, max_changes);
+    RETURN QUERY
+    SELECT r.first_position, r.tx_first_position, r.tx_last_position, r.relation::oid,
+           n.nspname::text, cl.relname::text, r.op, r.entries, r.actor, r.tx::text::bigint,
+           r.committed_at, r.client_id, r.mutation_id
+    FROM livesync._runs_since(after, max_changes) AS r
+    LEFT JOIN pg_class cl ON cl.oid = r.relation
+    LEFT JOIN pg_namespace n ON n.oid = cl.relnamespace
+    ORDER BY r.first_position;
+END
+$$;
+COMMENT ON FUNCTION livesync.change_runs(bigint, int) IS
+    'The stored runs of changes committed after a position ([key, old, new, version] arrays), whole transactions only. SQLSTATE LS001 means resync.';
 
 -- The body of livesync.compact (declared below), run as the bootstrap superuser once
 -- the caller is known to own the extension or be a member of livesync_maintainer

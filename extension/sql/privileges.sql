@@ -1,7 +1,7 @@
 -- Who may call what. The model and its reasons are in docs/sql.md ("Who may call
 -- what"); in short:
---   - reading the log (changes_since, current_position) is for members of
---     livesync_reader, who see every tracked table's changes (the bridge is one);
+--   - reading the log (changes_since, change_runs, current_position) is for members
+--     of livesync_reader, who see every tracked table's changes (the bridge is one);
 --   - row_version, write, write_batch and resolve_conflict run as the caller and
 --     need the caller's own privileges on the table (checked, 42501);
 --   - track, untrack, set_policy and set_conflict_rules need ownership of the table,
@@ -44,18 +44,21 @@ GRANT EXECUTE ON FUNCTION
     livesync.compact(interval),
     -- Open to all so that a role outside livesync_reader is told what to grant.
     livesync.current_position(),
-    livesync.changes_since(bigint, int)
+    livesync.changes_since(bigint, int),
+    livesync.change_runs(bigint, int)
 TO PUBLIC;
 -- Helpers that public PL/pgSQL functions call as the caller. None does more than its
 -- entry point: _write_json is write with its arguments in one object, and checks
 -- the caller the same way; _resolve_conflict checks the caller itself; _checked
--- raises the error a Rust body reported; _require_reader checks membership;
--- _row_visible tells whether the caller can see a row (resolve_conflict asks).
+-- raises the error a Rust body reported; _require_reader checks membership, and
+-- _check_read does so before anything else; _row_visible tells whether the caller
+-- can see a row (resolve_conflict asks).
 GRANT EXECUTE ON FUNCTION
     livesync._write_json(jsonb),
     livesync._resolve_conflict(bigint, text, jsonb),
     livesync._checked(jsonb),
     livesync._require_reader(text),
+    livesync._check_read(text, bigint, int),
     livesync._row_visible(regclass, jsonb)
 TO PUBLIC;
 
@@ -65,10 +68,12 @@ TO PUBLIC;
 GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesync._track_table(regclass),
     livesync._untrack_table(regclass) TO PUBLIC;
 
--- Readers read the log tables directly (changes_since runs as its caller, so its
--- speed is a plain query's).
+-- changes_since and change_runs run as their caller, who reads the log tables with
+-- these grants (members may also read them directly: the same information), and
+-- calls their bodies (_runs_since, _changes_since).
 GRANT SELECT ON livesync.changes, livesync.batches, livesync._retention TO livesync_reader;
-GRANT EXECUTE ON FUNCTION livesync._delta("char", jsonb, jsonb), livesync._ensure_sequencer() TO livesync_reader;
+GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._changes_since(bigint, int),
+    livesync._ensure_sequencer() TO livesync_reader;
 
 -- The views show each role the tables it may SELECT.
 GRANT SELECT ON livesync.tracked, livesync.policies, livesync.conflicts TO PUBLIC;

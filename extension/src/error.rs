@@ -20,6 +20,8 @@ pub enum LivesyncError {
     InsertOvertaken(String),
     #[error("livesync's capture trigger fired on {0} other than as livesync.track installs it (on a table it tracks, AFTER, per statement)")]
     NotRegistered(String),
+    #[error("livesync.changes holds a run that is not what capture writes (an array of [key, old, new, version] with objects for old and new)")]
+    MalformedRun,
 }
 
 impl LivesyncError {
@@ -37,6 +39,7 @@ impl LivesyncError {
             LivesyncError::NotRegistered(_) => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
+            LivesyncError::MalformedRun => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
         }
     }
 
@@ -57,6 +60,9 @@ impl LivesyncError {
             }
             LivesyncError::LogTableChanged => {
                 "The extension's tables are from another livesync version: run ALTER EXTENSION livesync UPDATE in this database. Indexes added to livesync.changes must be plain column indexes."
+            }
+            LivesyncError::MalformedRun => {
+                "Only livesync writes livesync.changes: restore the log from a backup, or resync readers from livesync.current_position() after compacting it away."
             }
         }
     }

@@ -6,6 +6,7 @@
 //! - `index_entries`: index maintenance for livesync's own rows written directly.
 //! - `log_writer`: a statement's changes collected into runs, appended to
 //!   `livesync.changes` without the executor.
+//! - `log_reader`: the runs read back one change per row (`changes_since`).
 //! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
 //! - `tick`: a tick's reads and writes, as direct index scans and heap writes.
 //! - `worker`: the per-database background worker that runs the ticks.
@@ -30,6 +31,7 @@ mod entry;
 mod error;
 mod gucs;
 mod index_entries;
+mod log_reader;
 mod log_writer;
 mod owner;
 mod privileges;

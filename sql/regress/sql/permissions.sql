@@ -104,6 +104,7 @@ SELECT expect_error($$SELECT livesync.set_policy('notes', 'manual')$$);
 SELECT expect_error($$SELECT livesync.set_conflict_rules('notes', 'reject')$$);
 SELECT expect_error($$SELECT livesync.compact('0 seconds')$$);
 SELECT expect_error($$SELECT livesync.changes_since(0)$$);
+SELECT expect_error($$SELECT livesync.change_runs(0)$$);
 SELECT expect_error($$SELECT livesync.current_position()$$);
 SELECT expect_error($$SELECT livesync.row_version('secrets', '{"id": 1}')$$);
 SELECT expect_error($$SELECT livesync.write('secrets', 'update', '{"id": 1}', '{"body": "mine now"}')$$);
@@ -111,6 +112,8 @@ SELECT expect_error($$SELECT livesync.write('secrets', 'insert', '{"id": 9}', '{
 SELECT livesync.write_batch('[{"rel": "secrets", "op": "delete", "key": {"id": 1}}]') #>> '{0,error}' AS batch_error;
 -- nor livesync's own tables and bodies, directly
 SELECT expect_error($$SELECT * FROM livesync.changes$$);
+SELECT expect_error($$SELECT * FROM livesync._runs_since(0, 10)$$);
+SELECT expect_error($$SELECT * FROM livesync._changes_since(0, 10)$$);
 SELECT expect_error($$SELECT * FROM livesync._mutations$$);
 SELECT expect_error($$INSERT INTO livesync.changes (tx, ordinal, count, commit_seq, relation, op, entries, actor) VALUES (pg_current_xact_id(), 1, 1, 0, 'notes', 'i', '[]', 'forged')$$);
 SELECT expect_error($$UPDATE livesync._tracked SET default_policy = 'client_wins'$$);
@@ -155,6 +158,8 @@ SELECT livesync_state() AS before \gset
 SET ROLE ls_bridge;
 SELECT livesync.current_position() = (SELECT max(last_position) FROM livesync.batches) AS reader_sees_the_newest;
 SELECT pos, relation, op, key, delta, actor FROM log_after(:p0);
+SELECT first_position - :p0 AS pos, schema_name, table_name, op, jsonb_array_length(entries) AS changes
+FROM livesync.change_runs(:p0) ORDER BY first_position;
 SELECT expect_error($$SELECT livesync.row_version('notes', '{"id": 1}')$$);
 SELECT expect_error($$SELECT livesync.write('notes', 'update', '{"id": 1}', '{"body": "bridge"}')$$);
 SELECT expect_error($$SELECT livesync.compact('0 seconds')$$);
