@@ -5,18 +5,30 @@
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PSQL      ?= psql -X -q -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1
 
-.PHONY: up test prepare install demo lint regress e2e bench
+# The demo bridge logs in as livesync_bridge (livesync_reader + livesync_maintainer) and
+# runs clients' writes and snapshots as livesync_demo_app (sql/examples/todos.sql).
+BRIDGE_ENV ?= DATABASE_URL=postgres://livesync_bridge@127.0.0.1:5432/livesync \
+              LIVESYNC_DEFAULT_ROLE=livesync_demo_app
 
-## up: install the extension into the local PostgreSQL and load the demo (database `livesync`)
-up: install demo
+.PHONY: up test prepare install demo bridge lint regress e2e bridge-test bench
+
+## up: install the extension, load the demo (database `livesync`), run the bridge
+up: install demo bridge
 	@echo
 	@echo "livesync is installed; the demo table public.todos in database 'livesync' is tracked."
-	@echo "  psql -h 127.0.0.1 -U postgres livesync"
-	@echo "  livesync=# INSERT INTO todos (title) VALUES ('try livesync');"
-	@echo "  livesync=# SELECT * FROM livesync.changes_since(0);"
+	@echo "  psql -h 127.0.0.1 -U postgres livesync -c \"INSERT INTO todos (title) VALUES ('try livesync')\""
+	@echo "The bridge runs below (Ctrl-C stops it); connect a WebSocket client to ws://127.0.0.1:8080/ws"
+	@echo "and send {\"type\":\"hello\",\"client_id\":\"me\",\"protocol\":1} then"
+	@echo "{\"type\":\"subscribe\",\"id\":\"1\",\"channel\":\"table:public.todos\"} (docs/protocol.md)."
+	@echo
+	$(BRIDGE_ENV) cargo run --release -q -p livesync-bridge
 
-## test: lint, then the pg_regress suite and the end-to-end tests against the real server
-test: install lint regress e2e
+bridge:
+	cargo build --release -q -p livesync-bridge
+
+## test: lint, then the pg_regress suite, the end-to-end tests and the bridge's tests
+## against the real server
+test: install lint regress e2e bridge-test
 
 prepare:
 	.ci/prepare-machine
@@ -38,6 +50,9 @@ regress:
 
 e2e:
 	cargo test -p livesync-e2e
+
+bridge-test:
+	cargo test -p livesync-bridge
 
 ## bench: the benchmarks; each prints ratios to a baseline measured in the same run
 bench: install

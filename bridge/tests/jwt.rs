@@ -107,6 +107,17 @@ async fn tokens_decide_who_connects_and_as_whom_statements_run() {
     let change = client.recv_changes().await;
     assert_eq!(change["changes"][0]["actor"], "ann");
 
+    // A role that does not exist (or the bridge may not switch to): forbidden.
+    let stranger = hs256(json!({"sub": "sam", "role": "no_such_role_here", "exp": now() + 600}));
+    let (mut sam, _) = hello_with(bridge.addr, Some(&stranger)).await;
+    sam.send(json!({"type": "write", "id": "w", "table": "items", "op": "insert", "key": {"id": 2}, "values": {"id": 2}, "mutation_id": 1}))
+        .await;
+    let refused = sam.recv_reply("w").await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    sam.send(json!({"type": "subscribe", "id": "s", "channel": "table:public.items"}))
+        .await;
+    assert_eq!(sam.recv_reply("s").await["code"], "forbidden");
+
     // HTTP: health is open; the rest wants the token.
     let http = reqwest::Client::new();
     let base = format!("http://{}", bridge.addr);

@@ -17,3 +17,20 @@ CREATE TABLE IF NOT EXISTS public.todos (
 
 SELECT livesync.track('public.todos')
 WHERE NOT EXISTS (SELECT 1 FROM livesync.tracked WHERE relation = 'public.todos'::regclass);
+
+-- The bridge's roles for the demo (README "Running the bridge"): it logs in as
+-- livesync_bridge, which may read the log and compact it, and runs each client's
+-- writes and snapshots as livesync_demo_app, which may use the todos table.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'livesync_demo_app') THEN
+        CREATE ROLE livesync_demo_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'livesync_bridge') THEN
+        CREATE ROLE livesync_bridge LOGIN;
+    END IF;
+END
+$$;
+GRANT livesync_reader, livesync_maintainer, livesync_demo_app TO livesync_bridge;
+GRANT USAGE ON SCHEMA livesync TO livesync_demo_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.todos TO livesync_demo_app;

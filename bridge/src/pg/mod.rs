@@ -25,13 +25,17 @@ pub enum PgError {
     Entry(#[from] EntryError),
     #[error("the database closed the connection")]
     Closed,
+    /// Switching to the client's role failed (no such role, or the bridge's role is
+    /// not a member of it).
+    #[error("cannot run as the connection's role: {0}")]
+    Role(tokio_postgres::Error),
 }
 
 impl PgError {
     /// The SQLSTATE of a database error (None for connection failures).
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            PgError::Db(e) => e.as_db_error().map(|d| d.code().code()),
+            PgError::Db(e) | PgError::Role(e) => e.as_db_error().map(|d| d.code().code()),
             _ => None,
         }
     }
@@ -39,7 +43,7 @@ impl PgError {
     /// The server's own message for a database error.
     pub fn db_message(&self) -> Option<String> {
         match self {
-            PgError::Db(e) => e.as_db_error().map(|d| d.message().to_string()),
+            PgError::Db(e) | PgError::Role(e) => e.as_db_error().map(|d| d.message().to_string()),
             _ => None,
         }
     }
@@ -52,7 +56,7 @@ impl PgError {
     /// Whether the connection (not the statement) failed: retry elsewhere.
     pub fn is_connection(&self) -> bool {
         match self {
-            PgError::Db(e) => {
+            PgError::Db(e) | PgError::Role(e) => {
                 e.is_closed()
                     || e.as_db_error().is_none()
                     || e.code().is_some_and(|c| {

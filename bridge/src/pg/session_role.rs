@@ -4,11 +4,12 @@
 
 use deadpool_postgres::Transaction;
 
+use super::PgError;
 use crate::auth::Identity;
 
 /// Switches the transaction to the client's identity. Everything after it runs with
 /// the role's privileges and row-level security.
-pub async fn enter(tx: &Transaction<'_>, identity: &Identity) -> Result<(), tokio_postgres::Error> {
+pub async fn enter(tx: &Transaction<'_>, identity: &Identity) -> Result<(), PgError> {
     let statement = tx
         .prepare_cached(
             "SELECT set_config('request.jwt.claims', $1, true), set_config('livesync.actor', $2, true)",
@@ -22,7 +23,13 @@ pub async fn enter(tx: &Transaction<'_>, identity: &Identity) -> Result<(), toki
         let statement = tx
             .prepare_cached("SELECT set_config('role', $1, true)")
             .await?;
-        tx.execute(&statement, &[role]).await?;
+        tx.execute(&statement, &[role]).await.map_err(|e| {
+            if e.as_db_error().is_some() {
+                PgError::Role(e)
+            } else {
+                PgError::Db(e)
+            }
+        })?;
     }
     Ok(())
 }

@@ -211,6 +211,17 @@ impl ErrorMessage {
     /// A database error: its SQLSTATE decides the code; the server's message is kept.
     /// Anything else (connection failures) is `unavailable`, with no internals.
     pub fn from_db(id: Option<Value>, error: &PgError) -> Self {
+        if let (PgError::Role(_), Some(state), Some(message)) =
+            (error, error.sqlstate(), error.db_message())
+        {
+            return ErrorMessage {
+                kind: "error",
+                id,
+                code: ErrorCode::Forbidden,
+                message: format!("cannot run as the connection's role: {message}"),
+                sqlstate: Some(state.to_string()),
+            };
+        }
         match (error.sqlstate(), error.db_message()) {
             (Some(state), Some(message)) => ErrorMessage {
                 kind: "error",

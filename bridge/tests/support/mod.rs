@@ -344,16 +344,14 @@ impl Replica {
             let key = change["key"].to_string();
             let version = change["version"].as_i64().unwrap_or(i64::MAX);
             match change["op"].as_str().unwrap() {
-                "insert" => {
-                    if self.rows.get(&key).is_none_or(|(v, _)| *v < version) {
-                        let row: serde_json::Map<String, Value> = change["delta"]
-                            .as_object()
-                            .unwrap()
-                            .iter()
-                            .map(|(k, d)| (k.clone(), d["new"].clone()))
-                            .collect();
-                        self.rows.insert(key, (version, Value::Object(row)));
-                    }
+                "insert" if self.rows.get(&key).is_none_or(|(v, _)| *v < version) => {
+                    let row: serde_json::Map<String, Value> = change["delta"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .map(|(k, d)| (k.clone(), d["new"].clone()))
+                        .collect();
+                    self.rows.insert(key, (version, Value::Object(row)));
                 }
                 "update" => {
                     if let Some((v, row)) = self.rows.get_mut(&key) {
@@ -365,10 +363,8 @@ impl Replica {
                         }
                     }
                 }
-                "delete" => {
-                    if self.rows.get(&key).is_some_and(|(v, _)| *v < version) {
-                        self.rows.remove(&key);
-                    }
+                "delete" if self.rows.get(&key).is_some_and(|(v, _)| *v < version) => {
+                    self.rows.remove(&key);
                 }
                 "truncate" => self.rows.clear(),
                 _ => {}
