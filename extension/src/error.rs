@@ -20,7 +20,7 @@ pub enum LivesyncError {
     InsertOvertaken(String),
     #[error("livesync's capture trigger fired on {0} other than as livesync.track installs it (on a table it tracks, AFTER, per statement)")]
     NotRegistered(String),
-    #[error("livesync.changes holds a run that is not what capture writes (an array of [key, old, new, version] with objects for old and new)")]
+    #[error("livesync.changes holds a run that capture would not write (each change an array [key, old, new, version], old and new objects or null)")]
     MalformedRun,
 }
 
@@ -62,7 +62,7 @@ impl LivesyncError {
                 "The extension's tables are from another livesync version: run ALTER EXTENSION livesync UPDATE in this database. Indexes added to livesync.changes must be plain column indexes."
             }
             LivesyncError::MalformedRun => {
-                "Only livesync writes livesync.changes: restore the log from a backup, or resync readers from livesync.current_position() after compacting it away."
+                "Only livesync's capture writes livesync.changes: delete the run, and have readers that read past it resync."
             }
         }
     }
