@@ -188,12 +188,16 @@ BEGIN
     WITH txs AS (
         -- The transactions of the batches that hold the next max_changes positions
         -- (through the first batch that reaches after + max_changes: every batch
-        -- holds at least one position), each with its block of positions.
-        SELECT u.tx, u.first AS first_position,
-               coalesce(b.firsts[u.i + 1] - 1, b.last_position) AS last_position,
-               b.committed_at
+        -- holds at least one position), each with its block of positions (computed
+        -- per batch: a subscript of a batch's array per transaction would detoast it
+        -- each time, and the arrays would ride along into the sort below).
+        SELECT u.tx, u.first_position, u.last_position, b.committed_at
         FROM livesync.batches b
-        CROSS JOIN LATERAL unnest(b.txs, b.firsts) WITH ORDINALITY AS u(tx, first, i)
+        CROSS JOIN LATERAL (
+            SELECT t.tx, t.first AS first_position,
+                   coalesce(lead(t.first) OVER (ORDER BY t.i) - 1, b.last_position) AS last_position
+            FROM unnest(b.txs, b.firsts) WITH ORDINALITY AS t(tx, first, i)
+        ) AS u
         WHERE b.last_position > after
           AND b.last_position <= coalesce((SELECT min(e.last_position) FROM livesync.batches e
                                            WHERE e.last_position >= after + max_changes),
