@@ -306,6 +306,11 @@ impl FanoutHub {
         self.spawn_catch_up(key, after);
     }
 
+    /// Whether a subscription is still in the hub (the hub ends those told to resync).
+    pub fn is_subscribed(&self, key: SubKey) -> bool {
+        self.state.lock().subs.contains_key(&key)
+    }
+
     /// Ends a subscription (unsubscribe, or its connection closed).
     pub fn unsubscribe(&self, key: SubKey) -> bool {
         let mut st = self.state.lock();

@@ -62,7 +62,9 @@ pub async fn upgrade(
         .max_frame_size(hard_limit)
         // Small buffers: an idle connection should cost little memory.
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        // Frames queue up to this much before a write: several messages per syscall
+        // when a connection is busy; an idle one never grows it.
+        .write_buffer_size(32 << 10)
         .on_upgrade(move |socket| async move {
             match admission {
                 Some(admission) => run(socket, state, admission).await,
@@ -462,12 +464,18 @@ impl Session {
         let id = request.id;
         let bad = |code, message: String| ErrorMessage::new(Some(id.clone()), code, message);
         let id_json = id.to_string();
-        if self.subs.contains_key(&id_json) {
-            return Err(bad(
-                ErrorCode::BadRequest,
-                format!("subscription {id_json} exists; unsubscribe first or use another id"),
-            ));
+        if let Some(key) = self.subs.get(&id_json) {
+            if self.state.hub.is_subscribed(*key) {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    format!("subscription {id_json} exists; unsubscribe first or use another id"),
+                ));
+            }
+            // The hub ended it (resync_required): the id is free again.
+            self.subs.remove(&id_json);
         }
+        let hub = self.state.hub.clone();
+        self.subs.retain(|_, key| hub.is_subscribed(*key));
         if self.subs.len() >= self.state.config.limits.max_subscriptions {
             return Err(bad(
                 ErrorCode::TooLarge,
