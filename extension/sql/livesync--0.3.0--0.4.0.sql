@@ -1,9 +1,10 @@
--- livesync 0.3.0 -> 0.4.0: a fast read path. changes_since explodes the stored runs
--- in Rust (livesync._changes_since) instead of calling a SQL function per change
--- (same rows, same values); livesync.change_runs returns the runs as they are stored,
--- for readers that take them whole (the bridge). Both share their checks
--- (_check_read) and their choice of runs (_runs_since). livesync._delta goes: nothing
--- calls it any more. Run by ALTER EXTENSION livesync UPDATE; the log is untouched.
+-- livesync 0.3.0 -> 0.4.0: a fast read path. changes_since is native code that
+-- explodes the stored runs (src/log_reader.rs) instead of PL/pgSQL calling a SQL
+-- function per change (same rows, same values); livesync.change_runs returns the runs
+-- as they are stored, for readers that take them whole (the bridge). Both share their
+-- checks (_check_read) and their choice of runs (_runs_since). livesync._delta goes:
+-- nothing calls it any more. Run by ALTER EXTENSION livesync UPDATE; the log is
+-- untouched.
 
 DROP FUNCTION livesync._delta("char", jsonb, jsonb);
 
@@ -112,22 +113,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION livesync._changes_since(after bigint, max_changes int)
-RETURNS TABLE (
-    "position"   bigint,
-    relation     regclass,
-    op           text,
-    key          jsonb,
-    delta        jsonb,
-    version      bigint,
-    actor        text,
-    tx           xid8,
-    committed_at timestamptz,
-    client_id    text,
-    mutation_id  bigint
-)
-LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'livesync_changes_since';
-
 CREATE OR REPLACE FUNCTION livesync.changes_since(after bigint, max_changes int DEFAULT 1000)
 RETURNS TABLE (
     "position"   bigint,
@@ -142,14 +127,7 @@ RETURNS TABLE (
     client_id    text,
     mutation_id  bigint
 )
--- STABLE: every statement below sees the same snapshot, so the checks and the read
--- cannot straddle a concurrent compaction.
-LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    PERFORM livesync._check_read('livesync.changes_since', after, max_changes);
-    RETURN QUERY SELECT * FROM livesync._changes_since(after, max_changes);
-END
-$$;
+LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'livesync_changes_since';
 
 CREATE FUNCTION livesync.change_runs(after bigint, max_changes int DEFAULT 10000)
 RETURNS TABLE (
@@ -212,5 +190,4 @@ GRANT EXECUTE ON FUNCTION
 TO PUBLIC;
 GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesync._track_table(regclass),
     livesync._untrack_table(regclass) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._changes_since(bigint, int),
-    livesync._ensure_sequencer() TO livesync_reader;
+GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._ensure_sequencer() TO livesync_reader;

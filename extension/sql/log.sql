@@ -244,23 +244,9 @@ BEGIN
 END
 $$;
 
--- The body of changes_since: _runs_since's runs, one row per change (src/log_reader.rs).
-CREATE FUNCTION livesync._changes_since(after bigint, max_changes int)
-RETURNS TABLE (
-    "position"   bigint,
-    relation     regclass,
-    op           text,
-    key          jsonb,
-    delta        jsonb,
-    version      bigint,
-    actor        text,
-    tx           xid8,
-    committed_at timestamptz,
-    client_id    text,
-    mutation_id  bigint
-)
-LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'livesync_changes_since';
-
+-- _runs_since's runs, one row per change, once _check_read has passed (src/log_reader.rs).
+-- STABLE: the checks and the read see the same snapshot, so they cannot straddle a
+-- concurrent compaction.
 CREATE FUNCTION livesync.changes_since(after bigint, max_changes int DEFAULT 1000)
 RETURNS TABLE (
     "position"   bigint,
@@ -275,14 +261,7 @@ RETURNS TABLE (
     client_id    text,
     mutation_id  bigint
 )
--- STABLE: every statement below sees the same snapshot, so the checks and the read
--- cannot straddle a concurrent compaction.
-LANGUAGE plpgsql STABLE STRICT SET jit = off SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    PERFORM livesync._check_read('livesync.changes_since', after, max_changes);
-    RETURN QUERY SELECT * FROM livesync._changes_since(after, max_changes);
-END
-$$;
+LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'livesync_changes_since';
 COMMENT ON FUNCTION livesync.changes_since(bigint, int) IS
     'Changes committed after a position, in commit order, whole transactions only. SQLSTATE LS001 means resync.';
 

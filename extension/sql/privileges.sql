@@ -69,11 +69,10 @@ GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesy
     livesync._untrack_table(regclass) TO PUBLIC;
 
 -- changes_since and change_runs run as their caller, who reads the log tables with
--- these grants (members may also read them directly: the same information), and
--- calls their bodies (_runs_since, _changes_since).
+-- these grants (members may also read them directly: the same information) and
+-- calls the runs' choice (_runs_since).
 GRANT SELECT ON livesync.changes, livesync.batches, livesync._retention TO livesync_reader;
-GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._changes_since(bigint, int),
-    livesync._ensure_sequencer() TO livesync_reader;
+GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._ensure_sequencer() TO livesync_reader;
 
 -- The views show each role the tables it may SELECT.
 GRANT SELECT ON livesync.tracked, livesync.policies, livesync.conflicts TO PUBLIC;

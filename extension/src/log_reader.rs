@@ -1,6 +1,12 @@
-//! Reading the change log one change per row: `livesync._changes_since(after,
-//! max_changes)`, the body of `livesync.changes_since` (sql/log.sql), which has
-//! checked the caller and the position first.
+//! Reading the change log one change per row: `livesync.changes_since(after,
+//! max_changes)` (declared in sql/log.sql).
+//!
+//! It first runs the checks it shares with `change_runs` (`livesync._check_read`,
+//! PL/pgSQL: membership in livesync_reader, the page size, LS001), called from a frame
+//! that pgrx does not guard and that owns nothing, so that their errors reach the
+//! caller as raised: an error passing through pgrx keeps its SQLSTATE only if pgrx
+//! knows the code, and LS001 is livesync's own. A PL/pgSQL wrapper would do the same
+//! at the price of copying every row once more (10-20% of the read).
 //!
 //! The log stores runs: one `livesync.changes` row holds up to a thousand changes as
 //! a jsonb array of `[key, old, new, version]`. `livesync._runs_since` picks the
@@ -23,7 +29,7 @@ use pgrx::pg_sys;
 use std::cell::Cell;
 use std::ffi::c_char;
 
-/// `livesync._changes_since`'s result columns, in order.
+/// `livesync.changes_since`'s result columns, in order.
 const COLUMNS: usize = 11;
 /// `livesync._runs_since`'s columns as the query below selects them.
 const RUN_COLUMNS: usize = 9;
@@ -43,14 +49,64 @@ pub extern "C" fn pg_finfo_livesync_changes_since() -> &'static pg_sys::Pg_finfo
     &V1
 }
 
-/// `livesync._changes_since(after bigint, max_changes int)`: STRICT, STABLE, a set
-/// returned in materialize mode. Reads with the caller's snapshot (read-only SPI),
-/// so it sees what the checks before it saw.
-#[pgrx::pg_guard]
+/// `livesync.changes_since(after bigint, max_changes int)`: STRICT, STABLE, a set
+/// returned in materialize mode. The checks, then the rows.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_changes_since(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    unsafe {
+        let check = check_call(fcinfo);
+        // SAFETY: an unguarded call from a frame that holds nothing needing a drop (see
+        // the module comment); `check_call` set up a complete call of the function
+        // fmgr_info looked up (which always sets fn_addr).
+        if let Some(function) = (*(*check).flinfo).fn_addr {
+            function(check);
+        }
+        read_changes(fcinfo)
+    }
+}
+
+/// A call of `livesync._check_read('livesync.changes_since', after, max_changes)`,
+/// ready to run (in the current memory context).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_call(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::FunctionCallInfo {
+    unsafe {
+        let signature = c"livesync._check_read(text, bigint, int)";
+        let Some(function) = pgrx::direct_function_call_as_datum(
+            pg_sys::to_regprocedure,
+            &[Some(pg_sys::Datum::from(pg_sys::cstring_to_text(
+                signature.as_ptr(),
+            )))],
+        ) else {
+            LivesyncError::NotInstalled.raise();
+        };
+        let flinfo =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
+        pg_sys::fmgr_info(pg_sys::Oid::from(function.value() as u32), flinfo);
+        let check = pg_sys::palloc0(
+            std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>()
+                + 3 * std::mem::size_of::<pg_sys::NullableDatum>(),
+        )
+        .cast::<pg_sys::FunctionCallInfoBaseData>();
+        (*check).flinfo = flinfo;
+        (*check).nargs = 3;
+        (*check).fncollation = pg_sys::InvalidOid;
+        let name = c"livesync.changes_since";
+        let args = (*check).args.as_mut_slice(3);
+        args[0].value = pg_sys::Datum::from(pg_sys::cstring_to_text(name.as_ptr()));
+        args[1].value = (*fcinfo).args.as_slice(2)[0].value;
+        args[2].value = (*fcinfo).args.as_slice(2)[1].value;
+        check
+    }
+}
+
+/// The rows of `livesync.changes_since`, once checked. Reads with the caller's
+/// snapshot (read-only SPI), so it sees what the checks saw.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
         // STRICT: neither argument is NULL.
         let after = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0).unwrap_or_default();
@@ -70,13 +126,13 @@ pub unsafe extern "C-unwind" fn livesync_changes_since(
         // own context, in the function's call context, and deleted after SPI_finish.
         let mut scratch = pgrx::PgMemoryContexts::new("livesync changes_since");
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            pgrx::error!("livesync._changes_since: SPI_connect failed");
+            pgrx::error!("livesync.changes_since: SPI_connect failed");
         }
         let mut args = [pg_sys::Datum::from(after), pg_sys::Datum::from(max_changes)];
         let status =
             pg_sys::SPI_execute_plan(runs_plan(), args.as_mut_ptr(), std::ptr::null(), true, 0);
         if status != pg_sys::SPI_OK_SELECT as i32 {
-            pgrx::error!("livesync._changes_since: reading the runs failed ({status})");
+            pgrx::error!("livesync.changes_since: reading the runs failed ({status})");
         }
         let table = pg_sys::SPI_tuptable;
         if (*(*table).tupdesc).natts as usize != RUN_COLUMNS {
@@ -123,7 +179,7 @@ unsafe fn runs_plan() -> pg_sys::SPIPlanPtr {
                 let mut types = [pg_sys::INT8OID, pg_sys::INT4OID];
                 let plan = pg_sys::SPI_prepare(RUNS_QUERY.as_ptr(), 2, types.as_mut_ptr());
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    pgrx::error!("livesync._changes_since: preparing the runs query failed");
+                    pgrx::error!("livesync.changes_since: preparing the runs query failed");
                 }
                 cached.set(plan);
             }

@@ -113,7 +113,6 @@ SELECT livesync.write_batch('[{"rel": "secrets", "op": "delete", "key": {"id": 1
 -- nor livesync's own tables and bodies, directly
 SELECT expect_error($$SELECT * FROM livesync.changes$$);
 SELECT expect_error($$SELECT * FROM livesync._runs_since(0, 10)$$);
-SELECT expect_error($$SELECT * FROM livesync._changes_since(0, 10)$$);
 SELECT expect_error($$SELECT * FROM livesync._mutations$$);
 SELECT expect_error($$INSERT INTO livesync.changes (tx, ordinal, count, commit_seq, relation, op, entries, actor) VALUES (pg_current_xact_id(), 1, 1, 0, 'notes', 'i', '[]', 'forged')$$);
 SELECT expect_error($$UPDATE livesync._tracked SET default_policy = 'client_wins'$$);
