@@ -143,13 +143,15 @@ BEGIN
         RAISE EXCEPTION 'max_changes must be at least 1, got %', max_changes
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT horizon INTO kept_from FROM livesync._retention;
+    -- (newest as current_position() has it, read here in the same statement)
+    SELECT r.horizon, greatest((SELECT max(b.last_position) FROM livesync.batches b), r.horizon)
+    INTO kept_from, newest
+    FROM livesync._retention r;
     IF after < kept_from THEN
         RAISE EXCEPTION 'position % is older than the retained change log (compacted through %)', after, kept_from
             USING ERRCODE = 'LS001',
                   HINT = 'Resync: load a fresh snapshot of the rows and continue from livesync.current_position().';
     END IF;
-    newest := livesync.current_position();
     IF after > newest THEN
         RAISE EXCEPTION 'position % is ahead of the change log (newest is %)', after, newest
             USING ERRCODE = 'LS001',
