@@ -203,6 +203,36 @@ pub fn changes_since(client: &mut Client, after: i64, max: i32) -> Vec<Change> {
         .collect()
 }
 
+/// One page of `livesync.change_runs(after, max)`, its runs' entries listed as
+/// changes (in SQL, so keys read as `changes_since` renders them), and the position
+/// to read the next page from (its last transaction's last position; None if empty).
+pub fn change_runs(client: &mut Client, after: i64, max: i32) -> (Vec<Change>, Option<i64>) {
+    let rows = client
+        .query(
+            "SELECT r.first_position + e.n - 1,
+                    CASE r.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 'd' THEN 'delete'
+                              WHEN 't' THEN 'truncate' WHEN 's' THEN 'schema' END,
+                    nullif(e.change -> 0, 'null')::text, r.tx::text,
+                    max(r.tx_last_position) OVER ()
+             FROM livesync.change_runs($1, $2) AS r
+             CROSS JOIN LATERAL jsonb_array_elements(r.entries) WITH ORDINALITY AS e(change, n)
+             ORDER BY 1",
+            &[&after, &max],
+        )
+        .unwrap();
+    let next = rows.first().map(|row| row.get(4));
+    let changes = rows
+        .iter()
+        .map(|row| Change {
+            position: row.get(0),
+            op: row.get(1),
+            key: row.get(2),
+            tx: row.get(3),
+        })
+        .collect();
+    (changes, next)
+}
+
 pub fn current_position(client: &mut Client) -> i64 {
     client
         .query_one("SELECT livesync.current_position()", &[])

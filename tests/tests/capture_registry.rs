@@ -5,7 +5,7 @@
 //! through triggers attached by hand afterwards. Either answer, if stale, would stay
 //! cached in the backend after the transaction.
 
-use livesync_e2e::TestDb;
+use livesync_e2e::{wait_until, TestDb};
 use postgres::error::SqlState;
 
 #[test]
@@ -22,14 +22,18 @@ fn a_snapshot_older_than_track_still_captures_the_newly_tracked_table() {
     app.batch_execute("INSERT INTO t1 VALUES (1, 'a'); COMMIT")
         .unwrap();
     app.batch_execute("INSERT INTO t1 VALUES (2, 'b')").unwrap();
-    let logged: i64 = owner
-        .query_one(
-            "SELECT count(*) FROM livesync.changes_since(0) WHERE relation = 't1'::regclass",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(logged, 2);
+    // The worker sequences each commit a tick after it returns (under load, later
+    // than this read would come).
+    wait_until("both inserts are in the log", || {
+        let logged: i64 = owner
+            .query_one(
+                "SELECT count(*) FROM livesync.changes_since(0) WHERE relation = 't1'::regclass",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        logged == 2
+    });
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! Positions are commit-ordered and gap-free for readers, shown with real
 //! concurrent sessions: transactions that commit out of start order, an idle open
-//! transaction, many writers racing one reader (with both ways of sequencing mixed),
-//! and the sequencer worker terminated mid-stream.
+//! transaction, many writers racing two readers (with both ways of sequencing mixed;
+//! one reader reads changes, the other runs), and the sequencer worker terminated
+//! mid-stream.
 
 use livesync_e2e::{
-    changes_since, current_position, four_writers_insert_200_rows, lower_xid_commits_later,
-    next_ring, rings_through, Change, Sequencer, TestDb, TWO_WRITERS_TABLE,
+    change_runs, changes_since, current_position, four_writers_insert_200_rows,
+    lower_xid_commits_later, next_ring, rings_through, Change, Sequencer, TestDb,
+    TWO_WRITERS_TABLE,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -117,6 +119,25 @@ fn racing_writers(name: &str, during: impl FnOnce(&TestDb)) {
             seen
         })
     };
+    // A second reader takes the log in runs, as the bridge does, moving on by each
+    // page's last transaction.
+    let runs_reader = {
+        let db = Arc::clone(&db);
+        let read_through = Arc::clone(&read_through);
+        std::thread::spawn(move || {
+            let mut client = db.connect();
+            let mut seen: Vec<Change> = Vec::new();
+            let mut after = start;
+            while after < read_through.load(Ordering::SeqCst) {
+                let (page, next) = change_runs(&mut client, after, 7);
+                if let Some(next) = next {
+                    after = next;
+                }
+                seen.extend(page);
+            }
+            seen
+        })
+    };
 
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -174,6 +195,7 @@ fn racing_writers(name: &str, during: impl FnOnce(&TestDb)) {
     committed.insert(marker_tx, 1);
     read_through.store(marker_position, Ordering::SeqCst);
     let seen = reader.join().unwrap();
+    let seen_in_runs = runs_reader.join().unwrap();
 
     // Strictly increasing positions: nothing duplicated, nothing out of order.
     for pair in seen.windows(2) {
@@ -208,6 +230,8 @@ fn racing_writers(name: &str, during: impl FnOnce(&TestDb)) {
     let mut client = db.connect();
     assert_eq!(seen, changes_since(&mut client, start, 100_000));
     assert_eq!(seen.last().unwrap().position, marker_position);
+    // And so is the stream read in runs.
+    assert_eq!(seen_in_runs, seen, "change_runs gave the same changes");
 }
 
 #[test]
