@@ -74,7 +74,8 @@ unsafe extern "C-unwind" fn check_call(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::FunctionCallInfo {
     unsafe {
-        let signature = c"livesync._check_read(text, bigint, int)";
+        // Types qualified too: the caller's search_path is in force here.
+        let signature = c"livesync._check_read(pg_catalog.text, pg_catalog.int8, pg_catalog.int4)";
         let Some(function) = pgrx::direct_function_call_as_datum(
             pg_sys::to_regprocedure,
             &[Some(pg_sys::Datum::from(pg_sys::cstring_to_text(
