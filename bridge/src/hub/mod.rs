@@ -12,6 +12,7 @@
 
 pub mod filter;
 pub mod outbox;
+pub mod page_cache;
 
 pub use filter::{FilterError, FilterSpec, RowFilter, Verdict};
 pub use outbox::{ChangesBody, Outbound, Outbox, OutboxReceiver};
@@ -76,6 +77,7 @@ pub struct FanoutHub {
     state: Mutex<HubState>,
     head_tx: watch::Sender<i64>,
     pool: deadpool_postgres::Pool,
+    pages: page_cache::PageCache,
     limits: Limits,
 }
 
@@ -130,6 +132,10 @@ impl FanoutHub {
             }),
             head_tx,
             pool,
+            // About as many changes as the window holds.
+            pages: page_cache::PageCache::new(
+                (limits.window_changes / PAGE_CHANGES as usize).max(2),
+            ),
             limits,
         })
     }
@@ -465,21 +471,27 @@ impl FanoutHub {
     }
 
     async fn read_from_database(&self, after: i64) -> Result<Vec<Arc<Txn>>, CatchUpError> {
-        let client = self.pool.get().await.map_err(|e| {
-            tracing::warn!(error = %e, "catch-up cannot get a database connection");
-            CatchUpError::Unavailable
-        })?;
-        match read_page(&client, after, PAGE_CHANGES).await {
-            Ok(txns) => {
-                m::catch_up_reads();
-                Ok(txns.into_iter().map(Arc::new).collect())
-            }
-            Err(e) if e.is_resync() => Err(CatchUpError::Resync),
-            Err(e) => {
-                tracing::warn!(error = %e, "catch-up read failed");
-                Err(CatchUpError::Unavailable)
-            }
-        }
+        let page = self
+            .pages
+            .get(after, || async {
+                let client = self.pool.get().await.map_err(|e| {
+                    tracing::warn!(error = %e, "catch-up cannot get a database connection");
+                    CatchUpError::Unavailable
+                })?;
+                match read_page(&client, after, PAGE_CHANGES).await {
+                    Ok(txns) => {
+                        m::catch_up_reads();
+                        Ok(txns.into_iter().map(Arc::new).collect())
+                    }
+                    Err(e) if e.is_resync() => Err(CatchUpError::Resync),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catch-up read failed");
+                        Err(CatchUpError::Unavailable)
+                    }
+                }
+            })
+            .await?;
+        Ok(page.as_ref().clone())
     }
 
     async fn end_with_resync(&self, key: SubKey) {
