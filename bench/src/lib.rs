@@ -16,6 +16,12 @@ pub struct BenchDb {
 impl BenchDb {
     /// Drops and creates database `name` and installs livesync in it.
     pub fn create(name: &'static str) -> BenchDb {
+        BenchDb::create_at(name, None)
+    }
+
+    /// Drops and creates database `name` and installs livesync in it, at `version`
+    /// (one whose install script is installed) or the default one.
+    pub fn create_at(name: &'static str, version: Option<&str>) -> BenchDb {
         let mut admin = Client::connect(&format!("{} dbname=postgres", server()), NoTls)
             .expect("connect to the server (is PostgreSQL running with livesync installed?)");
         admin
@@ -25,8 +31,9 @@ impl BenchDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
         let db = BenchDb { name };
+        let version = version.map_or(String::new(), |v| format!(" VERSION '{v}'"));
         db.connect()
-            .batch_execute("CREATE EXTENSION livesync")
+            .batch_execute(&format!("CREATE EXTENSION livesync{version}"))
             .unwrap();
         db
     }
