@@ -58,5 +58,6 @@ bridge-test:
 bench: install
 	cargo run --release -q -p livesync-bench --bin doorbell
 	cargo run --release -q -p livesync-bench --bin batch
+	cargo run --release -q -p livesync-bench --bin reader
 	bench/capture/run
 	bench/writes/run
