@@ -3,8 +3,11 @@
 -- function per change (same rows, same values); livesync.change_runs returns the runs
 -- as they are stored, for readers that take them whole (the bridge). Both share their
 -- checks (_check_read) and their choice of runs (_runs_since). livesync._delta goes:
--- nothing calls it any more. Run by ALTER EXTENSION livesync UPDATE; the log is
--- untouched.
+-- nothing calls it any more. Filter columns (livesync.set_filter_columns): capture
+-- logs their value with every update of the table, so readers can filter its changes
+-- on them; _tracked gains filter_columns and filter_attnums (empty for every table),
+-- which the tracked view shows and the DDL trigger keeps in step. Run by ALTER
+-- EXTENSION livesync UPDATE; the log is untouched.
 
 DROP FUNCTION livesync._delta("char", jsonb, jsonb);
 
@@ -161,7 +164,171 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION livesync.change_runs(bigint, int) IS
-    'The stored runs of changes committed after a position ([key, old, new, version] arrays), whole transactions only. SQLSTATE LS001 means resync.';
+    'The stored runs of changes committed after a position ([key, old, new, version] arrays, updates of tables with filter columns a fifth element), whole transactions only. SQLSTATE LS001 means resync.';
+
+-- Filter columns (tracking.sql).
+ALTER TABLE livesync._tracked
+    ADD COLUMN filter_columns text[] NOT NULL DEFAULT '{}',
+    ADD COLUMN filter_attnums int2[] NOT NULL DEFAULT '{}';
+
+CREATE OR REPLACE VIEW livesync.tracked WITH (security_barrier) AS
+SELECT t.relation,
+       ARRAY(SELECT a.attname::text
+             FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = t.relation AND i.indisprimary
+             ORDER BY k.ord) AS key_columns,
+       t.tracked_at,
+       t.filter_columns
+FROM livesync._tracked t
+-- Like conflicts and policies: a role sees the tables it may read.
+WHERE has_table_privilege(t.relation, 'SELECT');
+COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key and the filter columns whose value every update records (those the current role may SELECT).';
+
+CREATE FUNCTION livesync._set_filter_columns(rel regclass, columns text[]) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    wanted  record;
+    names   text[] := '{}';
+    attnums int2[] := '{}';
+BEGIN
+    IF rel IS NULL OR columns IS NULL THEN
+        RAISE EXCEPTION 'set_filter_columns needs a table and an array of column names' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF array_ndims(columns) > 1 OR array_position(columns, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'set_filter_columns needs a one-dimensional array of column names without NULLs, got %', columns
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(columns) > 32 THEN
+        RAISE EXCEPTION 'a table can have at most 32 filter columns, got %', cardinality(columns)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Declare the columns subscriptions filter on, not every column: each one''s value is logged with every update.';
+    END IF;
+    -- Waits for the transactions writing the table (as CREATE TRIGGER does), and makes
+    -- the next writers wait for this one: every update committed after it carries
+    -- the new columns, none before it.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+    FOR wanted IN
+        SELECT c.name, a.attnum
+        FROM unnest(columns) WITH ORDINALITY AS c(name, ord)
+        LEFT JOIN pg_attribute a ON a.attrelid = rel AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
+        ORDER BY c.ord
+    LOOP
+        IF wanted.attnum IS NULL AND wanted.name IN ('_livesync_version', '_livesync_clocks') THEN
+            RAISE EXCEPTION 'column "%" of % is livesync''s own', wanted.name, rel
+                USING ERRCODE = 'undefined_column', HINT = 'livesync''s own columns are never logged.';
+        ELSIF wanted.attnum IS NULL THEN
+            RAISE EXCEPTION 'column "%" of % does not exist', wanted.name, rel USING ERRCODE = 'undefined_column';
+        END IF;
+        IF wanted.attnum = ANY (attnums) THEN
+            RAISE EXCEPTION 'column "%" is listed twice', wanted.name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        names := names || wanted.name;
+        attnums := attnums || wanted.attnum;
+    END LOOP;
+    UPDATE livesync._tracked SET filter_columns = names, filter_attnums = attnums WHERE relation = rel;
+    -- Every backend's capture reloads the table's registration (at commit).
+    PERFORM livesync._forget_write_settings(rel);
+END
+$$;
+
+CREATE FUNCTION livesync.set_filter_columns(rel regclass, columns text[]) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_filter_columns';
+COMMENT ON FUNCTION livesync.set_filter_columns(regclass, text[]) IS
+    'Declares the columns whose value every update of the table logs, changed or not, so readers can filter its changes on them; an empty array clears them.';
+
+CREATE OR REPLACE FUNCTION livesync._on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    broken record;
+    stale  record;
+    new_shape jsonb;
+    kept_names   text[];
+    kept_attnums int2[];
+    settings_changed bool;
+BEGIN
+    FOR broken IN
+        SELECT t.relation, t.shape, t.filter_columns, t.filter_attnums,
+               NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.relation AND i.indisprimary) AS no_key,
+               NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
+                           AND a.attname = '_livesync_version' AND NOT a.attisdropped
+                           AND a.atttypid = 'int8'::regtype) AS no_version,
+               NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
+                           AND a.attname = '_livesync_clocks' AND NOT a.attisdropped
+                           AND a.atttypid = 'jsonb'::regtype) AS no_clocks
+        -- Every tracked table, not only those the command names: DROP TYPE ...
+        -- CASCADE drops columns of tables it never names, and ALTER TABLE on an
+        -- inheritance parent changes its children's columns. DDL is rare; a
+        -- catalog look per tracked table is cheap.
+        FROM livesync._tracked t
+    LOOP
+        IF broken.no_key THEN
+            RAISE EXCEPTION 'tracked table % must keep a primary key', broken.relation
+                USING ERRCODE = 'LS005',
+                      HINT = format('Call livesync.untrack(%L) first, or add the new primary key in the same statement.', broken.relation);
+        ELSIF broken.no_version OR broken.no_clocks THEN
+            RAISE EXCEPTION 'column % of tracked table % is maintained by livesync',
+                  CASE WHEN broken.no_version THEN '_livesync_version' ELSE '_livesync_clocks' END, broken.relation
+                USING ERRCODE = 'LS005',
+                      HINT = format('Call livesync.untrack(%L) first.', broken.relation);
+        END IF;
+        settings_changed := false;
+        -- A policy set for the column's old type (a union on what is now text, a sum
+        -- on what is now a string) would merge garbage: back to the table default.
+        FOR stale IN
+            SELECT p.attnum, p.policy, a.attname, a.atttypid, a.attisdropped
+            FROM livesync._policies p
+            JOIN pg_attribute a ON a.attrelid = p.relation AND a.attnum = p.attnum
+            WHERE p.relation = broken.relation
+              AND (a.attisdropped OR NOT livesync._policy_fits(p.policy, a.atttypid))
+        LOOP
+            settings_changed := true;
+            DELETE FROM livesync._policies WHERE relation = broken.relation AND attnum = stale.attnum;
+            IF NOT stale.attisdropped THEN
+                RAISE NOTICE 'policy % of column "%" of % does not fit its new type %: the column now uses the table''s default policy',
+                    stale.policy, stale.attname, broken.relation, format_type(stale.atttypid, NULL);
+            END IF;
+        END LOOP;
+        -- Filter columns: one whose name is still a column stays (a retyped one
+        -- too); one whose name is gone follows its attribute number when that column
+        -- is still there (renamed), else leaves the list (dropped). By name first: a
+        -- restored dump numbers the columns afresh, names it keeps.
+        IF cardinality(broken.filter_columns) > 0 THEN
+            SELECT coalesce(array_agg(c.attname::text ORDER BY c.ord), '{}'), coalesce(array_agg(c.attnum ORDER BY c.ord), '{}')
+            INTO kept_names, kept_attnums
+            FROM (SELECT f.ord, a.attname, a.attnum, row_number() OVER (PARTITION BY a.attnum ORDER BY f.ord) AS nth
+                  FROM unnest(broken.filter_columns, broken.filter_attnums) WITH ORDINALITY AS f(name, attnum, ord)
+                  CROSS JOIN LATERAL (
+                      SELECT a.attname, a.attnum FROM pg_attribute a
+                      WHERE a.attrelid = broken.relation AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
+                        AND (a.attname = f.name OR a.attnum = f.attnum)
+                      ORDER BY a.attname = f.name DESC
+                      LIMIT 1) AS a) AS c
+            WHERE c.nth = 1;
+            IF kept_names IS DISTINCT FROM broken.filter_columns OR kept_attnums IS DISTINCT FROM broken.filter_attnums THEN
+                UPDATE livesync._tracked SET filter_columns = kept_names, filter_attnums = kept_attnums
+                WHERE relation = broken.relation;
+                settings_changed := true;
+            END IF;
+        END IF;
+        new_shape := livesync._shape(broken.relation);
+        IF new_shape IS DISTINCT FROM broken.shape THEN
+            PERFORM livesync._log_schema_change(broken.relation, broken.shape, new_shape);
+            UPDATE livesync._tracked SET shape = new_shape WHERE relation = broken.relation;
+            settings_changed := true;
+        END IF;
+        IF settings_changed THEN
+            PERFORM livesync._forget_write_settings(broken.relation);
+        END IF;
+    END LOOP;
+END
+$$;
 
 -- The grants of privileges.sql, as they stand in 0.4.0 (the new functions are
 -- executable by PUBLIC when created: closed, then opened as in a fresh install).
@@ -176,6 +343,7 @@ GRANT EXECUTE ON FUNCTION
     livesync.set_policy(regclass, text, text),
     livesync.set_policy(regclass, text),
     livesync.set_conflict_rules(regclass, text, text),
+    livesync.set_filter_columns(regclass, text[]),
     livesync.compact(interval),
     -- Open to all so that a role outside livesync_reader is told what to grant.
     livesync.current_position(),
@@ -193,3 +361,4 @@ TO PUBLIC;
 GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesync._track_table(regclass),
     livesync._untrack_table(regclass) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._ensure_sequencer() TO livesync_reader;
+GRANT SELECT (relation, filter_columns) ON livesync._tracked TO livesync_reader;

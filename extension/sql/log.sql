@@ -24,8 +24,10 @@ CREATE TABLE livesync.changes (
     op       "char"   NOT NULL, -- i(nsert), u(pdate), d(elete), t(runcate), s(chema), c(ommit marker: no changes)
     -- One [key, old, new, version] array per change, in ordinal order. An insert
     -- has no old (JSON null), a delete no new, an update holds only the changed
-    -- columns on both sides; a truncate is all nulls; a schema change has no key
-    -- and {"columns": [{name, type}, ...]} before and after.
+    -- columns on both sides (and, on a table with filter columns, a fifth element:
+    -- those of them it did not change, with their value); a truncate is all nulls;
+    -- a schema change has no key and {"columns": [{name, type}, ...]} before and
+    -- after.
     entries  jsonb    NOT NULL,
     actor    text     NOT NULL,
     -- Set when the changes were made by livesync.write for a client mutation, so
@@ -299,7 +301,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION livesync.change_runs(bigint, int) IS
-    'The stored runs of changes committed after a position ([key, old, new, version] arrays), whole transactions only. SQLSTATE LS001 means resync.';
+    'The stored runs of changes committed after a position ([key, old, new, version] arrays, updates of tables with filter columns a fifth element), whole transactions only. SQLSTATE LS001 means resync.';
 
 -- The body of livesync.compact (declared below), run as the bootstrap superuser once
 -- the caller is known to own the extension or be a member of livesync_maintainer

@@ -4,9 +4,10 @@
 --     of livesync_reader, who see every tracked table's changes (the bridge is one);
 --   - row_version, write, write_batch and resolve_conflict run as the caller and
 --     need the caller's own privileges on the table (checked, 42501);
---   - track, untrack, set_policy and set_conflict_rules need ownership of the table,
---     compact the extension's ownership or membership in livesync_maintainer
---     (checked in src/entry.rs, then run as the bootstrap superuser);
+--   - track, untrack, set_policy, set_conflict_rules and set_filter_columns need
+--     ownership of the table, compact the extension's ownership or membership in
+--     livesync_maintainer (checked in src/entry.rs, then run as the bootstrap
+--     superuser);
 --   - livesync's own tables and its `_` functions are closed to ordinary roles,
 --     except the few helpers the public PL/pgSQL functions call as the caller.
 -- Applied last (pgrx `finalize`), once every function exists.
@@ -41,6 +42,7 @@ GRANT EXECUTE ON FUNCTION
     livesync.set_policy(regclass, text, text),
     livesync.set_policy(regclass, text),
     livesync.set_conflict_rules(regclass, text, text),
+    livesync.set_filter_columns(regclass, text[]),
     livesync.compact(interval),
     -- Open to all so that a role outside livesync_reader is told what to grant.
     livesync.current_position(),
@@ -73,6 +75,10 @@ GRANT EXECUTE ON FUNCTION livesync._capture(), livesync._stamp_version(), livesy
 -- calls the runs' choice (_runs_since).
 GRANT SELECT ON livesync.changes, livesync.batches, livesync._retention TO livesync_reader;
 GRANT EXECUTE ON FUNCTION livesync._runs_since(bigint, int), livesync._ensure_sequencer() TO livesync_reader;
+-- Which columns a table's updates carry whole (set_filter_columns): a reader (the
+-- bridge) checks a subscription's row filter against them. The other columns of
+-- _tracked (policies, shapes) stay closed.
+GRANT SELECT (relation, filter_columns) ON livesync._tracked TO livesync_reader;
 
 -- The views show each role the tables it may SELECT.
 GRANT SELECT ON livesync.tracked, livesync.policies, livesync.conflicts TO PUBLIC;

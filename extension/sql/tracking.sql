@@ -10,7 +10,13 @@ CREATE TABLE livesync._tracked (
     delete_race     text        NOT NULL DEFAULT 'delete_wins',
     -- The columns (livesync._shape) as of the last change logged for this table:
     -- a DDL that changes them is logged as a schema change.
-    shape           jsonb       NOT NULL DEFAULT '[]'
+    shape           jsonb       NOT NULL DEFAULT '[]',
+    -- The filter columns (livesync.set_filter_columns), whose value capture records
+    -- with every update: by name, as capture and readers use them (livesync_reader
+    -- may read filter_columns), and by attribute number, so that a renamed one can
+    -- be followed; the DDL trigger keeps both in step.
+    filter_columns  text[]      NOT NULL DEFAULT '{}',
+    filter_attnums  int2[]      NOT NULL DEFAULT '{}'
 );
 SELECT pg_catalog.pg_extension_config_dump('livesync._tracked', '');
 
@@ -24,11 +30,12 @@ SELECT t.relation,
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              WHERE i.indrelid = t.relation AND i.indisprimary
              ORDER BY k.ord) AS key_columns,
-       t.tracked_at
+       t.tracked_at,
+       t.filter_columns
 FROM livesync._tracked t
 -- Like conflicts and policies: a role sees the tables it may read.
 WHERE has_table_privilege(t.relation, 'SELECT');
-COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key (those the current role may SELECT).';
+COMMENT ON VIEW livesync.tracked IS 'Tables whose changes livesync captures, with the columns that form each change''s key and the filter columns whose value every update records (those the current role may SELECT).';
 
 -- A table's columns as readers see them: name and type, in column order, without
 -- livesync's own. A schema change in the log carries this list before and after.
@@ -169,6 +176,64 @@ LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'livesync_untrack';
 COMMENT ON FUNCTION livesync.untrack(regclass) IS
     'Stops capture on a table and removes its _livesync_version and _livesync_clocks columns; its past changes stay in the log.';
 
+-- The body of livesync.set_filter_columns (declared below), run as the bootstrap
+-- superuser once the caller is known to own the table (src/entry.rs).
+CREATE FUNCTION livesync._set_filter_columns(rel regclass, columns text[]) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    wanted  record;
+    names   text[] := '{}';
+    attnums int2[] := '{}';
+BEGIN
+    IF rel IS NULL OR columns IS NULL THEN
+        RAISE EXCEPTION 'set_filter_columns needs a table and an array of column names' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF array_ndims(columns) > 1 OR array_position(columns, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'set_filter_columns needs a one-dimensional array of column names without NULLs, got %', columns
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(columns) > 32 THEN
+        RAISE EXCEPTION 'a table can have at most 32 filter columns, got %', cardinality(columns)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Declare the columns subscriptions filter on, not every column: each one''s value is logged with every update.';
+    END IF;
+    -- Waits for the transactions writing the table (as CREATE TRIGGER does), and makes
+    -- the next writers wait for this one: every update committed after it carries
+    -- the new columns, none before it.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    IF NOT EXISTS (SELECT 1 FROM livesync._tracked WHERE relation = rel) THEN
+        RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
+    END IF;
+    FOR wanted IN
+        SELECT c.name, a.attnum
+        FROM unnest(columns) WITH ORDINALITY AS c(name, ord)
+        LEFT JOIN pg_attribute a ON a.attrelid = rel AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
+        ORDER BY c.ord
+    LOOP
+        IF wanted.attnum IS NULL AND wanted.name IN ('_livesync_version', '_livesync_clocks') THEN
+            RAISE EXCEPTION 'column "%" of % is livesync''s own', wanted.name, rel
+                USING ERRCODE = 'undefined_column', HINT = 'livesync''s own columns are never logged.';
+        ELSIF wanted.attnum IS NULL THEN
+            RAISE EXCEPTION 'column "%" of % does not exist', wanted.name, rel USING ERRCODE = 'undefined_column';
+        END IF;
+        IF wanted.attnum = ANY (attnums) THEN
+            RAISE EXCEPTION 'column "%" is listed twice', wanted.name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        names := names || wanted.name;
+        attnums := attnums || wanted.attnum;
+    END LOOP;
+    UPDATE livesync._tracked SET filter_columns = names, filter_attnums = attnums WHERE relation = rel;
+    -- Every backend's capture reloads the table's registration (at commit).
+    PERFORM livesync._forget_write_settings(rel);
+END
+$$;
+
+CREATE FUNCTION livesync.set_filter_columns(rel regclass, columns text[]) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_filter_columns';
+COMMENT ON FUNCTION livesync.set_filter_columns(regclass, text[]) IS
+    'Declares the columns whose value every update of the table logs, changed or not, so readers can filter its changes on them; an empty array clears them.';
+
 -- Runs as the caller with its search_path (like a plain SELECT: the key's = and the
 -- table's RLS policies resolve as they would there); livesync's own calls name
 -- their schema.
@@ -233,10 +298,12 @@ DECLARE
     broken record;
     stale  record;
     new_shape jsonb;
+    kept_names   text[];
+    kept_attnums int2[];
     settings_changed bool;
 BEGIN
     FOR broken IN
-        SELECT t.relation, t.shape,
+        SELECT t.relation, t.shape, t.filter_columns, t.filter_attnums,
                NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.relation AND i.indisprimary) AS no_key,
                NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.relation
                            AND a.attname = '_livesync_version' AND NOT a.attisdropped
@@ -277,6 +344,29 @@ BEGIN
                     stale.policy, stale.attname, broken.relation, format_type(stale.atttypid, NULL);
             END IF;
         END LOOP;
+        -- Filter columns: one whose name is still a column stays (a retyped one
+        -- too); one whose name is gone follows its attribute number when that column
+        -- is still there (renamed), else leaves the list (dropped). By name first: a
+        -- restored dump numbers the columns afresh, names it keeps.
+        IF cardinality(broken.filter_columns) > 0 THEN
+            SELECT coalesce(array_agg(c.attname::text ORDER BY c.ord), '{}'), coalesce(array_agg(c.attnum ORDER BY c.ord), '{}')
+            INTO kept_names, kept_attnums
+            FROM (SELECT f.ord, a.attname, a.attnum, row_number() OVER (PARTITION BY a.attnum ORDER BY f.ord) AS nth
+                  FROM unnest(broken.filter_columns, broken.filter_attnums) WITH ORDINALITY AS f(name, attnum, ord)
+                  CROSS JOIN LATERAL (
+                      SELECT a.attname, a.attnum FROM pg_attribute a
+                      WHERE a.attrelid = broken.relation AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attname NOT IN ('_livesync_version', '_livesync_clocks')
+                        AND (a.attname = f.name OR a.attnum = f.attnum)
+                      ORDER BY a.attname = f.name DESC
+                      LIMIT 1) AS a) AS c
+            WHERE c.nth = 1;
+            IF kept_names IS DISTINCT FROM broken.filter_columns OR kept_attnums IS DISTINCT FROM broken.filter_attnums THEN
+                UPDATE livesync._tracked SET filter_columns = kept_names, filter_attnums = kept_attnums
+                WHERE relation = broken.relation;
+                settings_changed := true;
+            END IF;
+        END IF;
         new_shape := livesync._shape(broken.relation);
         IF new_shape IS DISTINCT FROM broken.shape THEN
             PERFORM livesync._log_schema_change(broken.relation, broken.shape, new_shape);

@@ -10,14 +10,21 @@
 //! statement changed primary keys they are re-paired by key, and a row whose key
 //! changed is logged as the delete of the old key and the insert of the new one,
 //! which is what a subscriber keyed by primary key needs to apply.
+//!
+//! An update logs `[key, old, new, version]` with only the columns it changed; on a
+//! table with filter columns (`livesync.set_filter_columns`) a fifth element holds
+//! the current value of each filter column the update left unchanged, so a reader
+//! can tell whether the row matches a filter on it either way.
 
 use crate::error::LivesyncError;
 use crate::log_writer::StatementLog;
-use crate::row_json::{attr, is_version_column, RowEncoder};
+use crate::row_json::{attr, is_version_column, JsonbBuilder, RowEncoder};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::ffi::CStr;
+use std::rc::Rc;
 
 /// The capture trigger raises its errors directly (`LivesyncError::raise`); this
 /// uninhabited type only satisfies `#[pg_trigger]`'s signature.
@@ -104,10 +111,22 @@ fn _log_schema_change(rel: pg_sys::Oid, before: pgrx::JsonB, after: pgrx::JsonB)
 }
 
 thread_local! {
-    /// Whether `livesync._tracked` lists a relation, per backend; an entry goes with
-    /// the relation's next invalidation (track's and untrack's DDL cause one).
-    static REGISTERED: std::cell::RefCell<HashMap<pg_sys::Oid, bool>> =
+    /// What `livesync._tracked` says of a relation, per backend; an entry goes with
+    /// the relation's next invalidation (track's and untrack's DDL cause one, and so
+    /// does set_filter_columns).
+    static REGISTERED: std::cell::RefCell<HashMap<pg_sys::Oid, Registration>> =
         std::cell::RefCell::new(HashMap::new());
+}
+
+/// A relation's entry in `livesync._tracked`, as capture needs it.
+#[derive(Clone)]
+enum Registration {
+    /// Not listed: `livesync.track` did not register it.
+    Unregistered,
+    /// Listed, with its filter columns (`_tracked.filter_columns`) as 0-based
+    /// indexes into its tuples: None when it has none, the common case, which costs
+    /// the capture path nothing.
+    Tracked(Option<Rc<[usize]>>),
 }
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
@@ -122,46 +141,109 @@ unsafe extern "C-unwind" fn forget_registered(_arg: pg_sys::Datum, relid: pg_sys
     REGISTERED.with(|known| crate::catalog::forget_relation(known, relid));
 }
 
-/// Whether livesync.track registered the table. `_capture` is executable by every
-/// role (track creates the triggers as the table's owner), so it refuses to log a
-/// table that carries its triggers without having been tracked.
-fn registered(relid: pg_sys::Oid) -> bool {
-    if let Some(known) = REGISTERED.with(|known| known.borrow().get(&relid).copied()) {
+/// The table's registration. `_capture` is executable by every role (track creates
+/// the triggers as the table's owner), so it refuses to log a table that carries its
+/// triggers without having been tracked.
+///
+/// # Safety
+/// `rel` must be an open relation.
+unsafe fn registration(rel: pg_sys::Relation) -> Registration {
+    let relid = unsafe { (*rel).rd_id };
+    if let Some(known) = REGISTERED.with(|known| known.borrow().get(&relid).cloned()) {
         return known;
     }
-    let found = unsafe { listed_in_tracked(relid) };
-    REGISTERED.with(|known| known.borrow_mut().insert(relid, found));
+    let found = unsafe { look_up_registration(rel) };
+    REGISTERED.with(|known| known.borrow_mut().insert(relid, found.clone()));
     found
 }
 
-/// Looks `relid` up in `livesync._tracked` by its primary key, with the latest
+/// Looks `rel` up in `livesync._tracked` by its primary key, with the latest
 /// snapshot, as the catalogs are read: the transaction's own snapshot (REPEATABLE
-/// READ) could predate a track or untrack whose triggers this statement already
-/// sees, and its stale answer would then be cached past the invalidation.
-unsafe fn listed_in_tracked(relid: pg_sys::Oid) -> bool {
+/// READ) could predate a track, an untrack or a set_filter_columns whose
+/// invalidation this statement has already processed, and its stale answer would
+/// then be cached past it.
+unsafe fn look_up_registration(rel: pg_sys::Relation) -> Registration {
     let (Some(tracked), Some(primary_key)) = (
         crate::catalog::livesync_relation(c"_tracked"),
         crate::catalog::livesync_relation(c"_tracked_pkey"),
     ) else {
-        return false;
+        return Registration::Unregistered;
     };
     unsafe {
-        let rel = pg_sys::table_open(tracked, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let registry = pg_sys::table_open(tracked, lock);
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
         pg_sys::ScanKeyInit(
             &mut key,
             1,
             pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
             pg_sys::RegProcedure::from(pg_sys::F_OIDEQ),
-            pg_sys::Datum::from(relid),
+            pg_sys::Datum::from((*rel).rd_id),
         );
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let scan = pg_sys::systable_beginscan(rel, primary_key, true, snapshot, 1, &mut key);
-        let found = !pg_sys::systable_getnext(scan).is_null();
+        let scan = pg_sys::systable_beginscan(registry, primary_key, true, snapshot, 1, &mut key);
+        let tuple = pg_sys::systable_getnext(scan);
+        let found = if tuple.is_null() {
+            Registration::Unregistered
+        } else {
+            Registration::Tracked(filter_columns(tuple, (*registry).rd_att, (*rel).rd_att))
+        };
         pg_sys::systable_endscan(scan);
         pg_sys::UnregisterSnapshot(snapshot);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(registry, lock);
         found
+    }
+}
+
+/// The filter columns a `livesync._tracked` row lists, as indexes into the tracked
+/// table's tuples (`table`): by name, so they are right whatever attribute numbers
+/// a restored dump gave the columns (the DDL trigger keeps the names in step with
+/// renames). None when there are none, or when the database's update to 0.4.0 has
+/// not run (no such column yet). A name that is not a column of the table now is
+/// passed over.
+unsafe fn filter_columns(
+    tuple: pg_sys::HeapTuple,
+    registry: pg_sys::TupleDesc,
+    table: pg_sys::TupleDesc,
+) -> Option<Rc<[usize]>> {
+    unsafe {
+        let position = (0..(*registry).natts as usize).find(|&i| {
+            let att = attr(registry, i);
+            !att.attisdropped
+                && att.atttypid == pg_sys::TEXTARRAYOID
+                && CStr::from_ptr(att.attname.data.as_ptr()) == c"filter_columns"
+        })?;
+        let mut isnull = false;
+        let datum = pg_sys::heap_getattr(tuple, position as i32 + 1, registry, &mut isnull);
+        if isnull {
+            return None;
+        }
+        // Names compared as bytes (in the database's encoding, as attnames are).
+        let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+        let mut names = std::ptr::null_mut();
+        let mut nulls = std::ptr::null_mut();
+        let mut count = 0;
+        pg_sys::deconstruct_array_builtin(
+            array,
+            pg_sys::TEXTOID,
+            &mut names,
+            &mut nulls,
+            &mut count,
+        );
+        let mut columns = Vec::new();
+        for k in 0..count.max(0) as usize {
+            if *nulls.add(k) {
+                continue;
+            }
+            let text = pg_sys::pg_detoast_datum_packed((*names.add(k)).cast_mut_ptr());
+            let name = pgrx::varlena::varlena_to_byte_slice(text);
+            let found = (0..(*table).natts as usize).find(|&i| {
+                let att = attr(table, i);
+                !att.attisdropped && CStr::from_ptr(att.attname.data.as_ptr()).to_bytes() == name
+            });
+            columns.extend(found);
+        }
+        (!columns.is_empty()).then(|| columns.into())
     }
 }
 
@@ -180,10 +262,13 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
         // transition table, it would log the statement's rows once per row).
         let as_installed = td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
             && td.tg_event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER;
-        if !as_installed || !registered((*rel).rd_id) {
-            LivesyncError::NotRegistered(crate::write::target::relation_display((*rel).rd_id))
-                .raise();
-        }
+        let filters = match registration(rel) {
+            Registration::Tracked(filters) if as_installed => filters,
+            _ => {
+                LivesyncError::NotRegistered(crate::write::target::relation_display((*rel).rd_id))
+                    .raise();
+            }
+        };
         let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
         let mut log = StatementLog::new((*rel).rd_id);
 
@@ -214,7 +299,8 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
                 _ => {
                     let olds = TransitionReader::new(td.tg_oldtable, first);
                     let news = TransitionReader::new(td.tg_newtable, second);
-                    capture_updates(olds, news, &mut encoder, &mut log, mark);
+                    let filters = filters.as_deref();
+                    capture_updates(olds, news, &mut encoder, &mut log, mark, filters);
                 }
             }
             RowEncoder::give_back(encoder);
@@ -254,12 +340,14 @@ unsafe fn log_whole(
     }
 }
 
+/// `filters`: the table's filter columns (0-based indexes), if it has any.
 unsafe fn capture_updates(
     mut olds: TransitionReader,
     mut news: TransitionReader,
     encoder: &mut RowEncoder,
     log: &mut StatementLog,
     mark: Option<i64>,
+    filters: Option<&[usize]>,
 ) {
     unsafe {
         // Postgres fills both transition tables in step: read them side by side, and
@@ -276,10 +364,11 @@ unsafe fn capture_updates(
         news.rewind();
         if in_step {
             while olds.next() && news.next() {
-                log_update(log, encoder, olds.slot, news.slot);
+                log_update(log, encoder, olds.slot, news.slot, filters);
             }
         } else {
-            capture_rekeyed_updates(encoder, log, olds.copy_all(), news.copy_all(), mark);
+            let (olds, news) = (olds.copy_all(), news.copy_all());
+            capture_rekeyed_updates(encoder, log, olds, news, mark, filters);
         }
     }
 }
@@ -292,6 +381,7 @@ unsafe fn capture_rekeyed_updates(
     olds: Vec<*mut pg_sys::TupleTableSlot>,
     news: Vec<*mut pg_sys::TupleTableSlot>,
     mark: Option<i64>,
+    filters: Option<&[usize]>,
 ) {
     unsafe {
         let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -314,7 +404,7 @@ unsafe fn capture_rekeyed_updates(
         }
         for (old, new) in pairs {
             match old {
-                Some(i) => log_update(log, encoder, olds[i], new),
+                Some(i) => log_update(log, encoder, olds[i], new, filters),
                 None => log_whole(log, encoder, b'i', new, mark),
             }
         }
@@ -324,18 +414,28 @@ unsafe fn capture_rekeyed_updates(
     }
 }
 
+/// Logs an update: `[key, old, new, version]`, old and new holding the columns it
+/// changed; with `filters` (the table's filter columns), a fifth element holding
+/// those of them it did not change, with their current value.
 unsafe fn log_update(
     log: &mut StatementLog,
     encoder: &mut RowEncoder,
     old: *mut pg_sys::TupleTableSlot,
     new: *mut pg_sys::TupleTableSlot,
+    filters: Option<&[usize]>,
 ) {
     unsafe {
         let version = encoder.version(new);
-        log.change(b'u', version, |out| {
+        let fill = |encoder: &mut RowEncoder, out: &mut JsonbBuilder| {
             encoder.push_key(out, new);
             encoder.push_changed(out, old, new);
-        });
+        };
+        match filters {
+            None => log.change(b'u', version, |out| fill(encoder, out)),
+            Some(filters) => log.change_with_tail(b'u', version, encoder, fill, |encoder, out| {
+                encoder.push_unchanged(out, new, filters)
+            }),
+        }
     }
 }
 

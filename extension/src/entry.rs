@@ -1,7 +1,8 @@
 //! The configuration and maintenance entry points (`livesync.track`, `untrack`,
-//! `set_policy`, `set_conflict_rules`, `compact`): C-interface functions that check
-//! the caller's privilege, then run the function's steps (PL/pgSQL functions named
-//! with a leading `_`): those that write livesync's own tables as the bootstrap
+//! `set_policy`, `set_conflict_rules`, `set_filter_columns`, `compact`): C-interface
+//! functions that check the caller's privilege, then run the function's steps
+//! (PL/pgSQL functions named with a leading `_`): those that write livesync's own
+//! tables as the bootstrap
 //! superuser (no ordinary role may execute them), the DDL on the caller's table
 //! (`track`'s columns and triggers) as the caller, so that every event trigger
 //! fires as the table's owner, as for the owner's own ALTER TABLE.
@@ -62,6 +63,7 @@ const fn elevated(sql: &'static CStr) -> Step {
 
 const REGCLASS: pg_sys::Oid = pg_sys::REGCLASSOID;
 const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+const TEXT_ARRAY: pg_sys::Oid = pg_sys::TEXTARRAYOID;
 
 const TRACK: Entry = Entry {
     name: "livesync.track",
@@ -112,6 +114,13 @@ const SET_CONFLICT_RULES: Entry = Entry {
     needs: Needs::Ownership,
     returns_value: false,
 };
+const SET_FILTER_COLUMNS: Entry = Entry {
+    name: "livesync.set_filter_columns",
+    steps: &[elevated(c"SELECT livesync._set_filter_columns($1, $2)")],
+    arg_types: &[REGCLASS, TEXT_ARRAY],
+    needs: Needs::Ownership,
+    returns_value: false,
+};
 const COMPACT: Entry = Entry {
     name: "livesync.compact",
     steps: &[elevated(c"SELECT livesync._compact($1)")],
@@ -154,6 +163,11 @@ entry_point!(
     pg_finfo_livesync_set_conflict_rules,
     livesync_set_conflict_rules,
     SET_CONFLICT_RULES
+);
+entry_point!(
+    pg_finfo_livesync_set_filter_columns,
+    livesync_set_filter_columns,
+    SET_FILTER_COLUMNS
 );
 entry_point!(pg_finfo_livesync_compact, livesync_compact, COMPACT);
 

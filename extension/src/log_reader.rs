@@ -9,7 +9,9 @@
 //! at the price of copying every row once more (10-20% of the read).
 //!
 //! The log stores runs: one `livesync.changes` row holds up to a thousand changes as
-//! a jsonb array of `[key, old, new, version]`. `livesync._runs_since` picks the
+//! a jsonb array of `[key, old, new, version]` (an update of a table with filter
+//! columns has a fifth element, the filter columns it left unchanged, which the
+//! delta leaves out: it holds what changed). `livesync._runs_since` picks the
 //! runs of the whole transactions a page returns, in position order (the same runs
 //! `livesync.change_runs` returns); this function walks each run's array in its
 //! binary form and writes one result row per change: the key as stored, and the
@@ -327,7 +329,8 @@ impl OpNames {
 }
 
 /// One change, `[key, old, new, version]`, in its binary form; a missing element
-/// reads as SQL NULL, as `->` gives it.
+/// reads as SQL NULL, as `->` gives it. Elements after the fourth (an update's
+/// unchanged filter columns) are not read.
 struct Change {
     parts: [*mut pg_sys::JsonbValue; 4],
 }

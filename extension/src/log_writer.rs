@@ -34,7 +34,8 @@ const MAX_BYTES_PER_ROW: usize = 8 << 20;
 
 /// One statement's changes on their way into the log. Consecutive changes of one
 /// kind are collected into a single jsonb array (`[key, old, new, version]` per
-/// change) and written as one log row, so a 100-row statement costs one heap insert
+/// change, updates of a table with filter columns a fifth element) and written as
+/// one log row, so a 100-row statement costs one heap insert
 /// and one index insert, and TOAST compresses the batch as a whole.
 pub struct StatementLog {
     relation: pg_sys::Oid,
@@ -73,6 +74,19 @@ impl StatementLog {
     /// Adds one change: `fill` pushes its key, old and new values (objects, or
     /// nulls where a kind of change has none).
     pub fn change(&mut self, op: u8, version: Option<i64>, fill: impl FnOnce(&mut JsonbBuilder)) {
+        self.change_with_tail(op, version, &mut (), |_, out| fill(out), |_, _| {});
+    }
+
+    /// Adds one change as `change` does, and after its version whatever `tail`
+    /// pushes (an update's filter columns). Both get `context` (what they push from).
+    pub fn change_with_tail<C: ?Sized>(
+        &mut self,
+        op: u8,
+        version: Option<i64>,
+        context: &mut C,
+        fill: impl FnOnce(&mut C, &mut JsonbBuilder),
+        tail: impl FnOnce(&mut C, &mut JsonbBuilder),
+    ) {
         if self.run.as_ref().is_some_and(|run| run.op != op) {
             self.write_run();
         }
@@ -89,11 +103,12 @@ impl StatementLog {
                 }
             });
             run.entries.begin_array();
-            fill(&mut run.entries);
+            fill(context, &mut run.entries);
             match version {
                 Some(version) => run.entries.int_element(version),
                 None => run.entries.null_element(),
             }
+            tail(context, &mut run.entries);
             run.entries.end_array();
             run.count += 1;
             pg_sys::CurrentMemoryContext = outer;

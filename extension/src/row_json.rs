@@ -48,7 +48,8 @@ pub struct RowEncoder {
     /// 0-based index of `_livesync_version`.
     version_column: usize,
     kinds: Vec<ColumnKind>,
-    /// Scratch: the columns an update changed (kept to reuse its allocation).
+    /// The columns the last update given to `push_changed` changed (kept to reuse
+    /// its allocation; `push_unchanged` reads them).
     changed: Vec<usize>,
     /// Two slots for reading the relation's transition tables, made once: on a
     /// descriptor copy of the encoder's own, so they pin nothing across
@@ -251,6 +252,34 @@ impl RowEncoder {
                 out.end_object();
             }
             self.changed = changed;
+        }
+    }
+
+    /// Pushes the object of an update's filter columns that it did not change, with
+    /// their value in `slot` (the new row): `columns` are the table's filter columns
+    /// (0-based indexes; livesync's own columns are passed over). Call right after
+    /// `push_changed` for the same update: it skips the columns found changed there,
+    /// whose values old and new already hold.
+    ///
+    /// # Safety
+    /// `slot` must hold a tuple of this encoder's relation.
+    pub unsafe fn push_unchanged(
+        &mut self,
+        out: &mut JsonbBuilder,
+        slot: *mut pg_sys::TupleTableSlot,
+        columns: &[usize],
+    ) {
+        unsafe {
+            out.begin_object();
+            for &i in columns {
+                if i < self.kinds.len()
+                    && !matches!(self.kinds[i], ColumnKind::Skipped)
+                    && !self.changed.contains(&i)
+                {
+                    self.push_column(out, slot, i);
+                }
+            }
+            out.end_object();
         }
     }
 

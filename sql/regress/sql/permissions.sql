@@ -35,12 +35,22 @@ SELECT c.relname AS readers_read,
 FROM pg_class c WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind IN ('r', 'v', 'S')
   AND has_table_privilege('ls_bridge', c.oid, 'SELECT')
   AND NOT has_table_privilege('ls_stranger', c.oid, 'SELECT') ORDER BY 1;
+-- and the columns it reads of tables it may not read whole (which tables have filter
+-- columns: the bridge checks subscriptions' filters against them)
+SELECT c.relname AS readers_read_of, a.attname AS column_name,
+       has_column_privilege('ls_bridge', c.oid, a.attnum, 'INSERT, UPDATE') AS readers_write
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relnamespace = 'livesync'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+  AND has_column_privilege('ls_bridge', c.oid, a.attnum, 'SELECT')
+  AND NOT has_table_privilege('ls_bridge', c.oid, 'SELECT')
+  AND NOT has_column_privilege('ls_stranger', c.oid, a.attnum, 'SELECT') ORDER BY 1, a.attnum;
 -- Every function that runs with livesync's own rights pins its search_path: those
 -- declared SECURITY DEFINER, and the steps src/entry.rs runs as the superuser.
 SELECT p.proname AS runs_privileged, p.prosecdef AS security_definer,
        coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false) AS search_path_pinned
 FROM pg_proc p WHERE p.pronamespace = 'livesync'::regnamespace
-  AND (p.prosecdef OR p.proname IN ('_track_register', '_untrack_register', '_set_policy', '_set_conflict_rules', '_compact'))
+  AND (p.prosecdef OR p.proname IN ('_track_register', '_untrack_register', '_set_policy', '_set_conflict_rules',
+                                     '_set_filter_columns', '_compact'))
 ORDER BY 1, 2;
 
 -- A fingerprint of everything the calls below could change or reveal: tracking,
@@ -48,7 +58,8 @@ ORDER BY 1, 2;
 CREATE FUNCTION public.livesync_state() RETURNS text
 LANGUAGE sql AS $$
     SELECT md5(concat_ws('|',
-        (SELECT string_agg(format('%s %s %s %s %s', relation, default_policy, existing_insert, delete_race, shape), ',' ORDER BY relation::text) FROM livesync._tracked),
+        (SELECT string_agg(format('%s %s %s %s %s %s %s', relation, default_policy, existing_insert, delete_race, shape,
+                                  filter_columns, filter_attnums), ',' ORDER BY relation::text) FROM livesync._tracked),
         (SELECT string_agg(format('%s %s %s', relation, attnum, policy), ',' ORDER BY relation::text, attnum) FROM livesync._policies),
         (SELECT string_agg(format('%s %s %s', id, resolved_at IS NULL, resolution), ',' ORDER BY id) FROM livesync._conflicts),
         (SELECT count(*) FROM livesync._mutations),
@@ -66,12 +77,13 @@ SELECT livesync.track('notes'), livesync.track('drafts'), livesync.track('secret
 SELECT livesync.set_policy('notes', 'body', 'manual'), livesync.set_policy('notes', 'score', 'max'),
        livesync.set_policy('notes', 'server_wins'), livesync.set_conflict_rules('notes', 'merge', 'update_wins');
 SELECT livesync.set_policy('notes', 'lww'), livesync.set_conflict_rules('notes', delete_race => 'delete_wins');
+SELECT livesync.set_filter_columns('notes', '{score}');
 GRANT SELECT, INSERT, UPDATE, DELETE ON notes, drafts TO ls_app, ls_twin;
 GRANT SELECT ON notes TO ls_viewer;
 -- the owner may not read the log: that is livesync_reader's
 SELECT expect_error('SELECT livesync.current_position()');
 RESET ROLE;
-SELECT relation, key_columns FROM livesync.tracked
+SELECT relation, key_columns, filter_columns FROM livesync.tracked
 WHERE relation IN ('notes'::regclass, 'drafts'::regclass, 'secrets'::regclass) ORDER BY relation::text;
 SELECT * FROM livesync.policies WHERE relation = 'notes'::regclass ORDER BY column_name NULLS FIRST;
 SELECT livesync.current_position() AS p0 \gset
@@ -102,6 +114,8 @@ SELECT expect_error($$SELECT livesync.untrack('notes')$$);
 SELECT expect_error($$SELECT livesync.set_policy('notes', 'body', 'lww')$$);
 SELECT expect_error($$SELECT livesync.set_policy('notes', 'manual')$$);
 SELECT expect_error($$SELECT livesync.set_conflict_rules('notes', 'reject')$$);
+SELECT expect_error($$SELECT livesync.set_filter_columns('notes', '{body}')$$);
+SELECT expect_error($$SELECT livesync.set_filter_columns('secrets', '{}')$$);
 SELECT expect_error($$SELECT livesync.compact('0 seconds')$$);
 SELECT expect_error($$SELECT livesync.changes_since(0)$$);
 SELECT expect_error($$SELECT livesync.change_runs(0)$$);
@@ -120,6 +134,8 @@ SELECT expect_error($$SELECT livesync._track_register('secrets')$$);
 SELECT expect_error($$SELECT livesync._track_table('secrets')$$);
 SELECT expect_error($$SELECT livesync._compact('0 seconds')$$);
 SELECT expect_error($$SELECT livesync._set_policy('notes', 'client_wins')$$);
+SELECT expect_error($$SELECT livesync._set_filter_columns('notes', '{body}')$$);
+SELECT expect_error($$SELECT t.filter_columns FROM livesync._tracked t WHERE t.relation = 'notes'::regclass$$);
 SELECT expect_error($$SELECT livesync._log_schema_change('secrets'::regclass, '[]', '[]')$$);
 -- nor make livesync log a table of its own by attaching the capture trigger by hand
 -- (track creates the triggers as the owner, so anyone may attach them; capture
@@ -164,6 +180,16 @@ SELECT expect_error($$SELECT livesync.write('notes', 'update', '{"id": 1}', '{"b
 SELECT expect_error($$SELECT livesync.compact('0 seconds')$$);
 SELECT expect_error($$DELETE FROM livesync.changes$$);
 SELECT count(*) AS tracked_seen FROM livesync.tracked;
+-- it reads each table's filter columns (the bridge's own query), and nothing else
+-- of livesync's records of the tables
+PREPARE filter_columns AS SELECT t.filter_columns FROM livesync._tracked t WHERE t.relation = $1;
+EXECUTE filter_columns('notes'::regclass);
+EXECUTE filter_columns('secrets'::regclass);
+DEALLOCATE filter_columns;
+SELECT expect_error($$SELECT t.shape FROM livesync._tracked t$$);
+SELECT expect_error($$SELECT * FROM livesync._tracked$$);
+SELECT expect_error($$UPDATE livesync._tracked SET filter_columns = '{body}'$$);
+SELECT expect_error($$SELECT livesync.set_filter_columns('notes', '{body}')$$);
 RESET ROLE;
 SELECT livesync_state() = :'before' AS nothing_changed;
 

@@ -135,6 +135,11 @@ SELECT DISTINCT tgenabled FROM pg_trigger WHERE tgrelid = 'notes'::regclass AND 
 INSERT INTO notes VALUES (2, 'new');
 ALTER TABLE notes ADD COLUMN due date;
 SELECT position, op, key, delta FROM livesync.changes_since(0, 100000) WHERE relation = 'notes'::regclass ORDER BY position;
+-- and take filter columns (new in 0.4.0): an update then logs their value
+SELECT livesync.current_position() AS before_filter \gset
+SELECT livesync.set_filter_columns('notes', '{body}');
+UPDATE notes SET due = '2026-12-24' WHERE id = 2;
+SELECT (entries -> 0) - 3 AS update_with_a_filter_column FROM livesync.change_runs(:before_filter);
 -- and the roles of the privilege model exist
 SELECT rolname FROM pg_roles WHERE rolname IN ('livesync_reader', 'livesync_maintainer') ORDER BY 1;
 
