@@ -27,6 +27,42 @@ pub struct Identity {
     pub role: Option<String>,
     /// The token's claims as JSON (`request.jwt.claims`); `{}` without a token.
     pub claims_json: String,
+    /// The token's subject, which scopes the client ids it may use (None: auth off).
+    pub subject: Option<String>,
+    /// When the token expires (Unix seconds): the connection ends then.
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    /// Whether the token has expired (with the same leeway as at verification).
+    pub fn expired(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.expires_at.is_some_and(|exp| exp + 5 < now)
+    }
+
+    /// The client id livesync records for a client's writes. With auth on it is
+    /// scoped by the token's subject (`<sub>/<client_id>`, `/` and `\` in the subject
+    /// escaped), so one user cannot use (and so pre-empt) another's mutation ids.
+    pub fn scoped_client_id(&self, client_id: &str) -> String {
+        match &self.subject {
+            None => client_id.to_string(),
+            Some(sub) => {
+                let mut scoped = String::with_capacity(sub.len() + client_id.len() + 1);
+                for c in sub.chars() {
+                    if c == '/' || c == '\\' {
+                        scoped.push('\\');
+                    }
+                    scoped.push(c);
+                }
+                scoped.push('/');
+                scoped.push_str(client_id);
+                scoped
+            }
+        }
+    }
 }
 
 /// Verifies tokens with the configured keys.
@@ -69,6 +105,8 @@ impl Authenticator {
                 actor: client_id.to_string(),
                 role: self.default_role.clone(),
                 claims_json: "{}".into(),
+                subject: None,
+                expires_at: None,
             });
         }
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
@@ -92,11 +130,18 @@ impl Authenticator {
             _ => return Err(AuthError::Invalid("the token has no sub claim".into())),
         };
         let role = match claims.get("role") {
+            // SET ROLE none means "back to the login role": the bridge's own.
+            Some(Value::String(r)) if r.eq_ignore_ascii_case("none") => {
+                return Err(AuthError::Invalid("the role claim names no role".into()))
+            }
             Some(Value::String(r)) if !r.is_empty() => Some(r.clone()),
             None => self.default_role.clone(),
             Some(_) => return Err(AuthError::Invalid("the role claim must be a string".into())),
         };
+        let expires_at = claims.get("exp").and_then(Value::as_u64);
         Ok(Identity {
+            expires_at,
+            subject: Some(actor.clone()),
             actor,
             role,
             claims_json: Value::Object(claims).to_string(),
@@ -170,6 +215,34 @@ mod tests {
         ));
         assert!(matches!(
             a.identify(Some("not.a.token"), "c"),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn client_ids_are_scoped_by_subject_without_collisions() {
+        let id = |sub: &str| Identity {
+            actor: sub.into(),
+            role: None,
+            claims_json: "{}".into(),
+            subject: Some(sub.into()),
+            expires_at: None,
+        };
+        assert_eq!(id("ann").scoped_client_id("tab"), "ann/tab");
+        assert_ne!(
+            id("a/b").scoped_client_id("c"),
+            id("a").scoped_client_id("b/c")
+        );
+        assert_ne!(
+            id("a\\").scoped_client_id("c"),
+            id("a").scoped_client_id("\\/c")
+        );
+        let t = token(
+            json!({"sub": "x", "role": "NONE", "exp": now() + 60}),
+            "secret",
+        );
+        assert!(matches!(
+            auth().identify(Some(&t), "c"),
             Err(AuthError::Invalid(_))
         ));
     }

@@ -56,6 +56,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Database connections for writes, snapshots and catch-up reads.
     pub pool_size: usize,
+    /// How often live subscriptions' access (SELECT, row-level security) is re-checked.
+    pub access_recheck: Duration,
 }
 
 /// Limits that protect the bridge from one client.
@@ -72,6 +74,8 @@ pub struct Limits {
     pub queue_capacity: usize,
     /// Changes kept in memory so recent resumes need no query.
     pub window_changes: usize,
+    /// ... and at most about this many bytes of them (big rows).
+    pub window_bytes: usize,
     /// A subscriber still catching up after this long is told to resync.
     pub max_catch_up: Duration,
     /// Rows per snapshot page.
@@ -87,6 +91,7 @@ impl Default for Limits {
             connections_per_ip: 10_000,
             queue_capacity: 1024,
             window_changes: 100_000,
+            window_bytes: 256 << 20,
             max_catch_up: Duration::from_secs(60),
             snapshot_page_rows: 1000,
         }
@@ -111,6 +116,7 @@ impl Config {
             ready_max_lag: 100_000,
             heartbeat: Duration::from_secs(25),
             pool_size: 16,
+            access_recheck: Duration::from_secs(2),
         }
     }
 
@@ -187,6 +193,7 @@ impl Config {
             &mut l.window_changes,
             cli.window_changes.or(fl.window_changes),
         );
+        set(&mut l.window_bytes, cli.window_bytes.or(fl.window_bytes));
         if let Some(s) = cli.max_catch_up_secs.or(fl.max_catch_up_secs) {
             l.max_catch_up = Duration::from_secs(s);
         }
@@ -236,6 +243,16 @@ impl Config {
         }
         if self.poll_interval < Duration::from_millis(10) {
             return Err(invalid("poll_interval_ms", "must be at least 10"));
+        }
+        if self
+            .default_role
+            .as_deref()
+            .is_some_and(|r| r.eq_ignore_ascii_case("none"))
+        {
+            return Err(invalid(
+                "default_role",
+                "\"none\" is not a role (leave it unset to run as the bridge's role)",
+            ));
         }
         if self.pool_size < 2 {
             return Err(invalid("pool_size", "must be at least 2"));
@@ -309,6 +326,8 @@ struct Cli {
     queue_capacity: Option<usize>,
     #[arg(long, env = "LIVESYNC_WINDOW_CHANGES")]
     window_changes: Option<usize>,
+    #[arg(long, env = "LIVESYNC_WINDOW_BYTES")]
+    window_bytes: Option<usize>,
     #[arg(long, env = "LIVESYNC_MAX_CATCH_UP_SECS")]
     max_catch_up_secs: Option<u64>,
     /// Retention for the cleanup endpoint, in hours (default 24).
@@ -353,6 +372,7 @@ struct FileLimits {
     connections_per_ip: Option<usize>,
     queue_capacity: Option<usize>,
     window_changes: Option<usize>,
+    window_bytes: Option<usize>,
     max_catch_up_secs: Option<u64>,
     snapshot_page_rows: Option<usize>,
 }

@@ -192,7 +192,7 @@ async fn batch_changes(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     if body.len() > state.config.limits.max_frame_bytes {
         return Err(api_error(
             ErrorCode::TooLarge,
@@ -212,19 +212,28 @@ async fn batch_changes(
         ));
     }
     let identity = caller(&state, &headers, &request.client_id)?;
+    let client_id = identity.scoped_client_id(&request.client_id);
+    if client_id.len() > 256 {
+        return Err(api_error(
+            ErrorCode::BadRequest,
+            "client_id and the token's sub together must stay within 256 bytes",
+        ));
+    }
     let results = writer::write_batch(
         &state.pool,
         &identity,
-        &request.client_id,
+        &client_id,
         &request.mutations,
         request.all_or_nothing,
     )
     .await
     .map_err(db_error)?;
-    if let Value::Array(items) = &results {
-        for item in items {
-            m::write_outcome(crate::ws::session::outcome(item.get("status")));
-        }
+    for status in results.statuses() {
+        m::write_outcome(status);
     }
-    Ok(Json(json!({ "results": results })))
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{{\"results\":{}}}", results.json()),
+    )
+        .into_response())
 }

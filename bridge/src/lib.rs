@@ -147,7 +147,14 @@ pub async fn start(config: Config) -> Result<RunningBridge, StartError> {
         follower,
         listening,
         shutdown: shutdown.clone(),
+        snapshot_permits: Arc::new(tokio::sync::Semaphore::new((config.pool_size / 2).max(1))),
     };
+    tasks.spawn(pg::catalog::watch_access(
+        state.pool.clone(),
+        state.hub.clone(),
+        config.access_recheck,
+        shutdown.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Bind(config.listen, e))?;

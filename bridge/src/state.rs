@@ -23,4 +23,6 @@ pub struct AppState {
     pub listening: Arc<AtomicBool>,
     /// Cancelled when the bridge shuts down.
     pub shutdown: CancellationToken,
+    /// Snapshots running at once, node-wide (half the pool).
+    pub snapshot_permits: Arc<tokio::sync::Semaphore>,
 }

@@ -345,3 +345,77 @@ async fn a_snapshot_and_the_changes_after_it_converge_under_concurrent_writers()
     bridge.shutdown().await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_declared_filter_column_filters_updates_and_a_row_leaving_it_is_a_delete() {
+    let db = TestDb::create("filter_columns").await;
+    let sql = db.connect().await;
+    sql.batch_execute(
+        "SELECT livesync.set_filter_columns('items', ARRAY['match_id']);
+         INSERT INTO items VALUES (1, 1, 'one', 0), (2, 2, 'two', 0);",
+    )
+    .await
+    .unwrap();
+    let bridge = db.start_bridge().await;
+    let (mut client, _) = WsClient::hello(bridge.addr, "filtered").await;
+    // Not declared: refused with a reason.
+    client
+        .send(json!({"type": "subscribe", "id": "t", "channel": "table:public.items", "filter": {"column": "title", "op": "eq", "value": "one"}}))
+        .await;
+    let refused = client.recv_reply("t").await;
+    assert_eq!(refused["code"], "bad_request");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("set_filter_columns"),
+        "{refused}"
+    );
+    client
+        .subscribe(
+            "m1",
+            "table:public.items",
+            Some(json!({"column": "match_id", "op": "eq", "value": 1})),
+            None,
+        )
+        .await;
+
+    // An update of row 1 that leaves match_id alone: sent. Row 2's: not.
+    sql.batch_execute(
+        "UPDATE items SET score = 5 WHERE id = 2; UPDATE items SET score = 7 WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let message = client.recv_changes().await;
+    let change = &message["changes"][0];
+    assert_eq!(change["key"], json!({"id": 1}));
+    assert_eq!(
+        change["delta"],
+        json!({"score": {"old": 0, "new": 7}}),
+        "the delta is still only what changed"
+    );
+    // Row 1 leaves match 1: a delete for this subscriber.
+    sql.batch_execute("UPDATE items SET match_id = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    let message = client.recv_changes().await;
+    let change = &message["changes"][0];
+    assert_eq!(change["op"], "delete", "{message}");
+    assert_eq!(change["left_filter"], true);
+    assert_eq!(change["key"], json!({"id": 1}));
+    // Row 2 enters match 1: an update carrying the change that made it match.
+    sql.batch_execute("UPDATE items SET title = 'still two' WHERE id = 2; UPDATE items SET match_id = 1 WHERE id = 2")
+        .await
+        .unwrap();
+    let message = client.recv_changes().await;
+    let change = &message["changes"][0];
+    assert_eq!(change["key"], json!({"id": 2}));
+    assert_eq!(change["op"], "update");
+    assert_eq!(
+        change["delta"]["match_id"],
+        json!({"old": 2, "new": 1}),
+        "{message}"
+    );
+    bridge.shutdown().await;
+    db.drop_db().await;
+}

@@ -14,16 +14,21 @@ pub struct RecentWindow {
     start: i64,
     changes: usize,
     max_changes: usize,
+    bytes: usize,
+    max_bytes: usize,
 }
 
 impl RecentWindow {
-    /// An empty window whose coverage begins after `start`.
-    pub fn new(start: i64, max_changes: usize) -> Self {
+    /// An empty window whose coverage begins after `start`, holding at most
+    /// `max_changes` changes and about `max_bytes` bytes.
+    pub fn new(start: i64, max_changes: usize, max_bytes: usize) -> Self {
         RecentWindow {
             txns: VecDeque::new(),
             start,
             changes: 0,
             max_changes,
+            bytes: 0,
+            max_bytes,
         }
     }
 
@@ -45,10 +50,14 @@ impl RecentWindow {
     /// newest transaction is always kept, however large).
     pub fn push(&mut self, txn: Arc<Txn>) {
         self.changes += txn.change_count();
+        self.bytes += txn.approx_bytes();
         self.txns.push_back(txn);
-        while self.changes > self.max_changes && self.txns.len() > 1 {
+        while (self.changes > self.max_changes || self.bytes > self.max_bytes)
+            && self.txns.len() > 1
+        {
             if let Some(old) = self.txns.pop_front() {
                 self.changes -= old.change_count();
+                self.bytes -= old.approx_bytes();
                 self.start = old.last;
             }
         }
@@ -58,6 +67,7 @@ impl RecentWindow {
     pub fn reset(&mut self, start: i64) {
         self.txns.clear();
         self.changes = 0;
+        self.bytes = 0;
         self.start = start;
     }
 
@@ -96,7 +106,7 @@ mod tests {
 
     #[test]
     fn evicts_oldest_and_moves_its_start() {
-        let mut w = RecentWindow::new(0, 5);
+        let mut w = RecentWindow::new(0, 5, usize::MAX);
         w.push(txn(0, 3));
         w.push(txn(3, 5));
         assert!(w.covers(0));

@@ -36,11 +36,15 @@ pub enum FilterOp {
 pub enum FilterError {
     #[error("filter column {0:?} is not a column of the table")]
     UnknownColumn(String),
-    #[error("filter column {0:?} is not part of the primary key: an update that leaves it unchanged does not carry it, so the bridge cannot tell whether the row matches")]
-    NotKeyColumn(String),
+    #[error("filter column {0:?} is neither part of the primary key nor declared with livesync.set_filter_columns: an update that leaves it unchanged would not carry it, so the bridge could not tell whether the row matches")]
+    NotFilterable(String),
     #[error("filter op {0:?} needs {1}")]
     BadValue(&'static str, &'static str),
 }
+
+/// The most values an `in` filter may list: every change of the table is compared
+/// with them while the hub's lock is held.
+pub const MAX_IN_VALUES: usize = 1000;
 
 /// A validated filter.
 #[derive(Debug, Clone)]
@@ -67,15 +71,19 @@ impl RowFilter {
     pub fn new(
         spec: FilterSpec,
         key_columns: &[String],
+        filter_columns: &[String],
         columns: &[String],
     ) -> Result<RowFilter, FilterError> {
         if !columns.contains(&spec.column) {
             return Err(FilterError::UnknownColumn(spec.column));
         }
-        if !key_columns.contains(&spec.column) {
-            return Err(FilterError::NotKeyColumn(spec.column));
+        if !key_columns.contains(&spec.column) && !filter_columns.contains(&spec.column) {
+            return Err(FilterError::NotFilterable(spec.column));
         }
         let values = match (spec.op, spec.value) {
+            (FilterOp::In, Value::Array(values)) if values.len() > MAX_IN_VALUES => {
+                return Err(FilterError::BadValue("in", "at most 1,000 values"))
+            }
             (FilterOp::In, Value::Array(values)) if values.iter().all(is_scalar) => values,
             (FilterOp::In, _) => return Err(FilterError::BadValue("in", "an array of scalars")),
             (FilterOp::Eq | FilterOp::Neq, v) if is_scalar(&v) && !v.is_null() => vec![v],
@@ -145,9 +153,15 @@ impl RowFilter {
                 self.send_if(self.matches_raw(entry.column(op, ColumnSide::Old, &self.column)))
             }
             Op::Update => {
-                let old = self.matches_raw(entry.column(op, ColumnSide::Old, &self.column));
-                let new = self.matches_raw(entry.column(op, ColumnSide::New, &self.column));
-                match (old, new) {
+                let old = entry.column(op, ColumnSide::Old, &self.column);
+                let new = entry.column(op, ColumnSide::New, &self.column);
+                if old.is_none() || new.is_none() {
+                    // The change does not carry the column (its filter declaration
+                    // was dropped after the subscription began): send rather than
+                    // guess. Filters narrow traffic; privileges, not filters, guard rows.
+                    return Verdict::Send;
+                }
+                match (self.matches_raw(old), self.matches_raw(new)) {
                     (_, true) => Verdict::Send,
                     (true, false) => Verdict::SendLeft,
                     (false, false) => Verdict::Skip,
@@ -185,22 +199,82 @@ fn json_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// Numbers compare by value (integers exactly), strings by code point; other pairs
-/// do not compare.
+/// Numbers compare exactly by value (as decimals, whatever their size or precision),
+/// strings by code point; other pairs do not compare.
 fn compare(a: &Value, b: &Value) -> Option<Ordering> {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
-                return Some(x.cmp(&y));
-            }
-            if let (Some(x), Some(y)) = (x.as_u64(), y.as_u64()) {
-                return Some(x.cmp(&y));
-            }
-            x.as_f64()?.partial_cmp(&y.as_f64()?)
-        }
+        (Value::Number(x), Value::Number(y)) => compare_decimal(&x.to_string(), &y.to_string()),
         (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
         _ => None,
     }
+}
+
+/// A JSON number as sign, significant digits and the power of ten of the last digit.
+struct Decimal {
+    negative: bool,
+    digits: Vec<u8>,
+    exponent: i64,
+}
+
+fn parse_decimal(text: &str) -> Option<Decimal> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut digits: Vec<u8> = int.bytes().chain(frac.bytes()).map(|b| b - b'0').collect();
+    let mut exponent = exponent.checked_sub(frac.len() as i64)?;
+    while digits.last() == Some(&0) {
+        digits.pop();
+        exponent += 1;
+    }
+    let leading = digits.iter().take_while(|d| **d == 0).count();
+    digits.drain(..leading);
+    Some(Decimal {
+        negative: negative && !digits.is_empty(),
+        digits,
+        exponent,
+    })
+}
+
+fn compare_decimal(a: &str, b: &str) -> Option<Ordering> {
+    let (a, b) = (parse_decimal(a)?, parse_decimal(b)?);
+    let abs = |x: &Decimal, y: &Decimal| -> Ordering {
+        match (x.digits.is_empty(), y.digits.is_empty()) {
+            (true, true) => return Ordering::Equal,
+            (true, false) => return Ordering::Less,
+            (false, true) => return Ordering::Greater,
+            _ => {}
+        }
+        // Position of the leading digit decides first, then the digits themselves.
+        let top = |d: &Decimal| d.digits.len() as i64 + d.exponent;
+        top(x).cmp(&top(y)).then_with(|| {
+            let len = x.digits.len().max(y.digits.len());
+            (0..len)
+                .map(|i| {
+                    (
+                        x.digits.get(i).copied().unwrap_or(0),
+                        y.digits.get(i).copied().unwrap_or(0),
+                    )
+                })
+                .map(|(p, q)| p.cmp(&q))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        })
+    };
+    Some(match (a.negative, b.negative) {
+        (false, true) => Ordering::Greater,
+        (true, false) => Ordering::Less,
+        (false, false) => abs(&a, &b),
+        (true, true) => abs(&b, &a),
+    })
 }
 
 #[cfg(test)]
@@ -211,7 +285,7 @@ mod tests {
     fn filter(op: &str, value: Value) -> RowFilter {
         let spec: FilterSpec =
             serde_json::from_value(json!({"column": "m", "op": op, "value": value})).unwrap();
-        RowFilter::new(spec, &["m".into()], &["m".into(), "s".into()]).unwrap()
+        RowFilter::new(spec, &["m".into()], &[], &["m".into(), "s".into()]).unwrap()
     }
 
     #[test]
@@ -233,6 +307,25 @@ mod tests {
     }
 
     #[test]
+    fn numbers_compare_exactly() {
+        let n = |t: &str| -> Value { serde_json::from_str(t).unwrap() };
+        assert_eq!(
+            compare(&n("12345678901234567890.1"), &n("12345678901234567890.2")),
+            Some(Ordering::Less)
+        );
+        assert_eq!(compare(&n("1e2"), &n("100.0")), Some(Ordering::Equal));
+        assert_eq!(compare(&n("-0"), &n("0.000")), Some(Ordering::Equal));
+        assert_eq!(compare(&n("-1.5"), &n("-1.25")), Some(Ordering::Less));
+        assert_eq!(compare(&n("0.001"), &n("1E-3")), Some(Ordering::Equal));
+        assert_eq!(
+            compare(&n("99999999999999999999"), &n("100000000000000000000")),
+            Some(Ordering::Less)
+        );
+        assert_eq!(compare(&n("2"), &n("10")), Some(Ordering::Less));
+        assert_eq!(compare(&n("-3"), &n("2")), Some(Ordering::Less));
+    }
+
+    #[test]
     fn refuses_what_it_cannot_evaluate() {
         let spec = |col: &str, op: &str, v: Value| -> FilterSpec {
             serde_json::from_value(json!({"column": col, "op": op, "value": v})).unwrap()
@@ -240,23 +333,24 @@ mod tests {
         let key = ["m".to_string()];
         let cols = ["m".to_string(), "s".to_string()];
         assert!(matches!(
-            RowFilter::new(spec("x", "eq", json!(1)), &key, &cols),
+            RowFilter::new(spec("x", "eq", json!(1)), &key, &[], &cols),
             Err(FilterError::UnknownColumn(_))
         ));
         assert!(matches!(
-            RowFilter::new(spec("s", "eq", json!(1)), &key, &cols),
-            Err(FilterError::NotKeyColumn(_))
+            RowFilter::new(spec("s", "eq", json!(1)), &key, &[], &cols),
+            Err(FilterError::NotFilterable(_))
         ));
+        assert!(RowFilter::new(spec("s", "eq", json!(1)), &key, &["s".to_string()], &cols).is_ok());
         assert!(matches!(
-            RowFilter::new(spec("m", "in", json!(1)), &key, &cols),
+            RowFilter::new(spec("m", "in", json!(1)), &key, &[], &cols),
             Err(FilterError::BadValue(..))
         ));
         assert!(matches!(
-            RowFilter::new(spec("m", "lt", json!(true)), &key, &cols),
+            RowFilter::new(spec("m", "lt", json!(true)), &key, &[], &cols),
             Err(FilterError::BadValue(..))
         ));
         assert!(matches!(
-            RowFilter::new(spec("m", "eq", Value::Null), &key, &cols),
+            RowFilter::new(spec("m", "eq", Value::Null), &key, &[], &cols),
             Err(FilterError::BadValue(..))
         ));
     }
@@ -277,5 +371,27 @@ mod tests {
             filter("eq", json!(4)).verdict(Op::Update, &entry),
             Verdict::Skip
         );
+    }
+
+    #[test]
+    fn an_update_not_carrying_the_column_is_sent() {
+        let f = RowFilter::new(
+            serde_json::from_value(json!({"column": "s", "op": "eq", "value": 1})).unwrap(),
+            &["m".into()],
+            &["s".into()],
+            &["m".into(), "s".into()],
+        )
+        .unwrap();
+        let raw = RawValue::from_string(r#"[{"m": 3}, {"t": 1}, {"t": 2}, 5]"#.into()).unwrap();
+        let entry = Entry::parse(&raw).unwrap();
+        assert_eq!(f.verdict(Op::Update, &entry), Verdict::Send);
+        // With the unchanged value as capture stores it for a filter column: decided.
+        let raw =
+            RawValue::from_string(r#"[{"m": 3}, {"t": 1}, {"t": 2}, 5, {"s": 2}]"#.into()).unwrap();
+        let entry = Entry::parse(&raw).unwrap();
+        assert_eq!(f.verdict(Op::Update, &entry), Verdict::Skip);
+        let raw = RawValue::from_string(r#"[{"m": 3}, {"s": 1}, {"s": 2}, 5]"#.into()).unwrap();
+        let entry = Entry::parse(&raw).unwrap();
+        assert_eq!(f.verdict(Op::Update, &entry), Verdict::SendLeft);
     }
 }

@@ -49,6 +49,8 @@ pub struct SubscribeRequest {
     pub sub_id_json: String,
     /// Start after this position; None: from the head.
     pub since: Option<i64>,
+    /// The role the subscription's access was granted to (re-checked while it lives).
+    pub role: Option<String>,
 }
 
 /// Per-channel figures for `/api/v1/sync/stats`.
@@ -117,6 +119,11 @@ struct Subscription {
     prefix: Arc<str>,
     sub_id_json: String,
     live: bool,
+    role: Option<String>,
+    /// Held by the catch-up task while it sends, and cleared (under the lock) when the
+    /// subscription ends: once `unsubscribe_and_wait` returns, nothing more of this
+    /// subscription can be queued.
+    gate: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl FanoutHub {
@@ -125,7 +132,7 @@ impl FanoutHub {
         Arc::new(FanoutHub {
             state: Mutex::new(HubState {
                 head: None,
-                window: RecentWindow::new(0, limits.window_changes),
+                window: RecentWindow::new(0, limits.window_changes, limits.window_bytes),
                 relations: HashMap::new(),
                 subs: HashMap::new(),
                 next_key: 1,
@@ -167,12 +174,18 @@ impl FanoutHub {
             st.relations.clear();
             st.subs.drain().collect()
         };
+        self.pages.clear();
         self.head_tx.send_replace(position);
         for (_, sub) in subs {
             m::resyncs();
-            let _ = sub
-                .outbox
-                .try_send(Outbound::Text(resync_message(&sub.sub_id_json)));
+            // Waiting for room as long as it takes (a full queue must not swallow it).
+            tokio::spawn(async move {
+                *sub.gate.lock().await = false;
+                let _ = sub
+                    .outbox
+                    .send(Outbound::Text(resync_message(&sub.sub_id_json)))
+                    .await;
+            });
         }
     }
 
@@ -301,6 +314,8 @@ impl FanoutHub {
                 prefix,
                 sub_id_json: request.sub_id_json,
                 live: false,
+                role: request.role,
+                gate: Arc::new(tokio::sync::Mutex::new(true)),
             },
         );
         m::subscriptions(1);
@@ -317,10 +332,90 @@ impl FanoutHub {
         self.state.lock().subs.contains_key(&key)
     }
 
-    /// Ends a subscription (unsubscribe, or its connection closed).
+    /// Ends a subscription whose connection closed.
     pub fn unsubscribe(&self, key: SubKey) -> bool {
         let mut st = self.state.lock();
-        remove_sub(&mut st, key)
+        remove_sub(&mut st, key).is_some()
+    }
+
+    /// Ends a subscription and waits until its catch-up task (if any) can queue
+    /// nothing more: the client's `unsubscribed` then comes after its last `changes`.
+    pub async fn unsubscribe_and_wait(&self, key: SubKey) -> bool {
+        let gate = {
+            let mut st = self.state.lock();
+            remove_sub(&mut st, key)
+        };
+        match gate {
+            Some(gate) => {
+                *gate.lock().await = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The (table, role) pairs subscriptions were granted, for re-checking.
+    pub fn grants(&self) -> Vec<(u32, Option<String>)> {
+        let st = self.state.lock();
+        let mut grants: Vec<(u32, Option<String>)> = st
+            .subs
+            .values()
+            .map(|s| (s.relation, s.role.clone()))
+            .collect();
+        grants.sort();
+        grants.dedup();
+        grants
+    }
+
+    /// The (table, role) pairs with subscriptions among `relations` (sorted).
+    pub fn grants_on(&self, relations: &[u32]) -> Vec<(u32, Option<String>)> {
+        let st = self.state.lock();
+        let mut grants: Vec<(u32, Option<String>)> = st
+            .subs
+            .values()
+            .filter(|s| relations.binary_search(&s.relation).is_ok())
+            .map(|s| (s.relation, s.role.clone()))
+            .collect();
+        grants.sort();
+        grants.dedup();
+        grants
+    }
+
+    /// Ends every subscription to `relation` granted to `role` with `forbidden`: the
+    /// role lost the right to stream the table (SELECT revoked, row-level security
+    /// enabled).
+    pub fn revoke(&self, relation: u32, role: &Option<String>, reason: &str) -> usize {
+        let ended: Vec<(Arc<tokio::sync::Mutex<bool>>, Outbox, String)> = {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            let keys: Vec<SubKey> = st
+                .subs
+                .iter()
+                .filter(|(_, s)| s.relation == relation && s.role == *role)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|key| {
+                    let sub = st
+                        .subs
+                        .get(&key)
+                        .map(|s| (s.outbox.clone(), s.sub_id_json.clone()))?;
+                    remove_sub(st, key).map(|gate| (gate, sub.0, sub.1))
+                })
+                .collect()
+        };
+        let count = ended.len();
+        for (gate, outbox, sub_id_json) in ended {
+            let message = format!(
+                "{{\"type\":\"error\",\"id\":{sub_id_json},\"code\":\"forbidden\",\"message\":{}}}",
+                serde_json::to_string(reason).unwrap_or_else(|_| "\"forbidden\"".into())
+            );
+            tokio::spawn(async move {
+                *gate.lock().await = false;
+                let _ = outbox.send(Outbound::Text(message)).await;
+            });
+        }
+        count
     }
 
     pub fn stats(&self) -> HubStats {
@@ -372,15 +467,16 @@ impl FanoutHub {
                 Database,
                 Wait,
             }
-            let (step, outbox, prefix, filter, relation) = {
+            let (step, outbox, prefix, filter, relation, gate) = {
                 let mut guard = self.state.lock();
                 let st = &mut *guard;
                 let Some(sub) = st.subs.get(&key) else { return };
-                let (outbox, prefix, filter, relation) = (
+                let (outbox, prefix, filter, relation, gate) = (
                     sub.outbox.clone(),
                     sub.prefix.clone(),
                     sub.filter.clone(),
                     sub.relation,
+                    sub.gate.clone(),
                 );
                 let head = st.head.unwrap_or(0);
                 let step = if after == head {
@@ -408,7 +504,7 @@ impl FanoutHub {
                 } else {
                     Step::Database
                 };
-                (step, outbox, prefix, filter, relation)
+                (step, outbox, prefix, filter, relation, gate)
             };
             let txns = match step {
                 Step::Wait => {
@@ -449,11 +545,21 @@ impl FanoutHub {
                 ) {
                     let changes = body.changes as u64;
                     let remaining = self.limits.max_catch_up.saturating_sub(started.elapsed());
-                    let send = outbox.send(Outbound::Changes {
-                        prefix: prefix.clone(),
-                        body: Arc::new(body),
-                    });
+                    let send = async {
+                        let open = gate.lock().await;
+                        if !*open {
+                            return Err(None); // unsubscribed meanwhile
+                        }
+                        outbox
+                            .send(Outbound::Changes {
+                                prefix: prefix.clone(),
+                                body: Arc::new(body),
+                            })
+                            .await
+                            .map_err(Some)
+                    };
                     match tokio::time::timeout(remaining, send).await {
+                        Ok(Err(None)) => return,
                         Ok(Ok(())) => m::changes_sent(changes),
                         Ok(Err(_)) => {
                             self.unsubscribe(key);
@@ -501,10 +607,10 @@ impl FanoutHub {
                 .subs
                 .get(&key)
                 .map(|s| (s.outbox.clone(), s.sub_id_json.clone()));
-            remove_sub(&mut st, key);
-            sub
+            remove_sub(&mut st, key).zip(sub)
         };
-        if let Some((outbox, sub_id_json)) = sub {
+        if let Some((gate, (outbox, sub_id_json))) = sub {
+            *gate.lock().await = false;
             m::resyncs();
             // However long the queue stays full: the client must hear it (or lose the
             // connection, and learn it when it resumes).
@@ -520,10 +626,9 @@ enum CatchUpError {
     Unavailable,
 }
 
-fn remove_sub(st: &mut HubState, key: SubKey) -> bool {
-    let Some(sub) = st.subs.remove(&key) else {
-        return false;
-    };
+/// Removes a subscription; returns its send gate.
+fn remove_sub(st: &mut HubState, key: SubKey) -> Option<Arc<tokio::sync::Mutex<bool>>> {
+    let sub = st.subs.remove(&key)?;
     m::subscriptions(-1);
     if let Some(rs) = st.relations.get_mut(&sub.relation) {
         let canonical = sub.filter.as_ref().map(|f| f.canonical.as_str());
@@ -540,7 +645,7 @@ fn remove_sub(st: &mut HubState, key: SubKey) -> bool {
             }
         }
     }
-    true
+    Some(sub.gate)
 }
 
 /// The `changes` body of one table's changes after `after` in a transaction, as a

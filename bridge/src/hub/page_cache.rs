@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
@@ -16,10 +17,17 @@ pub type Page = Arc<Vec<Arc<Txn>>>;
 
 /// The most recent pages by the position they start after; a page being read is
 /// read once however many ask for it at the same time.
+/// A cached page: the position it starts after, when it was asked for, the page.
+type Entry = (i64, Instant, Arc<OnceCell<Page>>);
+
 pub struct PageCache {
-    pages: Mutex<VecDeque<(i64, Arc<OnceCell<Page>>)>>,
+    pages: Mutex<VecDeque<Entry>>,
     capacity: usize,
 }
+
+/// A page is shared for this long: long enough for a crowd resuming together, short
+/// enough that a compaction or a reset of the log is not hidden for long.
+const FRESH_FOR: Duration = Duration::from_secs(2);
 
 impl PageCache {
     pub fn new(capacity: usize) -> Self {
@@ -27,6 +35,11 @@ impl PageCache {
             pages: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
         }
+    }
+
+    /// Forgets every page (the log was reset).
+    pub fn clear(&self) {
+        self.pages.lock().clear();
     }
 
     /// The page after `after`, from the cache or from `read` (run by one caller; the
@@ -38,11 +51,12 @@ impl PageCache {
     {
         let cell = {
             let mut pages = self.pages.lock();
-            match pages.iter().find(|(start, _)| *start == after) {
-                Some((_, cell)) => cell.clone(),
+            pages.retain(|(_, at, _)| at.elapsed() < FRESH_FOR);
+            match pages.iter().find(|(start, _, _)| *start == after) {
+                Some((_, _, cell)) => cell.clone(),
                 None => {
                     let cell = Arc::new(OnceCell::new());
-                    pages.push_back((after, cell.clone()));
+                    pages.push_back((after, Instant::now(), cell.clone()));
                     while pages.len() > self.capacity {
                         pages.pop_front();
                     }

@@ -14,6 +14,9 @@ pub struct TableInfo {
     pub tracked: bool,
     /// Primary-key columns, in index order.
     pub key_columns: Vec<String>,
+    /// Columns declared with `livesync.set_filter_columns`: capture records their
+    /// values on every update, so subscriptions may filter on them.
+    pub filter_columns: Vec<String>,
     /// Every user column (livesync's own left out).
     pub columns: Vec<String>,
 }
@@ -35,7 +38,8 @@ pub async fn table<C: GenericClient>(
                 ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
                       WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                         AND a.attname NOT IN ('_livesync_version', '_livesync_clocks') \
-                      ORDER BY a.attnum) \
+                      ORDER BY a.attnum), \
+                coalesce((SELECT t.filter_columns FROM livesync._tracked t WHERE t.relation = c.oid), '{}') \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
         )
@@ -49,6 +53,7 @@ pub async fn table<C: GenericClient>(
         tracked: row.get(1),
         key_columns: row.get(2),
         columns: row.get(3),
+        filter_columns: row.get(4),
     }))
 }
 
@@ -61,7 +66,8 @@ pub enum StreamAccess {
     /// Row-level security applies to the role: live changes are not filtered per row
     /// yet, so they are not streamed to it.
     RowSecurity,
-    /// No such role.
+    /// No such role, or one the bridge's own role may not become (`SET ROLE`): a
+    /// token cannot borrow privileges the bridge could not use itself.
     NoRole,
 }
 
@@ -77,7 +83,8 @@ pub async fn stream_access<C: GenericClient>(
                     c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls \
                         OR (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)) \
              FROM pg_catalog.pg_class c, pg_catalog.pg_roles r \
-             WHERE c.oid = $1 AND r.rolname = coalesce($2, current_user)",
+             WHERE c.oid = $1 AND r.rolname = coalesce($2, current_user) \
+               AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')",
         )
         .await?;
     let row = client.query_opt(&statement, &[&relation, &role]).await?;
@@ -114,4 +121,50 @@ pub async fn own_role<C: GenericClient>(client: &C) -> Result<OwnRole, PgError> 
         reader: row.get(2),
         maintainer: row.get(3),
     })
+}
+
+/// Re-checks, every `interval`, that the roles of live subscriptions may still
+/// stream their tables, ending those that may not (`forbidden`). Access is decided
+/// at `subscribe`; a REVOKE or an `ENABLE ROW LEVEL SECURITY` afterwards takes effect
+/// within one interval.
+pub async fn watch_access(
+    pool: deadpool_postgres::Pool,
+    hub: std::sync::Arc<crate::hub::FanoutHub>,
+    interval: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let grants = hub.grants();
+        if grants.is_empty() {
+            continue;
+        }
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        for (relation, role) in grants {
+            let reason = match stream_access(&client, relation, role.as_deref()).await {
+                Ok(StreamAccess::Allowed) => continue,
+                Ok(StreamAccess::NoSelect) => "permission denied: the role may no longer SELECT from the table",
+                Ok(StreamAccess::RowSecurity) => "the table now has row-level security: live changes stream only to roles that bypass it",
+                Ok(StreamAccess::NoRole) => "the role this subscription runs as no longer exists",
+                // The table is gone (dropped): its subscriptions hear nothing more;
+                // leave them (they can be told by the schema change they received).
+                Err(_) => continue,
+            };
+            let ended = hub.revoke(relation, &role, reason);
+            if ended > 0 {
+                tracing::info!(
+                    relation,
+                    ?role,
+                    ended,
+                    reason,
+                    "subscriptions ended: access lost"
+                );
+            }
+        }
+    }
 }

@@ -197,6 +197,35 @@ impl LogFollower {
         }
     }
 
+    /// Before a page goes out: do the roles subscribed to its tables still have the
+    /// right to stream them? A REVOKE or `ENABLE ROW LEVEL SECURITY` committed before
+    /// these changes were read ends those subscriptions (`forbidden`) before a single
+    /// one of the changes reaches them.
+    async fn recheck_access(
+        &self,
+        client: &deadpool_postgres::Client,
+        page: &[Txn],
+    ) -> Result<(), PgError> {
+        let mut relations: Vec<u32> = page
+            .iter()
+            .flat_map(|t| t.tables.iter().map(|t| t.relation))
+            .collect();
+        relations.sort_unstable();
+        relations.dedup();
+        for (relation, role) in self.hub.grants_on(&relations) {
+            let reason = match super::catalog::stream_access(client, relation, role.as_deref()).await? {
+                super::catalog::StreamAccess::Allowed => continue,
+                super::catalog::StreamAccess::NoSelect => "permission denied: the role may no longer SELECT from the table",
+                super::catalog::StreamAccess::RowSecurity => {
+                    "the table now has row-level security: live changes stream only to roles that bypass it"
+                }
+                super::catalog::StreamAccess::NoRole => "the role this subscription runs as no longer exists",
+            };
+            self.hub.revoke(relation, &role, reason);
+        }
+        Ok(())
+    }
+
     /// Reads pages until the log has nothing newer.
     async fn catch_up(&self, client: &deadpool_postgres::Client) -> Result<(), PgError> {
         loop {
@@ -211,6 +240,8 @@ impl LogFollower {
                     tracing::error!(after, now, "the reader's position is outside the retained log; subscribers must resync");
                     self.hub.reset_at(now);
                     self.status.position.store(now, Ordering::Relaxed);
+                    // Not fetch_max: after a reset the old newest position means nothing.
+                    self.status.newest_seen.store(now, Ordering::Relaxed);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -223,6 +254,7 @@ impl LogFollower {
             };
             let count = page.iter().map(Txn::change_count).sum::<usize>();
             m::changes_read(count as u64);
+            self.recheck_access(client, &page).await?;
             for txn in page {
                 self.hub.publish(Arc::new(txn));
             }

@@ -48,7 +48,7 @@ pub async fn read(
     session_role::enter(&tx, identity).await?;
     tx.batch_execute(&format!(
         "DECLARE livesync_snapshot NO SCROLL CURSOR FOR \
-         SELECT (pg_catalog.to_jsonb(t) - '_livesync_version' - '_livesync_clocks')::text, t._livesync_version \
+         SELECT (pg_catalog.to_jsonb(t.*) - '_livesync_version' - '_livesync_clocks')::text, t._livesync_version \
          FROM ONLY {} t",
         table.name.sql()
     ))

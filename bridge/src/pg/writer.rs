@@ -11,19 +11,82 @@ use super::{session_role, PgError};
 use crate::auth::Identity;
 use crate::ws::protocol::Mutation;
 
-/// Applies one mutation for `client_id`; returns `livesync.write`'s result object.
+/// `livesync.write`'s result, kept as the JSON text the database gave (never parsed
+/// whole: a row may hold JSON nested deeper than a parser's recursion limit).
+#[derive(Debug)]
+pub struct WriteResult {
+    text: String,
+    status: Option<String>,
+}
+
+impl WriteResult {
+    /// The metrics label of its `status`.
+    pub fn status(&self) -> &'static str {
+        status_label(self.status.as_deref())
+    }
+
+    /// `{"type": "write_result", "id": …, …the result's fields}`.
+    pub fn message(&self, id: &Value) -> String {
+        let fields = self
+            .text
+            .trim()
+            .strip_prefix('{')
+            .unwrap_or("}")
+            .trim_start();
+        let comma = if fields.starts_with('}') { "" } else { "," };
+        format!("{{\"type\":\"write_result\",\"id\":{id}{comma}{fields}")
+    }
+}
+
+/// `livesync.write_batch`'s results, as text.
+#[derive(Debug)]
+pub struct BatchResults {
+    text: String,
+    statuses: Vec<Option<String>>,
+}
+
+impl BatchResults {
+    pub fn statuses(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.statuses.iter().map(|s| status_label(s.as_deref()))
+    }
+
+    /// `{"type": "write_batch_result", "id": …, "results": [...]}`.
+    pub fn message(&self, id: &Value) -> String {
+        format!(
+            "{{\"type\":\"write_batch_result\",\"id\":{id},\"results\":{}}}",
+            self.text
+        )
+    }
+
+    /// The results array, as JSON text.
+    pub fn json(&self) -> &str {
+        &self.text
+    }
+}
+
+fn status_label(status: Option<&str>) -> &'static str {
+    match status {
+        Some("applied") => "applied",
+        Some("merged") => "merged",
+        Some("conflict") => "conflict",
+        Some("rejected") => "rejected",
+        _ => "other",
+    }
+}
+
+/// Applies one mutation for `client_id`; returns `livesync.write`'s result.
 pub async fn write(
     pool: &Pool,
     identity: &Identity,
     client_id: &str,
     m: &Mutation,
-) -> Result<Map<String, Value>, PgError> {
+) -> Result<WriteResult, PgError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     session_role::enter(&tx, identity).await?;
     let statement = tx
         .prepare_cached(
-            "SELECT livesync.write($1::text::regclass, $2, $3::jsonb, $4::jsonb, $5, $6::jsonb, $7, $8, $9)",
+            "SELECT r::text, r ->> 'status' FROM livesync.write($1::text::regclass, $2, $3::jsonb, $4::jsonb, $5, $6::jsonb, $7, $8, $9) AS r",
         )
         .await?;
     let row = tx
@@ -42,16 +105,12 @@ pub async fn write(
             ],
         )
         .await?;
-    let result: Value = row.get(0);
+    let result = WriteResult {
+        text: row.get(0),
+        status: row.get(1),
+    };
     tx.commit().await?;
-    Ok(match result {
-        Value::Object(map) => map,
-        other => {
-            let mut map = Map::new();
-            map.insert("result".into(), other);
-            map
-        }
-    })
+    Ok(result)
 }
 
 /// Applies mutations in order (`livesync.write_batch`); one result per mutation.
@@ -61,7 +120,7 @@ pub async fn write_batch(
     client_id: &str,
     mutations: &[Mutation],
     all_or_nothing: bool,
-) -> Result<Value, PgError> {
+) -> Result<BatchResults, PgError> {
     let batch: Vec<Value> = mutations
         .iter()
         .map(|m| batch_entry(m, client_id))
@@ -71,10 +130,16 @@ pub async fn write_batch(
     let tx = client.transaction().await?;
     session_role::enter(&tx, identity).await?;
     let statement = tx
-        .prepare_cached("SELECT livesync.write_batch($1::jsonb, $2)")
+        .prepare_cached(
+            "SELECT r::text, ARRAY(SELECT e ->> 'status' FROM pg_catalog.jsonb_array_elements(r) AS e) \
+             FROM livesync.write_batch($1::jsonb, $2) AS r",
+        )
         .await?;
     let row = tx.query_one(&statement, &[&batch, &all_or_nothing]).await?;
-    let results: Value = row.get(0);
+    let results = BatchResults {
+        text: row.get(0),
+        statuses: row.get(1),
+    };
     tx.commit().await?;
     Ok(results)
 }

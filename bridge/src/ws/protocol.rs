@@ -169,7 +169,7 @@ impl ErrorCode {
         match state {
             "42501" => ErrorCode::Forbidden,
             "LS001" => ErrorCode::ResyncRequired,
-            "42P01" | "LS002" | "LS006" | "42704" => ErrorCode::NotFound,
+            "42P01" | "LS002" | "LS006" | "42704" | "3F000" => ErrorCode::NotFound,
             "54000" | "54001" => ErrorCode::TooLarge,
             "40001" | "40P01" | "55P03" | "57014" => ErrorCode::Unavailable,
             s if s.starts_with("08") || s.starts_with("57P") || s == "53300" => {
@@ -251,6 +251,9 @@ pub enum ServerMessage<'a> {
     Welcome {
         session: &'a str,
         node: &'a str,
+        /// The client id the client's writes are recorded with (and its echoes carry):
+        /// with auth on, scoped by the token's subject.
+        client_id: &'a str,
         position: i64,
         heartbeat_ms: u64,
         protocol: u32,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -41,9 +42,10 @@ pub mod close {
     pub const RESTART: u16 = 1012;
 }
 
-/// Largest frame the WebSocket layer reads at all; frames between the configured
-/// limit and this get `too_large` and the connection stays.
-const HARD_FRAME_LIMIT: usize = 64 << 20;
+/// Largest frame the WebSocket layer reads at all (or four times the configured
+/// limit, if larger); frames between the configured limit and this get `too_large`
+/// and the connection stays, larger ones close it (1009).
+const HARD_FRAME_LIMIT: usize = 4 << 20;
 
 /// Frames written per flush at most.
 const WRITE_BATCH: usize = 64;
@@ -57,7 +59,7 @@ pub async fn upgrade(
     let admission = state
         .connections
         .admit(peer.ip(), state.config.limits.connections_per_ip);
-    let hard_limit = HARD_FRAME_LIMIT.max(state.config.limits.max_frame_bytes * 2);
+    let hard_limit = HARD_FRAME_LIMIT.max(state.config.limits.max_frame_bytes.saturating_mul(4));
     ws.max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         // Small buffers: an idle connection should cost little memory.
@@ -93,7 +95,10 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
     let (sink, mut stream) = socket.split();
     let (outbox, receiver) = Outbox::new(admission.id, state.config.limits.queue_capacity);
     state.connections.register_outbox(outbox.clone());
-    let mut writer = tokio::spawn(write_loop(sink, receiver));
+    // What the writer is doing, for the heartbeat: a client that reads what we write
+    // (even if it sends nothing, not even pongs) is alive.
+    let progress = Arc::new(WriterProgress::default());
+    let mut writer = tokio::spawn(write_loop(sink, receiver, progress.clone()));
     let mut session = Session {
         state: state.clone(),
         outbox,
@@ -102,27 +107,42 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
         subs: HashMap::new(),
         bucket: TokenBucket::new(state.config.limits.messages_per_second),
         tasks: tokio_util::task::TaskTracker::new(),
+        writes: None,
+        snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_PER_CONNECTION)),
+        stalled: false,
     };
     let heartbeat = state.config.heartbeat;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
+    let mut writer_done = false;
     let shutdown = state.shutdown.clone();
     loop {
         tokio::select! {
             frame = stream.next() => {
                 let Some(Ok(frame)) = frame else { break };
                 last_heard = Instant::now();
-                if !session.on_frame(frame).await {
+                progress.pings_unanswered.store(0, std::sync::atomic::Ordering::Relaxed);
+                if !session.on_frame(frame).await || session.stalled {
                     break;
                 }
             }
             _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 2 {
+                if session.hello.as_ref().is_some_and(|h| h.identity.expired()) {
+                    session.queue(Outbound::Text(
+                        ErrorMessage::new(None, ErrorCode::Unauthorized, "the token expired; reconnect with a fresh one").to_json(),
+                    ));
+                    session.queue(Outbound::Close { code: close::UNAUTHORIZED, reason: "token expired".into() });
+                    break;
+                }
+                if last_heard.elapsed() > heartbeat * 2 && progress.client_gone(heartbeat * 2) {
                     tracing::debug!(session = %session.id, "no answer to heartbeats; closing");
                     session.queue(Outbound::Close { code: close::HEARTBEAT, reason: "heartbeat timeout".into() });
                     break;
                 }
-                session.queue(Outbound::Ping);
+                // Never lost to a full queue: the writer sends it before its next batch.
+                if session.outbox.try_send(Outbound::Ping).is_err() {
+                    progress.ping_due.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             _ = shutdown.cancelled() => {
                 let reconnect = ServerMessage::Reconnect { reason: "server shutting down", retry_after_ms: 1000 };
@@ -130,7 +150,10 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
                 let _ = session.outbox.send(Outbound::Close { code: close::RESTART, reason: "server restarting".into() }).await;
                 break;
             }
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
         }
     }
     for (_, key) in session.subs.drain() {
@@ -142,15 +165,63 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
     // that does not read.
     let Session { outbox, .. } = session;
     drop(outbox);
-    if tokio::time::timeout(drain, &mut writer).await.is_err() {
+    if !writer_done && tokio::time::timeout(drain, &mut writer).await.is_err() {
         writer.abort();
     }
     drop(admission);
 }
 
 /// Writes queued messages, several per flush, until the queue closes or a write fails.
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut receiver: OutboxReceiver) {
-    while let Some(first) = receiver.recv().await {
+/// What a connection's writer is doing, as the heartbeat needs to know it.
+#[derive(Default)]
+struct WriterProgress {
+    /// Waiting for something to write (not held up by the client).
+    idle: std::sync::atomic::AtomicBool,
+    /// Since when the writer has had frames to get out without finishing a flush.
+    busy_since: parking_lot::Mutex<Option<Instant>>,
+    /// Pings written since the client was last heard from.
+    pings_unanswered: std::sync::atomic::AtomicU32,
+    /// A ping the queue had no room for: written before the next batch.
+    ping_due: std::sync::atomic::AtomicBool,
+}
+
+impl WriterProgress {
+    /// Whether the client stopped taking part: the writer could not get frames out
+    /// for `patience`, or two pings went out without an answer.
+    fn client_gone(&self, patience: Duration) -> bool {
+        let stuck = self
+            .busy_since
+            .lock()
+            .is_some_and(|since| since.elapsed() > patience);
+        stuck
+            || self
+                .pings_unanswered
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2
+    }
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut receiver: OutboxReceiver,
+    progress: Arc<WriterProgress>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        progress.idle.store(true, Relaxed);
+        *progress.busy_since.lock() = None;
+        let Some(first) = receiver.recv().await else {
+            break;
+        };
+        progress.idle.store(false, Relaxed);
+        *progress.busy_since.lock() = Some(Instant::now());
+        let mut pings = 0;
+        if progress.ping_due.swap(false, Relaxed) {
+            if sink.feed(Message::Ping(Default::default())).await.is_err() {
+                return;
+            }
+            pings += 1;
+        }
         let mut next = Some(first);
         let mut written = 0;
         while let Some(outbound) = next.take() {
@@ -173,6 +244,7 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut receiver: Outbo
                     if sink.feed(Message::Ping(Default::default())).await.is_err() {
                         return;
                     }
+                    pings += 1;
                 }
                 Outbound::Changes { prefix, body } => {
                     for part in &body.parts {
@@ -197,6 +269,7 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut receiver: Outbo
         if sink.flush().await.is_err() {
             return;
         }
+        progress.pings_unanswered.fetch_add(pings, Relaxed);
     }
     let _ = sink.close().await;
 }
@@ -214,9 +287,27 @@ struct Session {
     /// Subscription id (as JSON text) → hub key.
     subs: HashMap<String, SubKey>,
     bucket: TokenBucket,
-    /// Snapshots in flight.
+    /// Snapshots and the write worker.
     tasks: tokio_util::task::TaskTracker,
+    /// Writes go to one worker per connection, in order, so the reader loop keeps
+    /// reading (pongs, pings) while a write waits on a lock.
+    writes: Option<mpsc::Sender<WriteJob>>,
+    /// Snapshots this connection may run at once.
+    snapshots: Arc<tokio::sync::Semaphore>,
+    /// The client stopped reading: a reply could not be queued within two heartbeats.
+    stalled: bool,
 }
+
+/// A write waiting for the connection's write worker.
+enum WriteJob {
+    One(WriteRequest),
+    Batch(WriteBatchRequest),
+}
+
+/// Writes queued per connection before the reader waits for the worker.
+const WRITES_IN_FLIGHT: usize = 32;
+/// Snapshots per connection at once.
+const SNAPSHOTS_PER_CONNECTION: usize = 2;
 
 impl Session {
     /// Queues a control message without waiting (heartbeats).
@@ -224,18 +315,33 @@ impl Session {
         let _ = self.outbox.try_send(message);
     }
 
-    /// Sends a message, waiting for room in the queue.
-    async fn send(&self, text: String) {
-        let _ = self.outbox.send(Outbound::Text(text)).await;
+    /// Sends a message, waiting for room in the queue, but not past two heartbeats:
+    /// a client that reads nothing for that long is closed.
+    async fn send(&mut self, text: String) {
+        if !send_within(&self.outbox, text, self.state.config.heartbeat * 2).await {
+            self.stalled = true;
+        }
     }
 
-    async fn error(&self, error: ErrorMessage) {
+    async fn error(&mut self, error: ErrorMessage) {
         m::error_sent(error.code.as_str());
         self.send(error.to_json()).await;
     }
 
     /// Handles one frame; false ends the connection.
     async fn on_frame(&mut self, frame: Message) -> bool {
+        if matches!(frame, Message::Text(_) | Message::Binary(_)) && !self.bucket.take() {
+            self.error(ErrorMessage::new(
+                None,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second; this one was dropped",
+                    self.state.config.limits.messages_per_second
+                ),
+            ))
+            .await;
+            return true;
+        }
         let text = match frame {
             Message::Text(text) => text,
             Message::Binary(_) => {
@@ -250,18 +356,6 @@ impl Session {
             Message::Close(_) => return false,
             Message::Ping(_) | Message::Pong(_) => return true,
         };
-        if !self.bucket.take() {
-            self.error(ErrorMessage::new(
-                None,
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per second; this one was dropped",
-                    self.state.config.limits.messages_per_second
-                ),
-            ))
-            .await;
-            return true;
-        }
         if text.len() > self.state.config.limits.max_frame_bytes {
             self.error(ErrorMessage::new(
                 None,
@@ -295,6 +389,19 @@ impl Session {
                 .await;
                 return true;
             }
+            _ if self.hello.as_ref().is_some_and(|h| h.identity.expired()) => {
+                self.error(ErrorMessage::new(
+                    None,
+                    ErrorCode::Unauthorized,
+                    "the token expired; reconnect with a fresh one",
+                ))
+                .await;
+                self.queue(Outbound::Close {
+                    code: close::UNAUTHORIZED,
+                    reason: "token expired".into(),
+                });
+                return false;
+            }
             _ if self.hello.is_none() => {
                 self.error(ErrorMessage::new(
                     None,
@@ -309,7 +416,15 @@ impl Session {
                 let id_json = unsubscribe.id.to_string();
                 match self.subs.remove(&id_json) {
                     Some(key) => {
-                        self.state.hub.unsubscribe(key);
+                        let patience = self.state.config.heartbeat * 2;
+                        if tokio::time::timeout(patience, self.state.hub.unsubscribe_and_wait(key))
+                            .await
+                            .is_err()
+                        {
+                            // Its catch-up waits on a client that does not read.
+                            self.stalled = true;
+                            return true;
+                        }
                         self.send(
                             ServerMessage::Unsubscribed {
                                 id: &unsubscribe.id,
@@ -329,8 +444,8 @@ impl Session {
                 }
             }
             ClientMessage::Snapshot(request) => self.on_snapshot(request).await,
-            ClientMessage::Write(request) => self.on_write(request).await,
-            ClientMessage::WriteBatch(request) => self.on_write_batch(request).await,
+            ClientMessage::Write(request) => self.queue_write(WriteJob::One(request)).await,
+            ClientMessage::WriteBatch(request) => self.queue_write(WriteJob::Batch(request)).await,
         }
         true
     }
@@ -376,16 +491,27 @@ impl Session {
             .identify(hello.token.as_deref(), &hello.client_id)
         {
             Ok(identity) => {
+                let client_id = identity.scoped_client_id(&hello.client_id);
+                if client_id.len() > 256 {
+                    self.error(ErrorMessage::new(
+                        None,
+                        ErrorCode::BadRequest,
+                        "client_id and the token's sub together must stay within 256 bytes",
+                    ))
+                    .await;
+                    return true;
+                }
                 let welcome = ServerMessage::Welcome {
                     session: &self.id,
                     node: &self.state.config.node_name,
+                    client_id: &client_id,
                     position: self.state.hub.head().unwrap_or(0),
                     heartbeat_ms: self.state.config.heartbeat.as_millis() as u64,
                     protocol: PROTOCOL_VERSION,
                 };
                 self.send(welcome.to_json()).await;
                 self.hello = Some(HelloState {
-                    client_id: hello.client_id,
+                    client_id,
                     identity,
                 });
                 true
@@ -447,9 +573,16 @@ impl Session {
         table: &TableInfo,
         spec: Option<crate::hub::FilterSpec>,
     ) -> Result<Option<RowFilter>, ErrorMessage> {
-        spec.map(|spec| RowFilter::new(spec, &table.key_columns, &table.columns))
-            .transpose()
-            .map_err(|e| ErrorMessage::new(Some(id.clone()), ErrorCode::BadRequest, e.to_string()))
+        spec.map(|spec| {
+            RowFilter::new(
+                spec,
+                &table.key_columns,
+                &table.filter_columns,
+                &table.columns,
+            )
+        })
+        .transpose()
+        .map_err(|e| ErrorMessage::new(Some(id.clone()), ErrorCode::BadRequest, e.to_string()))
     }
 
     async fn on_subscribe(&mut self, request: Subscribe) {
@@ -503,7 +636,12 @@ impl Session {
             StreamAccess::NoSelect => {
                 return Err(bad(ErrorCode::Forbidden, format!("permission denied: the role may not SELECT from {}", table.name.display())))
             }
-            StreamAccess::NoRole => return Err(bad(ErrorCode::Forbidden, "the role this connection runs as does not exist".into())),
+            StreamAccess::NoRole => {
+                return Err(bad(
+                    ErrorCode::Forbidden,
+                    "the role this connection runs as does not exist, or the bridge may not act as it".into(),
+                ))
+            }
             StreamAccess::RowSecurity => {
                 return Err(bad(
                     ErrorCode::Forbidden,
@@ -537,6 +675,7 @@ impl Session {
                 filter,
                 sub_id_json: id_json.clone(),
                 since: request.since,
+                role: self.identity().role.clone(),
             })
             .map_err(|e| bad(ErrorCode::Unavailable, e.to_string()))?;
         self.subs.insert(id_json, key);
@@ -564,16 +703,35 @@ impl Session {
             Ok(filter) => filter,
             Err(error) => return self.error(error).await,
         };
+        let Ok(slot) = self.snapshots.clone().try_acquire_owned() else {
+            return self
+                .error(ErrorMessage::new(
+                    Some(id),
+                    ErrorCode::RateLimited,
+                    format!("at most {SNAPSHOTS_PER_CONNECTION} snapshots at once per connection"),
+                ))
+                .await;
+        };
         let state = self.state.clone();
         let identity = self.identity().clone();
         let outbox = self.outbox.clone();
         // In its own task: a big table must not hold up this connection's heartbeat
         // or its other requests.
         self.tasks.spawn(async move {
+            let _slot = slot;
+            // Snapshots share the pool with writes and catch-up: at most half of it.
+            let Ok(_permit) = state.snapshot_permits.clone().acquire_owned().await else {
+                return;
+            };
+            let patience = state.config.heartbeat * 2;
             let (pages_tx, mut pages_rx) = mpsc::channel(1);
             let id_json = id.to_string();
             let channel = serde_json::to_string(&format!("table:{}", table.name.display())).expect("a string serialises");
-            let forward = async {
+            // Owns the receiver: when the client is gone and this ends, the reader's
+            // next page finds no receiver and the snapshot's transaction ends.
+            let forward_outbox = outbox.clone();
+            let forward = async move {
+                let outbox = forward_outbox;
                 let mut page_number = 0;
                 while let Some(page) = pages_rx.recv().await {
                     let page: snapshot::SnapshotPage = page;
@@ -589,7 +747,9 @@ impl Session {
                         text.push_str(row);
                     }
                     text.push_str("]}");
-                    if outbox.send(Outbound::Text(text)).await.is_err() {
+                    // A client that stops reading must not hold a database
+                    // connection (and its open transaction) for ever.
+                    if !send_within(&outbox, text, patience).await {
                         return;
                     }
                 }
@@ -606,83 +766,100 @@ impl Session {
             if let Err(e) = result {
                 let error = ErrorMessage::from_db(Some(id), &e);
                 m::error_sent(error.code.as_str());
-                let _ = outbox.send(Outbound::Text(error.to_json())).await;
+                send_within(&outbox, error.to_json(), patience).await;
             }
         });
     }
 
-    async fn on_write(&mut self, request: WriteRequest) {
+    /// Hands a write to the connection's write worker (started on first use).
+    async fn queue_write(&mut self, job: WriteJob) {
         let hello = self.hello.as_ref().expect("checked before dispatch");
-        match writer::write(
-            &self.state.pool,
-            &hello.identity,
-            &hello.client_id,
-            &request.mutation,
-        )
-        .await
-        {
-            Ok(result) => {
-                m::write_outcome(outcome(result.get("status")));
-                self.send(
-                    ServerMessage::WriteResult {
-                        id: &request.id,
-                        result: &result,
-                    }
-                    .to_json(),
-                )
-                .await;
-            }
-            Err(e) => {
-                m::write_outcome("error");
-                self.error(ErrorMessage::from_db(Some(request.id), &e))
-                    .await;
-            }
-        }
-    }
-
-    async fn on_write_batch(&mut self, request: WriteBatchRequest) {
-        let hello = self.hello.as_ref().expect("checked before dispatch");
-        match writer::write_batch(
-            &self.state.pool,
-            &hello.identity,
-            &hello.client_id,
-            &request.mutations,
-            request.all_or_nothing,
-        )
-        .await
-        {
-            Ok(results) => {
-                if let Value::Array(items) = &results {
-                    for item in items {
-                        m::write_outcome(outcome(item.get("status")));
-                    }
-                }
-                self.send(
-                    ServerMessage::WriteBatchResult {
-                        id: &request.id,
-                        results: &results,
-                    }
-                    .to_json(),
-                )
-                .await;
-            }
-            Err(e) => {
-                m::write_outcome("error");
-                self.error(ErrorMessage::from_db(Some(request.id), &e))
-                    .await;
-            }
+        let writes = self.writes.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(WRITES_IN_FLIGHT);
+            self.tasks.spawn(write_worker(
+                rx,
+                self.state.clone(),
+                hello.identity.clone(),
+                hello.client_id.clone(),
+                self.outbox.clone(),
+            ));
+            tx
+        });
+        // A client pipelining writes faster than the database applies them waits
+        // here (its frames are not read meanwhile: TCP pushes back); one whose
+        // replies are not read for two heartbeats is closed.
+        let patience = self.state.config.heartbeat * 2;
+        if !matches!(
+            tokio::time::timeout(patience, writes.send(job)).await,
+            Ok(Ok(()))
+        ) {
+            self.stalled = true;
         }
     }
 }
 
-/// The metrics label for a write's `status`.
-pub fn outcome(status: Option<&Value>) -> &'static str {
-    match status.and_then(Value::as_str) {
-        Some("applied") => "applied",
-        Some("merged") => "merged",
-        Some("conflict") => "conflict",
-        Some("rejected") => "rejected",
-        _ => "other",
+/// Queues `text`, waiting at most `patience` for room; false if the client did not
+/// make room (or is gone).
+async fn send_within(outbox: &Outbox, text: String, patience: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(patience, outbox.send(Outbound::Text(text))).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Applies a connection's writes one after another, in the order they were sent.
+async fn write_worker(
+    mut jobs: mpsc::Receiver<WriteJob>,
+    state: AppState,
+    identity: Identity,
+    client_id: String,
+    outbox: Outbox,
+) {
+    let patience = state.config.heartbeat * 2;
+    while let Some(job) = jobs.recv().await {
+        let reply = match job {
+            WriteJob::One(request) => {
+                match writer::write(&state.pool, &identity, &client_id, &request.mutation).await {
+                    Ok(result) => {
+                        m::write_outcome(result.status());
+                        result.message(&request.id)
+                    }
+                    Err(e) => {
+                        m::write_outcome("error");
+                        let error = ErrorMessage::from_db(Some(request.id), &e);
+                        m::error_sent(error.code.as_str());
+                        error.to_json()
+                    }
+                }
+            }
+            WriteJob::Batch(request) => {
+                match writer::write_batch(
+                    &state.pool,
+                    &identity,
+                    &client_id,
+                    &request.mutations,
+                    request.all_or_nothing,
+                )
+                .await
+                {
+                    Ok(results) => {
+                        for status in results.statuses() {
+                            m::write_outcome(status);
+                        }
+                        results.message(&request.id)
+                    }
+                    Err(e) => {
+                        m::write_outcome("error");
+                        let error = ErrorMessage::from_db(Some(request.id), &e);
+                        m::error_sent(error.code.as_str());
+                        error.to_json()
+                    }
+                }
+            }
+        };
+        if !send_within(&outbox, reply, patience).await {
+            return;
+        }
     }
 }
 
