@@ -1,7 +1,10 @@
 //! What the Rust benchmarks share: the server they measure and a database of their
-//! own on it, created afresh with livesync installed and dropped at the end.
+//! own on it, created afresh with livesync installed and dropped at the end; the
+//! bridge's benchmarks also share [`bridge`].
 
 use postgres::{Client, NoTls};
+
+pub mod bridge;
 
 /// The server, from `BENCH_PG` (libpq key=value form).
 pub fn server() -> String {
@@ -39,8 +42,12 @@ impl BenchDb {
     }
 
     pub fn connect(&self) -> Client {
-        Client::connect(&format!("{} dbname={}", server(), self.name), NoTls)
-            .expect("connect to the bench database")
+        Client::connect(&self.conninfo(), NoTls).expect("connect to the bench database")
+    }
+
+    /// libpq key=value string for this database (as the `BENCH_PG` user).
+    pub fn conninfo(&self) -> String {
+        format!("{} dbname={}", server(), self.name)
     }
 }
 
