@@ -59,5 +59,10 @@ bench: install
 	cargo run --release -q -p livesync-bench --bin doorbell
 	cargo run --release -q -p livesync-bench --bin batch
 	cargo run --release -q -p livesync-bench --bin reader
+	cargo run --release -q -p livesync-bench --bin bridge_latency
+	cargo run --release -q -p livesync-bench --bin bridge_tournament
+	cargo run --release -q -p livesync-bench --bin bridge_fanout
+	cargo run --release -q -p livesync-bench --bin bridge_memory
+	cargo run --release -q -p livesync-bench --bin bridge_catchup
 	bench/capture/run
 	bench/writes/run
