@@ -145,26 +145,36 @@ pub async fn watch_access(
         let Ok(client) = pool.get().await else {
             continue;
         };
-        for (relation, role) in grants {
-            let reason = match stream_access(&client, relation, role.as_deref()).await {
-                Ok(StreamAccess::Allowed) => continue,
-                Ok(StreamAccess::NoSelect) => "permission denied: the role may no longer SELECT from the table",
-                Ok(StreamAccess::RowSecurity) => "the table now has row-level security: live changes stream only to roles that bypass it",
-                Ok(StreamAccess::NoRole) => "the role this subscription runs as no longer exists",
-                // The table is gone (dropped): its subscriptions hear nothing more;
-                // leave them (they can be told by the schema change they received).
-                Err(_) => continue,
-            };
-            let ended = hub.revoke(relation, &role, reason);
-            if ended > 0 {
-                tracing::info!(
-                    relation,
-                    ?role,
-                    ended,
-                    reason,
-                    "subscriptions ended: access lost"
-                );
+        end_lost_access(&client, &hub, grants).await;
+    }
+}
+
+/// Ends (`forbidden`) the subscriptions of every (table, role) pair in `grants` whose
+/// role may no longer stream the table. A pair that cannot be checked (a table just
+/// dropped) is left for the next check.
+pub async fn end_lost_access<C: GenericClient>(
+    client: &C,
+    hub: &crate::hub::FanoutHub,
+    grants: Vec<(u32, Option<String>)>,
+) {
+    for (relation, role) in grants {
+        let reason = match stream_access(client, relation, role.as_deref()).await {
+            Ok(StreamAccess::Allowed) | Err(_) => continue,
+            Ok(StreamAccess::NoSelect) => "permission denied: the role may no longer SELECT from the table",
+            Ok(StreamAccess::RowSecurity) => {
+                "the table now has row-level security: live changes stream only to roles that bypass it"
             }
+            Ok(StreamAccess::NoRole) => "the role this subscription runs as no longer exists",
+        };
+        let ended = hub.revoke(relation, &role, reason);
+        if ended > 0 {
+            tracing::info!(
+                relation,
+                ?role,
+                ended,
+                reason,
+                "subscriptions ended: access lost"
+            );
         }
     }
 }

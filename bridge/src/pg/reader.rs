@@ -212,17 +212,7 @@ impl LogFollower {
             .collect();
         relations.sort_unstable();
         relations.dedup();
-        for (relation, role) in self.hub.grants_on(&relations) {
-            let reason = match super::catalog::stream_access(client, relation, role.as_deref()).await? {
-                super::catalog::StreamAccess::Allowed => continue,
-                super::catalog::StreamAccess::NoSelect => "permission denied: the role may no longer SELECT from the table",
-                super::catalog::StreamAccess::RowSecurity => {
-                    "the table now has row-level security: live changes stream only to roles that bypass it"
-                }
-                super::catalog::StreamAccess::NoRole => "the role this subscription runs as no longer exists",
-            };
-            self.hub.revoke(relation, &role, reason);
-        }
+        super::catalog::end_lost_access(client, &self.hub, self.hub.grants_on(&relations)).await;
         Ok(())
     }
 
