@@ -425,7 +425,21 @@ async fn broker_delivers_to_other_nodes_in_redis() {
     let server = RedisServer::start();
     let (a, a_rx) = RedisBroker::new(&server.url(), &settings("node-a")).unwrap();
     let (b, b_rx) = RedisBroker::new(&server.url(), &settings("node-b")).unwrap();
+    let (quiet, mut quiet_rx) = RedisBroker::new(&server.url(), &settings("node-c")).unwrap();
+    quiet.subscribe("r1").await.unwrap();
     broker_delivery(Arc::new(a), a_rx, Arc::new(b), b_rx).await;
+    // The subscriber's keep-alive pings (every 2 s here) do not break the connection:
+    // an idle subscriber gets the room's events and nothing else (no Reconnected).
+    let mut seen = 0;
+    let idle_until = tokio::time::Instant::now() + Duration::from_millis(4500);
+    while let Ok(event) = tokio::time::timeout_at(idle_until, quiet_rx.recv()).await {
+        match event {
+            Some(BrokerEvent::Room { room, .. }) if room == "r1" => seen += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, 4, "r1 had four events from other nodes");
+    assert!(quiet.healthy());
 }
 
 // ---------------------------------------------------------------------------------
@@ -506,4 +520,72 @@ async fn redis_outage_fails_fast_and_heals() {
     )
     .await;
     assert_eq!(next_room_event(&mut rx_a).await.2, r#"{"text":"back"}"#);
+}
+
+// ---------------------------------------------------------------------------------
+// Redis Cluster
+
+/// Three masters on local ports, slots spread over them.
+fn start_cluster() -> Vec<RedisServer> {
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(
+                redis_server::free_port(),
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = servers
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli");
+    assert!(
+        out.status.success(),
+        "cluster create: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !servers
+        .iter()
+        .all(|s| s.command("CLUSTER INFO").contains("cluster_state:ok"))
+    {
+        assert!(Instant::now() < deadline, "cluster never became ok");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    servers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cluster_runs_the_same_code() {
+    let servers = start_cluster();
+    let url = format!(
+        "redis+cluster://{}",
+        servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let store = |node: &str| -> Arc<dyn PresenceStore> {
+        Arc::new(RedisPresence::new(&url, &settings(node)).expect("store"))
+    };
+    // First, while no other node has gone quiet.
+    dead_node(store("node-a"), store("node-b")).await;
+    basics(store("node-c")).await;
+    colors_across_nodes(store("node-d"), store("node-e")).await;
+    // The rooms above landed on more than one master.
+    let holding = servers
+        .iter()
+        .filter(|s| !s.command("DBSIZE").trim().ends_with(":0"))
+        .count();
+    assert!(holding >= 2, "all keys on one master");
+    let (a, a_rx) = RedisBroker::new(&url, &settings("node-a")).unwrap();
+    let (b, b_rx) = RedisBroker::new(&url, &settings("node-b")).unwrap();
+    broker_delivery(Arc::new(a), a_rx, Arc::new(b), b_rx).await;
 }

@@ -474,6 +474,7 @@ impl RedisPresence {
     async fn restore(&self, room: &str, m: &Member) -> Result<Option<Member>, PresenceError> {
         let state = serde_json::to_string(&m.state).unwrap_or_else(|_| "null".into());
         let joined_at = m.joined_at.to_string();
+        let deadline = Instant::now() + self.ttl;
         let (restored, raw): (String, Vec<String>) = self
             .redis
             .room(
@@ -493,7 +494,6 @@ impl RedisPresence {
         let Some(member) = parse_member(&raw) else {
             return Ok(None);
         };
-        let deadline = Instant::now() + self.ttl;
         let mut local = self.local.lock().await;
         if let Some(lm) = local
             .rooms
@@ -595,6 +595,8 @@ impl PresenceStore for RedisPresence {
             .entry(room.to_string())
             .or_default()
             .pending += 1;
+        // Taken before Redis sets its deadline, so ours is never the later one.
+        let started = Instant::now();
         let result = async {
             // Indexed before the member exists, so a node dying right after the join
             // is still found in this room by the survivors.
@@ -627,7 +629,7 @@ impl PresenceStore for RedisPresence {
                 connection.to_string(),
                 LocalMember {
                     member: joined.member.clone(),
-                    deadline: Instant::now() + self.ttl,
+                    deadline: started + self.ttl,
                 },
             );
             // Removed by the join as expired: maybe ours (a stale copy).
@@ -649,6 +651,7 @@ impl PresenceStore for RedisPresence {
     ) -> Result<Option<Member>, PresenceError> {
         let state_json = serde_json::to_string(&state)
             .map_err(|e| PresenceError::Backend(format!("state not serialisable: {e}")))?;
+        let started = Instant::now();
         let raw: Vec<String> = self
             .redis
             .room(
@@ -668,7 +671,7 @@ impl PresenceStore for RedisPresence {
             match &member {
                 Some(m) => {
                     lm.member = m.clone();
-                    lm.deadline = Instant::now() + self.ttl;
+                    lm.deadline = started + self.ttl;
                 }
                 // Gone from Redis: the heartbeat puts it back if it is live.
                 None => lm.member.state = state,
@@ -1142,7 +1145,7 @@ impl Subscriber {
                     }
                 }
                 _ = ping.tick() => {
-                    let pong = tokio::time::timeout(self.timeout, sink.ping::<String>()).await;
+                    let pong = tokio::time::timeout(self.timeout, sink.ping::<RedisValue>()).await;
                     if !matches!(pong, Ok(Ok(_))) {
                         return true;
                     }
