@@ -923,6 +923,12 @@ impl RedisBroker {
             .iter()
             .map(|u| redis::Client::open(u.as_str()).map_err(invalid_url))
             .collect::<Result<Vec<_>, _>>()?;
+        if clients.is_empty() {
+            return Err(PresenceError::Invalid {
+                what: "redis url",
+                reason: "names no server".into(),
+            });
+        }
         let (events_tx, events_rx) = mpsc::channel(settings.event_capacity.max(1));
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let wanted = Arc::new(parking_lot::Mutex::new(HashMap::new()));
@@ -1220,13 +1226,15 @@ mod tests {
         assert_eq!(channel("a}b"), "livesync:presence:{a}b}:events");
     }
 
-    #[test]
-    fn urls() {
+    #[tokio::test]
+    async fn urls() {
         assert!(matches!(Target::parse("redis://h:1"), Target::Single(u) if u == "redis://h:1"));
         let Target::Cluster(urls) = Target::parse("redis+cluster://h:1,h:2") else {
             panic!("not a cluster")
         };
         assert_eq!(urls, ["redis://h:1", "redis://h:2"]);
+        let settings = PresenceSettings::new("n");
+        assert!(RedisBroker::new("redis+cluster://", &settings).is_err());
         assert!(matches!(
             Target::parse("redis://h:1,redis://h:2"),
             Target::Cluster(u) if u.len() == 2
