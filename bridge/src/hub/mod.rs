@@ -25,7 +25,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::changelog::{left_filter_json, Entry, RecentWindow, Txn};
+use crate::changelog::{left_filter_json, Entry, RecentWindow, TableChanges, Txn};
 use crate::config::Limits;
 use crate::metrics as m;
 use crate::pg::reader::{read_page, PAGE_CHANGES};
@@ -81,6 +81,10 @@ pub struct FanoutHub {
     pool: deadpool_postgres::Pool,
     pages: page_cache::PageCache,
     limits: Limits,
+    /// The runtime sessions run on: catch-up tasks and the messages that end
+    /// subscriptions are spawned there, also when the reader (on its own thread)
+    /// publishes.
+    runtime: tokio::runtime::Handle,
 }
 
 struct HubState {
@@ -88,6 +92,9 @@ struct HubState {
     window: RecentWindow,
     relations: HashMap<u32, RelationStreams>,
     subs: HashMap<SubKey, Subscription>,
+    /// How many subscriptions each (table, role) pair has: what the reader re-checks
+    /// before every page, without walking every subscription.
+    grants: HashMap<(u32, Option<String>), usize>,
     next_key: SubKey,
 }
 
@@ -127,6 +134,7 @@ struct Subscription {
 }
 
 impl FanoutHub {
+    /// Must be called on the runtime the sessions run on.
     pub fn new(pool: deadpool_postgres::Pool, limits: Limits) -> Arc<FanoutHub> {
         let (head_tx, _) = watch::channel(0);
         Arc::new(FanoutHub {
@@ -135,6 +143,7 @@ impl FanoutHub {
                 window: RecentWindow::new(0, limits.window_changes, limits.window_bytes),
                 relations: HashMap::new(),
                 subs: HashMap::new(),
+                grants: HashMap::new(),
                 next_key: 1,
             }),
             head_tx,
@@ -144,6 +153,7 @@ impl FanoutHub {
                 (limits.window_changes / PAGE_CHANGES as usize).max(2),
             ),
             limits,
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -172,6 +182,7 @@ impl FanoutHub {
             st.head = Some(position);
             st.window.reset(position);
             st.relations.clear();
+            st.grants.clear();
             st.subs.drain().collect()
         };
         self.pages.clear();
@@ -179,7 +190,7 @@ impl FanoutHub {
         for (_, sub) in subs {
             m::resyncs();
             // Waiting for room as long as it takes (a full queue must not swallow it).
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 *sub.gate.lock().await = false;
                 let _ = sub
                     .outbox
@@ -205,15 +216,23 @@ impl FanoutHub {
                 let Some(rs) = st.relations.get_mut(&table.relation) else {
                     continue;
                 };
+                // Each change's entry is parsed once, whatever the number of filtered
+                // streams that look at it.
+                let mut parsed: Option<Vec<Option<Entry<'_>>>> = None;
                 for stream in &mut rs.streams {
                     if stream.live.is_empty() {
                         continue;
                     }
+                    let entries = stream
+                        .filter
+                        .as_ref()
+                        .map(|_| &**parsed.get_or_insert_with(|| parse_entries(table, txn.after)));
                     let Some(body) = body_for(
-                        &txn,
-                        table.relation,
+                        table,
+                        entries,
                         stream.filter.as_deref(),
                         txn.after,
+                        txn.last,
                         self.limits.max_frame_bytes,
                     ) else {
                         continue;
@@ -305,6 +324,9 @@ impl FanoutHub {
         let stream_filter = stream.filter.clone();
         let prefix: Arc<str> =
             format!("{{\"type\":\"changes\",\"sub\":{},", request.sub_id_json).into();
+        *st.grants
+            .entry((request.relation, request.role.clone()))
+            .or_insert(0) += 1;
         st.subs.insert(
             key,
             Subscription {
@@ -354,30 +376,11 @@ impl FanoutHub {
         }
     }
 
-    /// The (table, role) pairs subscriptions were granted, for re-checking.
+    /// The (table, role) pairs subscriptions were granted, for re-checking (sorted).
     pub fn grants(&self) -> Vec<(u32, Option<String>)> {
         let st = self.state.lock();
-        let mut grants: Vec<(u32, Option<String>)> = st
-            .subs
-            .values()
-            .map(|s| (s.relation, s.role.clone()))
-            .collect();
+        let mut grants: Vec<(u32, Option<String>)> = st.grants.keys().cloned().collect();
         grants.sort();
-        grants.dedup();
-        grants
-    }
-
-    /// The (table, role) pairs with subscriptions among `relations` (sorted).
-    pub fn grants_on(&self, relations: &[u32]) -> Vec<(u32, Option<String>)> {
-        let st = self.state.lock();
-        let mut grants: Vec<(u32, Option<String>)> = st
-            .subs
-            .values()
-            .filter(|s| relations.binary_search(&s.relation).is_ok())
-            .map(|s| (s.relation, s.role.clone()))
-            .collect();
-        grants.sort();
-        grants.dedup();
         grants
     }
 
@@ -410,7 +413,7 @@ impl FanoutHub {
                 "{{\"type\":\"error\",\"id\":{sub_id_json},\"code\":\"forbidden\",\"message\":{}}}",
                 serde_json::to_string(reason).unwrap_or_else(|_| "\"forbidden\"".into())
             );
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 *gate.lock().await = false;
                 let _ = outbox.send(Outbound::Text(message)).await;
             });
@@ -449,7 +452,8 @@ impl FanoutHub {
 
     fn spawn_catch_up(self: &Arc<Self>, key: SubKey, after: i64) {
         let hub = self.clone();
-        tokio::spawn(async move { hub.catch_up(key, after).await });
+        self.runtime
+            .spawn(async move { hub.catch_up(key, after).await });
     }
 
     /// Feeds one subscription from `after` until it has everything up to the head,
@@ -536,13 +540,17 @@ impl FanoutHub {
                 if txn.last <= after {
                     continue;
                 }
-                if let Some(body) = body_for(
-                    &txn,
-                    relation,
-                    filter.as_deref(),
-                    after,
-                    self.limits.max_frame_bytes,
-                ) {
+                let body = txn.table(relation).and_then(|table| {
+                    body_for(
+                        table,
+                        None,
+                        filter.as_deref(),
+                        after,
+                        txn.last,
+                        self.limits.max_frame_bytes,
+                    )
+                });
+                if let Some(body) = body {
                     let changes = body.changes as u64;
                     let remaining = self.limits.max_catch_up.saturating_sub(started.elapsed());
                     let send = async {
@@ -630,6 +638,13 @@ enum CatchUpError {
 fn remove_sub(st: &mut HubState, key: SubKey) -> Option<Arc<tokio::sync::Mutex<bool>>> {
     let sub = st.subs.remove(&key)?;
     m::subscriptions(-1);
+    let grant = (sub.relation, sub.role.clone());
+    if let Some(count) = st.grants.get_mut(&grant) {
+        *count -= 1;
+        if *count == 0 {
+            st.grants.remove(&grant);
+        }
+    }
     if let Some(rs) = st.relations.get_mut(&sub.relation) {
         let canonical = sub.filter.as_ref().map(|f| f.canonical.as_str());
         if let Some(i) = rs
@@ -648,16 +663,27 @@ fn remove_sub(st: &mut HubState, key: SubKey) -> Option<Arc<tokio::sync::Mutex<b
     Some(sub.gate)
 }
 
-/// The `changes` body of one table's changes after `after` in a transaction, as a
-/// subscriber with `filter` receives them; None when nothing is for it.
+/// The entries of a table's changes after `after`, parsed (None: unreadable).
+fn parse_entries(table: &TableChanges, after: i64) -> Vec<Option<Entry<'_>>> {
+    table
+        .changes
+        .iter()
+        .filter(|c| c.position > after)
+        .map(|c| Entry::parse(&c.entry).ok())
+        .collect()
+}
+
+/// The `changes` body of one table's changes after `after` in a transaction ending at
+/// `last`, as a subscriber with `filter` receives them; None when nothing is for it.
+/// `entries`, when given, are [`parse_entries`] of the same changes.
 fn body_for(
-    txn: &Txn,
-    relation: u32,
+    table: &TableChanges,
+    entries: Option<&[Option<Entry<'_>>]>,
     filter: Option<&RowFilter>,
     after: i64,
+    last: i64,
     max_bytes: usize,
 ) -> Option<ChangesBody> {
-    let table = txn.table(relation)?;
     let changes = table.changes.iter().filter(|c| c.position > after);
     let body = match filter {
         None => {
@@ -665,16 +691,24 @@ fn body_for(
             if texts.is_empty() {
                 return None;
             }
-            ChangesBody::build(txn.last, texts, max_bytes)
+            ChangesBody::build(last, texts, max_bytes)
         }
         Some(filter) => {
             let mut left: Vec<(usize, String)> = Vec::new();
             let mut chosen: Vec<&str> = Vec::new();
             let mut marks: Vec<Option<usize>> = Vec::new();
-            for change in changes {
-                let verdict = match Entry::parse(&change.entry) {
-                    Ok(entry) => filter.verdict(change.op, &entry),
-                    Err(_) => Verdict::Send, // never withhold what cannot be read
+            for (i, change) in changes.enumerate() {
+                let parsed;
+                let entry = match entries {
+                    Some(entries) => entries.get(i).and_then(Option::as_ref),
+                    None => {
+                        parsed = Entry::parse(&change.entry).ok();
+                        parsed.as_ref()
+                    }
+                };
+                let verdict = match entry {
+                    Some(entry) => filter.verdict(change.op, entry),
+                    None => Verdict::Send, // never withhold what cannot be read
                 };
                 match verdict {
                     Verdict::Send => {
@@ -700,7 +734,7 @@ fn body_for(
                     None => *text,
                 })
                 .collect();
-            ChangesBody::build(txn.last, texts, max_bytes)
+            ChangesBody::build(last, texts, max_bytes)
         }
     };
     Some(body)

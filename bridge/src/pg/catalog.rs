@@ -77,23 +77,53 @@ pub async fn stream_access<C: GenericClient>(
     relation: u32,
     role: Option<&str>,
 ) -> Result<StreamAccess, PgError> {
-    let statement = client
-        .prepare_cached(
-            "SELECT pg_catalog.has_table_privilege(r.oid, c.oid, 'SELECT'), \
-                    c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls \
-                        OR (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)) \
-             FROM pg_catalog.pg_class c, pg_catalog.pg_roles r \
-             WHERE c.oid = $1 AND r.rolname = coalesce($2, current_user) \
-               AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')",
-        )
-        .await?;
-    let row = client.query_opt(&statement, &[&relation, &role]).await?;
-    Ok(match row {
-        None => StreamAccess::NoRole,
-        Some(row) if !row.get::<_, bool>(0) => StreamAccess::NoSelect,
-        Some(row) if row.get::<_, bool>(1) => StreamAccess::RowSecurity,
-        Some(_) => StreamAccess::Allowed,
-    })
+    let pairs = [(relation, role.map(str::to_string))];
+    let access = stream_access_many(client, &pairs).await?;
+    Ok(access.first().copied().unwrap_or(StreamAccess::NoRole))
+}
+
+const STREAM_ACCESS_SQL: &str = "SELECT g.i::int4, \
+        pg_catalog.has_table_privilege(r.oid, c.oid, 'SELECT'), \
+        c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls \
+            OR (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)) \
+     FROM unnest($1::oid[], $2::text[]) WITH ORDINALITY AS g(relation, role, i) \
+     JOIN pg_catalog.pg_class c ON c.oid = g.relation \
+     JOIN pg_catalog.pg_roles r ON r.rolname = coalesce(g.role, current_user) \
+     WHERE pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')";
+
+/// Prepares [`stream_access_many`]'s statement on a connection ahead of use, so a
+/// later call sends its query the moment it is first polled.
+pub async fn prepare_stream_access<C: GenericClient>(client: &C) -> Result<(), PgError> {
+    client.prepare_cached(STREAM_ACCESS_SQL).await?;
+    Ok(())
+}
+
+/// [`StreamAccess`] for each (table, role) pair, in one statement (one round trip
+/// however many pairs).
+pub async fn stream_access_many<C: GenericClient>(
+    client: &C,
+    pairs: &[(u32, Option<String>)],
+) -> Result<Vec<StreamAccess>, PgError> {
+    let statement = client.prepare_cached(STREAM_ACCESS_SQL).await?;
+    let relations: Vec<u32> = pairs.iter().map(|(r, _)| *r).collect();
+    let roles: Vec<Option<&str>> = pairs.iter().map(|(_, role)| role.as_deref()).collect();
+    let rows = client.query(&statement, &[&relations, &roles]).await?;
+    // A pair without a row: no such role (or table), or one the bridge may not become.
+    let mut access = vec![StreamAccess::NoRole; pairs.len()];
+    for row in rows {
+        let i = row.get::<_, i32>(0) as usize;
+        let Some(slot) = i.checked_sub(1).and_then(|i| access.get_mut(i)) else {
+            continue;
+        };
+        *slot = if !row.get::<_, bool>(1) {
+            StreamAccess::NoSelect
+        } else if row.get::<_, bool>(2) {
+            StreamAccess::RowSecurity
+        } else {
+            StreamAccess::Allowed
+        };
+    }
+    Ok(access)
 }
 
 /// What the bridge's own login role may do, checked at start.
@@ -150,23 +180,35 @@ pub async fn watch_access(
 }
 
 /// Ends (`forbidden`) the subscriptions of every (table, role) pair in `grants` whose
-/// role may no longer stream the table. A pair that cannot be checked (a table just
-/// dropped) is left for the next check.
+/// role may no longer stream the table. When the pairs cannot be checked (the
+/// connection failed) they are left for the next check.
 pub async fn end_lost_access<C: GenericClient>(
     client: &C,
     hub: &crate::hub::FanoutHub,
     grants: Vec<(u32, Option<String>)>,
 ) {
-    for (relation, role) in grants {
-        let reason = match stream_access(client, relation, role.as_deref()).await {
-            Ok(StreamAccess::Allowed) | Err(_) => continue,
-            Ok(StreamAccess::NoSelect) => "permission denied: the role may no longer SELECT from the table",
-            Ok(StreamAccess::RowSecurity) => {
+    if let Ok(access) = stream_access_many(client, &grants).await {
+        revoke_lost(hub, &grants, &access);
+    }
+}
+
+/// Ends the subscriptions of the pairs whose `access` (as [`stream_access_many`]
+/// returned it for `grants`) is no longer [`StreamAccess::Allowed`].
+pub fn revoke_lost(
+    hub: &crate::hub::FanoutHub,
+    grants: &[(u32, Option<String>)],
+    access: &[StreamAccess],
+) {
+    for ((relation, role), access) in grants.iter().zip(access) {
+        let reason = match access {
+            StreamAccess::Allowed => continue,
+            StreamAccess::NoSelect => "permission denied: the role may no longer SELECT from the table",
+            StreamAccess::RowSecurity => {
                 "the table now has row-level security: live changes stream only to roles that bypass it"
             }
-            Ok(StreamAccess::NoRole) => "the role this subscription runs as no longer exists",
+            StreamAccess::NoRole => "the role this subscription runs as no longer exists",
         };
-        let ended = hub.revoke(relation, &role, reason);
+        let ended = hub.revoke(*relation, role, reason);
         if ended > 0 {
             tracing::info!(
                 relation,

@@ -182,6 +182,9 @@ impl LogFollower {
             self.status.position.store(now, Ordering::Relaxed);
             self.status.newest_seen.fetch_max(now, Ordering::Relaxed);
         }
+        // Prepared ahead, so the page read and the access check pipeline in order.
+        client.prepare_cached(PAGE_SQL).await?;
+        super::catalog::prepare_stream_access(&client).await?;
         self.status.reading.store(true, Ordering::Relaxed);
         tracing::info!(
             position = self.hub.head().unwrap_or(0),
@@ -197,30 +200,27 @@ impl LogFollower {
         }
     }
 
-    /// Before a page goes out: do the roles subscribed to its tables still have the
-    /// right to stream them? A REVOKE or `ENABLE ROW LEVEL SECURITY` committed before
-    /// these changes were read ends those subscriptions (`forbidden`) before a single
-    /// one of the changes reaches them.
-    async fn recheck_access(
-        &self,
-        client: &deadpool_postgres::Client,
-        page: &[Txn],
-    ) -> Result<(), PgError> {
-        let mut relations: Vec<u32> = page
-            .iter()
-            .flat_map(|t| t.tables.iter().map(|t| t.relation))
-            .collect();
-        relations.sort_unstable();
-        relations.dedup();
-        super::catalog::end_lost_access(client, &self.hub, self.hub.grants_on(&relations)).await;
-        Ok(())
-    }
-
     /// Reads pages until the log has nothing newer.
     async fn catch_up(&self, client: &deadpool_postgres::Client) -> Result<(), PgError> {
         loop {
             let after = self.hub.head().unwrap_or(0);
-            let page = match read_page(client, after, PAGE_CHANGES).await {
+            // Before a page goes out: do the roles subscribed still have the right to
+            // stream their tables? The check is sent right behind the read on the
+            // same connection (one round trip for both; both statements are prepared,
+            // so each is sent when first polled, in this order), so it sees every
+            // REVOKE or `ENABLE ROW LEVEL SECURITY` committed before the page's
+            // changes were read, and ends those subscriptions (`forbidden`) before a
+            // single one of the changes reaches them.
+            let grants = self.hub.grants();
+            let check = async {
+                if grants.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    super::catalog::stream_access_many(client, &grants).await
+                }
+            };
+            let (page, access) = tokio::join!(read_page(client, after, PAGE_CHANGES), check);
+            let page = match page {
                 Ok(page) => page,
                 Err(e) if e.is_resync() => {
                     // Our position left the retained log (compaction passed a reader
@@ -244,7 +244,9 @@ impl LogFollower {
             };
             let count = page.iter().map(Txn::change_count).sum::<usize>();
             m::changes_read(count as u64);
-            self.recheck_access(client, &page).await?;
+            // A failed check fails the connection too; reconnecting reads the page
+            // again.
+            super::catalog::revoke_lost(&self.hub, &grants, &access?);
             for txn in page {
                 self.hub.publish(Arc::new(txn));
             }
