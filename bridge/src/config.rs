@@ -58,6 +58,38 @@ pub struct Config {
     pub pool_size: usize,
     /// How often live subscriptions' access (SELECT, row-level security) is re-checked.
     pub access_recheck: Duration,
+    pub presence: PresenceConfig,
+}
+
+/// Presence and rooms (see docs/protocol.md, "Presence and broadcast").
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// A member not heartbeated for this long is removed (and a dead node's members
+    /// are removed by the others within it).
+    pub ttl: Duration,
+    /// Presence updates of a room are gathered this long into one diff.
+    pub coalesce: Duration,
+    /// Broadcasts per second per connection (also the burst).
+    pub broadcasts_per_second: u32,
+    /// Largest presence `state` or broadcast `payload`, serialised.
+    pub max_state_bytes: usize,
+    /// Rooms one connection may be in.
+    pub max_rooms: usize,
+    /// Who may join and broadcast where (`[[rooms]]` in the config file).
+    pub rules: Vec<crate::rooms::RoomRule>,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            ttl: crate::presence::DEFAULT_TTL,
+            coalesce: Duration::from_millis(25),
+            broadcasts_per_second: 100,
+            max_state_bytes: 4096,
+            max_rooms: 100,
+            rules: Vec::new(),
+        }
+    }
 }
 
 /// Limits that protect the bridge from one client.
@@ -117,6 +149,7 @@ impl Config {
             heartbeat: Duration::from_secs(25),
             pool_size: 16,
             access_recheck: Duration::from_secs(2),
+            presence: PresenceConfig::default(),
         }
     }
 
@@ -212,6 +245,23 @@ impl Config {
             config.heartbeat = Duration::from_millis(ms);
         }
         set(&mut config.pool_size, cli.pool_size.or(file.pool_size));
+        let p = &mut config.presence;
+        if let Some(ms) = cli.presence_ttl_ms.or(file.presence_ttl_ms) {
+            p.ttl = Duration::from_millis(ms);
+        }
+        if let Some(ms) = cli.presence_coalesce_ms.or(file.presence_coalesce_ms) {
+            p.coalesce = Duration::from_millis(ms);
+        }
+        set(
+            &mut p.broadcasts_per_second,
+            cli.broadcasts_per_second.or(file.broadcasts_per_second),
+        );
+        set(
+            &mut p.max_state_bytes,
+            cli.max_presence_bytes.or(file.max_presence_bytes),
+        );
+        set(&mut p.max_rooms, cli.max_rooms.or(file.max_rooms));
+        p.rules = file.rooms;
         config.validate()?;
         Ok(config)
     }
@@ -222,6 +272,16 @@ impl Config {
             name,
             reason: reason.to_string(),
         };
+        let p = &self.presence;
+        if p.ttl < Duration::from_millis(300) {
+            return Err(invalid("presence_ttl_ms", "must be at least 300"));
+        }
+        if p.broadcasts_per_second == 0 || p.max_rooms == 0 {
+            return Err(invalid(
+                "presence",
+                "broadcasts_per_second and max_rooms must be positive",
+            ));
+        }
         let l = &self.limits;
         if l.max_frame_bytes < 1024 {
             return Err(invalid("max_frame_bytes", "must be at least 1024"));
@@ -341,6 +401,16 @@ struct Cli {
     heartbeat_ms: Option<u64>,
     #[arg(long, env = "LIVESYNC_POOL_SIZE")]
     pool_size: Option<usize>,
+    #[arg(long, env = "LIVESYNC_PRESENCE_TTL_MS")]
+    presence_ttl_ms: Option<u64>,
+    #[arg(long, env = "LIVESYNC_PRESENCE_COALESCE_MS")]
+    presence_coalesce_ms: Option<u64>,
+    #[arg(long, env = "LIVESYNC_BROADCASTS_PER_SECOND")]
+    broadcasts_per_second: Option<u32>,
+    #[arg(long, env = "LIVESYNC_MAX_PRESENCE_BYTES")]
+    max_presence_bytes: Option<usize>,
+    #[arg(long, env = "LIVESYNC_MAX_ROOMS")]
+    max_rooms: Option<usize>,
 }
 
 /// The TOML file: the same names as the flags, with `_` for `-`; limits in `[limits]`.
@@ -360,7 +430,15 @@ struct FileConfig {
     ready_max_lag: Option<i64>,
     heartbeat_ms: Option<u64>,
     pool_size: Option<usize>,
+    presence_ttl_ms: Option<u64>,
+    presence_coalesce_ms: Option<u64>,
+    broadcasts_per_second: Option<u32>,
+    max_presence_bytes: Option<usize>,
+    max_rooms: Option<usize>,
     limits: Option<FileLimits>,
+    /// `[[rooms]]`: who may join and broadcast where.
+    #[serde(default)]
+    rooms: Vec<crate::rooms::RoomRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]

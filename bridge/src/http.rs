@@ -105,6 +105,11 @@ async fn ready(State(state): State<AppState>) -> Response {
             "reading": reading,
             "lag": lag,
             "position": state.follower.position.load(Ordering::Relaxed),
+            // Presence down is degraded, not unready: changes and writes still work.
+            "presence": {
+                "backend": state.rooms.backend(),
+                "healthy": state.rooms.healthy(),
+            },
         })),
     )
         .into_response()
@@ -137,6 +142,7 @@ async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Result<Json
             "listening": state.listening.load(Ordering::Relaxed),
         },
         "hub": hub,
+        "presence": state.rooms.stats(),
     })))
 }
 
@@ -170,8 +176,14 @@ async fn cleanup(
         .map_err(db_error)?;
     let client = state.pool.get().await.map_err(|e| db_error(e.into()))?;
     let position = reader::current_position(&client).await.map_err(db_error)?;
+    let presence_swept = state
+        .rooms
+        .sweep_now()
+        .await
+        .map_err(|e| api_error(ErrorCode::Unavailable, e.to_string()))?;
     Ok(Json(json!({
         "removed_changes": removed,
+        "presence_swept": presence_swept,
         "retention_seconds": state.config.retention.as_secs(),
         "position": position,
     })))

@@ -12,6 +12,8 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod pg;
+pub mod presence;
+pub mod rooms;
 pub mod state;
 pub mod ws;
 
@@ -50,6 +52,27 @@ pub enum StartError {
     Auth(#[from] auth::AuthError),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error("presence: {0}")]
+    Presence(#[from] presence::PresenceError),
+    #[error("cannot start the reader's thread: {0}")]
+    ReaderThread(std::io::Error),
+}
+
+/// Runs the doorbell listener and the log reader on a thread and runtime of their
+/// own. On a node busy writing to thousands of sockets their wake-ups (a ring, a
+/// page arriving) would otherwise queue behind the session tasks on the same worker
+/// threads, and every subscriber would wait for them.
+fn spawn_reader_thread(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("livesync-reader")
+        .build()?;
+    std::thread::Builder::new()
+        .name("livesync-reader".into())
+        .spawn(move || runtime.block_on(work))?;
+    Ok(())
 }
 
 /// The HTTP and WebSocket routes.
@@ -119,26 +142,65 @@ pub async fn start(config: Config) -> Result<RunningBridge, StartError> {
     let listening = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
-    tasks.spawn(
-        DoorbellListener {
-            database_url: config.database_url.clone(),
-            wake: wake.clone(),
-            listening: listening.clone(),
-            status: follower.clone(),
+    let doorbell = DoorbellListener {
+        database_url: config.database_url.clone(),
+        wake: wake.clone(),
+        listening: listening.clone(),
+        status: follower.clone(),
+    }
+    .run(shutdown.clone());
+    let reader = LogFollower {
+        database_url: config.database_url.clone(),
+        hub: hub.clone(),
+        wake,
+        poll_interval: config.poll_interval,
+        status: follower.clone(),
+    }
+    .run(shutdown.clone());
+    // The reader's thread also stops when this runtime goes away without a shutdown
+    // (a test's runtime ending): the task holding `alive` is dropped with it.
+    let (alive, runtime_gone) = tokio::sync::oneshot::channel::<()>();
+    let reader_cancel = shutdown.clone();
+    tokio::spawn(async move {
+        reader_cancel.cancelled().await;
+        drop(alive);
+    });
+    spawn_reader_thread(tasks.track_future(async move {
+        tokio::select! {
+            _ = async { tokio::join!(doorbell, reader) } => {}
+            _ = runtime_gone => {}
         }
-        .run(shutdown.clone()),
-    );
-    tasks.spawn(
-        LogFollower {
-            database_url: config.database_url.clone(),
-            hub: hub.clone(),
-            wake,
-            poll_interval: config.poll_interval,
-            status: follower.clone(),
-        }
-        .run(shutdown.clone()),
+    }))
+    .map_err(StartError::ReaderThread)?;
+    let presence = {
+        let mut settings = presence::PresenceSettings::new(config.node_name.clone());
+        settings.ttl = config.presence.ttl;
+        presence::connect(config.redis_url.as_deref(), settings).await?
+    };
+    let backend = if config.redis_url.is_some() {
+        "redis"
+    } else {
+        "memory"
+    };
+    if backend == "memory" {
+        tracing::info!("no REDIS_URL: presence is kept in memory, for this node only");
+    }
+    let rooms = rooms::RoomHub::start(
+        presence.store,
+        presence.broker,
+        presence.events,
+        backend,
+        rooms::RoomSettings {
+            coalesce: config.presence.coalesce,
+            policy: rooms::RoomPolicy {
+                rules: config.presence.rules.clone(),
+            },
+        },
+        shutdown.clone(),
+        &tasks,
     );
     let state = AppState {
+        rooms,
         config: config.clone(),
         hub,
         pool,

@@ -84,3 +84,37 @@ pub fn queue_depth(total: usize, max: usize) {
 pub fn reader_lag(changes: i64) {
     gauge!("livesync_reader_lag_positions").set(changes as f64);
 }
+
+pub fn presence_updates() {
+    counter!("livesync_presence_updates_total").increment(1);
+}
+
+pub fn presence_coalesced() {
+    counter!("livesync_presence_coalesced_total").increment(1);
+}
+
+pub fn presence_diffs() {
+    counter!("livesync_presence_diffs_total").increment(1);
+}
+
+pub fn broadcasts() {
+    counter!("livesync_broadcasts_total").increment(1);
+}
+
+static REDIS_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A presence store or broker operation failed (Redis down or erroring).
+pub fn redis_errors() {
+    REDIS_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    counter!("livesync_redis_errors_total").increment(1);
+}
+
+/// Presence operations failed so far in this process (for the stats JSON).
+pub fn redis_error_count() -> u64 {
+    REDIS_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub fn presence_gauges(rooms: usize, members: usize) {
+    gauge!("livesync_presence_rooms").set(rooms as f64);
+    gauge!("livesync_presence_members").set(members as f64);
+}

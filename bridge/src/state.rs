@@ -15,6 +15,8 @@ use crate::ws::registry::ConnectionRegistry;
 pub struct AppState {
     pub config: Arc<Config>,
     pub hub: Arc<FanoutHub>,
+    /// Presence and broadcast rooms.
+    pub rooms: Arc<crate::rooms::RoomHub>,
     pub pool: deadpool_postgres::Pool,
     pub auth: Arc<Authenticator>,
     pub connections: Arc<ConnectionRegistry>,

@@ -11,6 +11,9 @@ use tokio::sync::mpsc;
 pub enum Outbound {
     /// A whole JSON text message.
     Text(String),
+    /// A whole JSON text message whose bytes several connections share (presence
+    /// diffs and broadcasts fanned out to a room).
+    Shared(Arc<str>),
     /// A `changes` message: the subscription's prefix (`{"type":"changes","sub":…,`)
     /// and the body shared by every subscriber of the same stream.
     Changes {

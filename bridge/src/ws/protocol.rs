@@ -20,6 +20,48 @@ pub enum ClientMessage {
     Write(WriteRequest),
     WriteBatch(WriteBatchRequest),
     Ping(Ping),
+    Join(JoinRequest),
+    Presence(PresenceUpdate),
+    Leave(LeaveRequest),
+    Broadcast(BroadcastRequest),
+}
+
+/// `join`: enter a room (or replace one's state in it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub id: Option<Value>,
+    pub room: String,
+    pub state: Option<Value>,
+}
+
+/// `presence`: one's new state in a room.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceUpdate {
+    pub id: Option<Value>,
+    pub room: String,
+    pub state: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {
+    pub id: Option<Value>,
+    pub room: String,
+}
+
+/// `broadcast`: an ephemeral event to a room's other members.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastRequest {
+    pub id: Option<Value>,
+    pub room: String,
+    pub event: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default)]
+    pub echo: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +170,10 @@ impl ClientMessage {
             }
             "write_batch" => from(object).map(ClientMessage::WriteBatch),
             "ping" => from(object).map(ClientMessage::Ping),
+            "join" => from(object).map(ClientMessage::Join),
+            "presence" => from(object).map(ClientMessage::Presence),
+            "leave" => from(object).map(ClientMessage::Leave),
+            "broadcast" => from(object).map(ClientMessage::Broadcast),
             other => Err(format!("unknown message type {other:?}")),
         };
         parsed.map_err(|e| (id, format!("invalid {kind}: {e}")))
@@ -239,6 +285,14 @@ impl ErrorMessage {
         }
     }
 
+    /// The error about the request with `id` (when it had none yet).
+    pub fn with_id(mut self, id: Option<Value>) -> Self {
+        if self.id.is_none() {
+            self.id = id;
+        }
+        self
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an error message serialises")
     }
@@ -265,6 +319,12 @@ pub enum ServerMessage<'a> {
     },
     Unsubscribed {
         id: &'a Value,
+    },
+    /// The answer to `leave`.
+    Left {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        room: &'a str,
     },
     WriteResult {
         id: &'a Value,

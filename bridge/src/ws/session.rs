@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use super::channel;
 use super::protocol::{
-    ClientMessage, ErrorCode, ErrorMessage, Hello, ServerMessage, SnapshotRequest, Subscribe,
-    WriteBatchRequest, WriteRequest, PROTOCOL_VERSION,
+    BroadcastRequest, ClientMessage, ErrorCode, ErrorMessage, Hello, JoinRequest, PresenceUpdate,
+    ServerMessage, SnapshotRequest, Subscribe, WriteBatchRequest, WriteRequest, PROTOCOL_VERSION,
 };
 use super::registry::Admission;
 use crate::auth::{AuthError, Identity};
@@ -26,6 +26,7 @@ use crate::hub::{Outbound, Outbox, OutboxReceiver, RowFilter, SubKey, SubscribeR
 use crate::metrics as m;
 use crate::pg::catalog::{self, StreamAccess, TableInfo};
 use crate::pg::{snapshot, writer, PgError};
+use crate::rooms::{Participant, RoomError};
 use crate::state::AppState;
 
 /// Close codes (besides the standard ones).
@@ -110,6 +111,8 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
         writes: None,
         snapshots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_PER_CONNECTION)),
         stalled: false,
+        rooms: Default::default(),
+        broadcasts: TokenBucket::new(state.config.presence.broadcasts_per_second),
     };
     let heartbeat = state.config.heartbeat;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -122,7 +125,9 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
                 let Some(Ok(frame)) = frame else { break };
                 last_heard = Instant::now();
                 progress.pings_unanswered.store(0, std::sync::atomic::Ordering::Relaxed);
-                if !session.on_frame(frame).await || session.stalled {
+                // Boxed: inline, the whole `on_frame` state machine (~5 KB) would sit
+                // in every idle connection's task.
+                if !Box::pin(session.on_frame(frame)).await || session.stalled {
                     break;
                 }
             }
@@ -159,6 +164,11 @@ async fn run(socket: WebSocket, state: AppState, admission: Admission) {
     for (_, key) in session.subs.drain() {
         state.hub.unsubscribe(key);
     }
+    // The others see this connection leave its rooms now, not at its TTL.
+    state
+        .rooms
+        .disconnect(&session.id, session.rooms.drain())
+        .await;
     session.tasks.close();
     let drain = state.config.heartbeat.min(Duration::from_secs(5));
     // Let queued messages (a close, a reconnect) go out, but never wait on a client
@@ -240,6 +250,11 @@ async fn write_loop(
                         return;
                     }
                 }
+                Outbound::Shared(text) => {
+                    if sink.feed(Message::Text((&*text).into())).await.is_err() {
+                        return;
+                    }
+                }
                 Outbound::Ping => {
                     if sink.feed(Message::Ping(Default::default())).await.is_err() {
                         return;
@@ -277,6 +292,8 @@ async fn write_loop(
 struct HelloState {
     client_id: String,
     identity: Identity,
+    /// This connection as rooms see it.
+    participant: Participant,
 }
 
 struct Session {
@@ -296,6 +313,10 @@ struct Session {
     snapshots: Arc<tokio::sync::Semaphore>,
     /// The client stopped reading: a reply could not be queued within two heartbeats.
     stalled: bool,
+    /// Rooms joined.
+    rooms: std::collections::HashSet<String>,
+    /// Broadcasts allowed per second.
+    broadcasts: TokenBucket,
 }
 
 /// A write waiting for the connection's write worker.
@@ -446,8 +467,180 @@ impl Session {
             ClientMessage::Snapshot(request) => self.on_snapshot(request).await,
             ClientMessage::Write(request) => self.queue_write(WriteJob::One(request)).await,
             ClientMessage::WriteBatch(request) => self.queue_write(WriteJob::Batch(request)).await,
+            ClientMessage::Join(request) => {
+                let id = request.id.clone();
+                if let Err(error) = self.join(request).await {
+                    self.error(error.with_id(id)).await;
+                }
+            }
+            ClientMessage::Presence(update) => {
+                let id = update.id.clone();
+                if let Err(error) = self.presence(update) {
+                    self.error(error.with_id(id)).await;
+                }
+            }
+            ClientMessage::Leave(request) => {
+                let left = self.rooms.remove(&request.room)
+                    && self.state.rooms.leave(&self.id, &request.room).await;
+                if left {
+                    self.send(
+                        ServerMessage::Left {
+                            id: request.id.as_ref(),
+                            room: &request.room,
+                        }
+                        .to_json(),
+                    )
+                    .await;
+                } else {
+                    let error = room_error(RoomError::NotJoined(request.room));
+                    self.error(error.with_id(request.id)).await;
+                }
+            }
+            ClientMessage::Broadcast(request) => {
+                let id = request.id.clone();
+                if let Err(error) = self.broadcast(request).await {
+                    self.error(error.with_id(id)).await;
+                }
+            }
         }
         true
+    }
+
+    /// Whether this connection's role may stream (and see who looks at) a table:
+    /// SELECT on it, and no row-level security applying to the role.
+    async fn check_stream_access(&self, id: &Value, table: &TableInfo) -> Result<(), ErrorMessage> {
+        let bad = |code, message: String| ErrorMessage::new(Some(id.clone()), code, message);
+        let db = |e: PgError| ErrorMessage::from_db(Some(id.clone()), &e);
+        let client = self.state.pool.get().await.map_err(|e| db(e.into()))?;
+        match catalog::stream_access(&client, table.relation, self.identity().role.as_deref())
+            .await
+            .map_err(db)?
+        {
+            StreamAccess::Allowed => {}
+            StreamAccess::NoSelect => {
+                return Err(bad(ErrorCode::Forbidden, format!("permission denied: the role may not SELECT from {}", table.name.display())))
+            }
+            StreamAccess::NoRole => {
+                return Err(bad(
+                    ErrorCode::Forbidden,
+                    "the role this connection runs as does not exist, or the bridge may not act as it".into(),
+                ))
+            }
+            StreamAccess::RowSecurity => {
+                return Err(bad(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "{} has row-level security: live changes stream only to roles that bypass it (per-row streaming is not available yet)",
+                        table.name.display()
+                    ),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn participant(&self) -> &Participant {
+        &self
+            .hello
+            .as_ref()
+            .expect("messages other than hello are handled after hello")
+            .participant
+    }
+
+    /// Checks a presence state or broadcast payload against the size limit.
+    fn check_size(&self, what: &str, value: &Value) -> Result<(), ErrorMessage> {
+        let limit = self.state.config.presence.max_state_bytes;
+        let size = serde_json::to_string(value).map(|s| s.len()).unwrap_or(0);
+        if size > limit {
+            return Err(ErrorMessage::new(
+                None,
+                ErrorCode::TooLarge,
+                format!("{what} of {size} bytes; the limit is {limit}"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self, request: JoinRequest) -> Result<(), ErrorMessage> {
+        let state = request
+            .state
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        self.check_size("state", &state)?;
+        let rejoin = self.rooms.contains(&request.room);
+        if !rejoin && self.rooms.len() >= self.state.config.presence.max_rooms {
+            return Err(ErrorMessage::new(
+                None,
+                ErrorCode::TooLarge,
+                format!(
+                    "at most {} rooms per connection",
+                    self.state.config.presence.max_rooms
+                ),
+            ));
+        }
+        if !rejoin && request.room.starts_with("table:") {
+            // A table's room tells who is looking at the table: only for those who
+            // may read it.
+            let id = request.id.clone().unwrap_or(Value::Null);
+            let no_id = |mut e: ErrorMessage| {
+                e.id = request.id.clone();
+                e
+            };
+            let table = self.table(&id, &request.room).await.map_err(no_id)?;
+            self.check_stream_access(&id, &table).await.map_err(no_id)?;
+        }
+        let participant = self.participant().clone();
+        let message = self
+            .state
+            .rooms
+            .join(&participant, &request.room, state, request.id.as_ref())
+            .await
+            .map_err(room_error)?;
+        self.rooms.insert(request.room);
+        self.send(message).await;
+        Ok(())
+    }
+
+    fn presence(&mut self, update: PresenceUpdate) -> Result<(), ErrorMessage> {
+        self.check_size("state", &update.state)?;
+        if !self.rooms.contains(&update.room) {
+            return Err(room_error(RoomError::NotJoined(update.room)));
+        }
+        let participant = self.participant().clone();
+        self.state
+            .rooms
+            .update(&participant, &update.room, update.state)
+            .map_err(room_error)
+    }
+
+    async fn broadcast(&mut self, request: BroadcastRequest) -> Result<(), ErrorMessage> {
+        self.check_size("payload", &request.payload)?;
+        if !self.rooms.contains(&request.room) {
+            return Err(room_error(RoomError::NotJoined(request.room)));
+        }
+        if !self.broadcasts.take() {
+            return Err(ErrorMessage::new(
+                None,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} broadcasts per second; this one was not sent",
+                    self.state.config.presence.broadcasts_per_second
+                ),
+            ));
+        }
+        let payload = serde_json::value::to_raw_value(&request.payload)
+            .map_err(|e| ErrorMessage::new(None, ErrorCode::BadRequest, format!("payload: {e}")))?;
+        let participant = self.participant().clone();
+        self.state
+            .rooms
+            .broadcast(
+                &participant,
+                &request.room,
+                request.event,
+                payload,
+                request.echo,
+            )
+            .await
+            .map_err(room_error)
     }
 
     async fn on_hello(&mut self, hello: Hello) -> bool {
@@ -510,9 +703,21 @@ impl Session {
                     protocol: PROTOCOL_VERSION,
                 };
                 self.send(welcome.to_json()).await;
+                let claims = identity.subject.as_ref().and_then(|_| {
+                    serde_json::from_str::<serde_json::Map<String, Value>>(&identity.claims_json)
+                        .ok()
+                        .map(Arc::new)
+                });
+                let participant = Participant {
+                    connection: self.id.clone(),
+                    user: identity.actor.clone(),
+                    outbox: self.outbox.clone(),
+                    claims,
+                };
                 self.hello = Some(HelloState {
                     client_id,
                     identity,
+                    participant,
                 });
                 true
             }
@@ -626,32 +831,9 @@ impl Session {
         }
         let table = self.table(&id, &request.channel).await?;
         let filter = self.filter(&id, &table, request.filter)?;
+        self.check_stream_access(&id, &table).await?;
         let db = |e: PgError| ErrorMessage::from_db(Some(id.clone()), &e);
         let client = self.state.pool.get().await.map_err(|e| db(e.into()))?;
-        match catalog::stream_access(&client, table.relation, self.identity().role.as_deref())
-            .await
-            .map_err(db)?
-        {
-            StreamAccess::Allowed => {}
-            StreamAccess::NoSelect => {
-                return Err(bad(ErrorCode::Forbidden, format!("permission denied: the role may not SELECT from {}", table.name.display())))
-            }
-            StreamAccess::NoRole => {
-                return Err(bad(
-                    ErrorCode::Forbidden,
-                    "the role this connection runs as does not exist, or the bridge may not act as it".into(),
-                ))
-            }
-            StreamAccess::RowSecurity => {
-                return Err(bad(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "{} has row-level security: live changes stream only to roles that bypass it (per-row streaming is not available yet)",
-                        table.name.display()
-                    ),
-                ))
-            }
-        }
         if let Some(since) = request.since {
             // Outside the retained log (or ahead of it): say so now, not after
             // `subscribed`.
@@ -891,4 +1073,15 @@ impl TokenBucket {
             false
         }
     }
+}
+
+/// The client's error for a refused room operation.
+fn room_error(error: RoomError) -> ErrorMessage {
+    let code = match &error {
+        RoomError::Forbidden(_) => ErrorCode::Forbidden,
+        RoomError::NotJoined(_) | RoomError::Invalid(_) => ErrorCode::BadRequest,
+        RoomError::TooLarge(_) => ErrorCode::TooLarge,
+        RoomError::Unavailable => ErrorCode::Unavailable,
+    };
+    ErrorMessage::new(None, code, error.to_string())
 }
