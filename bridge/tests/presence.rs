@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use bridge_process::BridgeProcess;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use rooms::{
-    assert_member, assert_no_reply, color, entry, expect_error, find, join, list, members,
-    request, wait_for,
+    assert_member, assert_no_reply, color, entry, expect_error, find, join, list, members, request,
+    wait_for,
 };
 use serde_json::{json, Value};
 use support::{TestDb, WsClient, PATIENCE};
@@ -68,7 +68,11 @@ async fn join_diffs_broadcast_leave_and_close() {
     let node = ann_welcome["node"].as_str().unwrap().to_string();
     let ann_state = json!({"name": "Ann", "cursor": null});
     let joined = join(&mut ann, "j1", room, ann_state.clone()).await;
-    assert_eq!(joined["self"], ann_id.as_str(), "self is the welcome's session");
+    assert_eq!(
+        joined["self"],
+        ann_id.as_str(),
+        "self is the welcome's session"
+    );
     assert_eq!(members(&joined).len(), 1, "{joined}");
     let ann_member = find(members(&joined), &ann_id).expect("the joiner is a member");
     assert_member(ann_member, &ann_id, "ann", &node, &ann_state);
@@ -169,7 +173,10 @@ async fn join_diffs_broadcast_leave_and_close() {
         |_| {},
     )
     .await;
-    assert!(list(&diff, "leaves").is_empty(), "a rejoin is no leave: {diff}");
+    assert!(
+        list(&diff, "leaves").is_empty(),
+        "a rejoin is no leave: {diff}"
+    );
 
     // Leave: `left` with the id; the others get leaves; the room is no longer joined.
     let left = request(&mut bob, json!({"type": "leave", "id": "l1", "room": room})).await;
@@ -252,8 +259,10 @@ async fn a_burst_of_updates_is_coalesced_ending_on_the_last_state() {
 
     const UPDATES: i64 = 50;
     for n in 0..UPDATES {
-        ann.send(json!({"type": "presence", "room": room, "state": {"n": n, "pad": "x".repeat(64)}}))
-            .await;
+        ann.send(
+            json!({"type": "presence", "room": room, "state": {"n": n, "pad": "x".repeat(64)}}),
+        )
+        .await;
     }
     // Bob reads diffs until ann's last state: each diff holds ann's latest state of
     // its window, so the n's only grow, and there are fewer diffs than updates.
@@ -269,7 +278,10 @@ async fn a_burst_of_updates_is_coalesced_ending_on_the_last_state() {
                 if let Some(n) = n {
                     let updates = list(d, "updates");
                     assert_eq!(
-                        updates.iter().filter(|u| u["connection"] == ann_id.as_str()).count(),
+                        updates
+                            .iter()
+                            .filter(|u| u["connection"] == ann_id.as_str())
+                            .count(),
                         1,
                         "one entry per member in a diff: {d}"
                     );
@@ -466,7 +478,10 @@ async fn refusals_bad_request_and_too_large_reach_nobody() {
     join(&mut ann, "j", room, fine.clone()).await;
     let diff = next_diff(&mut bob, room).await;
     let joined = entry(&diff, "joins", &ann_id).unwrap_or_else(|| panic!("{diff}"));
-    assert_eq!(joined["state"], fine, "the refused join left no trace: {diff}");
+    assert_eq!(
+        joined["state"], fine,
+        "the refused join left no trace: {diff}"
+    );
 
     // An update over the limit: too_large; bob's next diff of ann is the later one.
     expect_error(
@@ -515,7 +530,11 @@ async fn refusals_bad_request_and_too_large_reach_nobody() {
     )
     .await;
     // Leaving one makes room for another.
-    let left = request(&mut ann, json!({"type": "leave", "id": "lx", "room": "many:1"})).await;
+    let left = request(
+        &mut ann,
+        json!({"type": "leave", "id": "lx", "room": "many:1"}),
+    )
+    .await;
     assert_eq!(left["type"], "left", "{left}");
     join(&mut ann, "r100b", "many:100", json!({})).await;
 
@@ -582,7 +601,11 @@ async fn a_broadcast_flood_is_rate_limited_and_nothing_is_dropped_silently() {
         let id = format!("marker-{attempt}");
         ann.send(json!({"type": "broadcast", "id": id, "room": room, "event": "marker", "payload": "end"}))
             .await;
-        let pong = request(&mut ann, json!({"type": "ping", "id": format!("pm{attempt}")})).await;
+        let pong = request(
+            &mut ann,
+            json!({"type": "ping", "id": format!("pm{attempt}")}),
+        )
+        .await;
         assert_eq!(pong["type"], "pong");
         match ann.pending.iter().position(|m| m["id"] == id.as_str()) {
             None => break,
@@ -667,9 +690,16 @@ async fn http_reports_the_memory_backend() {
     let bridge = support::start(db.config()).await;
     let base = format!("http://{}", bridge.addr);
     let http = reqwest::Client::new();
-    let ready = http.get(format!("{base}/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 200);
-    let ready: Value = ready.json().await.unwrap();
+    // Ready once the database side is (LISTEN, the reader): poll.
+    let ready: Value = rooms::eventually(PATIENCE, "/ready 200", || async {
+        let r = http.get(format!("{base}/ready")).send().await.unwrap();
+        if r.status() == 200 {
+            r.json().await.ok()
+        } else {
+            None
+        }
+    })
+    .await;
     assert_eq!(ready["presence"]["backend"], "memory", "{ready}");
     assert_eq!(ready["presence"]["healthy"], true, "{ready}");
 
@@ -761,7 +791,9 @@ fn token(sub: &str, tier: Option<Value>) -> String {
 async fn hello_as(bridge: &BridgeProcess, sub: &str, tier: Option<Value>) -> (WsClient, String) {
     let mut client = WsClient::connect(bridge.addr).await;
     client
-        .send(json!({"type": "hello", "client_id": "tab", "token": token(sub, tier), "protocol": 1}))
+        .send(
+            json!({"type": "hello", "client_id": "tab", "token": token(sub, tier), "protocol": 1}),
+        )
         .await;
     let welcome = client.recv().await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
@@ -836,7 +868,11 @@ broadcast = "authenticated"
     join(&mut coach, "j", room, json!({"coach": true})).await;
     let diff = next_diff(&mut referee, room).await;
     assert_eq!(list(&diff, "joins").len(), 1, "{diff}");
-    assert_eq!(list(&diff, "joins")[0]["connection"], coach_id.as_str(), "{diff}");
+    assert_eq!(
+        list(&diff, "joins")[0]["connection"],
+        coach_id.as_str(),
+        "{diff}"
+    );
 
     // The spectator may join, not broadcast: forbidden, and nobody receives it. Proof:
     // the first broadcast the referee and the spectator get is coach's later marker.

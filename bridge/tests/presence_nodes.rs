@@ -117,6 +117,18 @@ async fn members_cursors_broadcasts_and_writes_cross_nodes() {
     let update = entry(&diff, "updates", &bob_id).unwrap();
     assert_eq!(update["node"], "node-b", "{update}");
     assert_eq!(color(update), bob_color);
+    // Bob gets his own updates too, and never heard of his own join (from his node,
+    // or back through Redis).
+    let diff = wait_for(
+        &mut bob,
+        "presence_diff",
+        PROMPT,
+        "bob's last cursor on node B",
+        |d| entry(d, "updates", &bob_id).is_some_and(|u| u["state"]["cursor"]["x"] == 9),
+        |d| assert!(entry(d, "joins", &bob_id).is_none(), "{d}"),
+    )
+    .await;
+    assert!(entry(&diff, "joins", &bob_id).is_none(), "{diff}");
 
     // Broadcasts both ways.
     bob.send(json!({"type": "broadcast", "room": room, "event": "cursor", "payload": {"x": 1, "y": [2, 3]}}))
@@ -215,6 +227,7 @@ async fn a_killed_nodes_members_leave_within_the_ttl_and_keep_their_colors() {
         }
     }
     let took = killed.elapsed();
+    let dead: Vec<String> = on_b.iter().map(|(_, id)| id.clone()).collect();
     let bound = TTL + TTL / 3 + Duration::from_millis(1500);
     assert!(
         took <= bound,
@@ -244,7 +257,7 @@ async fn a_killed_nodes_members_leave_within_the_ttl_and_keep_their_colors() {
         assert!(
             !members(&state)
                 .iter()
-                .any(|m| on_b.iter().any(|(_, b)| m["connection"] == b.as_str())),
+                .any(|m| dead.iter().any(|d| m["connection"] == d.as_str())),
             "no member of the dead node is listed: {state}"
         );
         let diff = diff_having(&mut ann, room, "joins", &id, PROMPT).await;
@@ -267,22 +280,30 @@ async fn presence_recovers_after_redis_restarts_empty_while_changes_keep_flowing
     // colors are not what a fresh assignment would give them.
     let mut early = Vec::new();
     for user in ["early-1", "early-2"] {
-        let (mut client, _) = WsClient::hello(a.addr, user).await;
+        let (mut client, welcome) = WsClient::hello(a.addr, user).await;
         join(&mut client, "j", room, json!({})).await;
-        early.push(client);
+        early.push((client, session(&welcome)));
     }
     let (mut ann, ann_welcome) = WsClient::hello(a.addr, "ann").await;
     let ann_id = session(&ann_welcome);
     let state = join(&mut ann, "j", room, json!({"who": "ann"})).await;
     let ann_color = color(find(members(&state), &ann_id).unwrap());
+    let ann_joined_at = find(members(&state), &ann_id).unwrap()["joined_at"].clone();
     let (mut bob, bob_welcome) = WsClient::hello(b.addr, "bob").await;
     let bob_id = session(&bob_welcome);
     let state = join(&mut bob, "j", room, json!({"who": "bob"})).await;
     let bob_color = color(find(members(&state), &bob_id).unwrap());
+    let bob_joined_at = find(members(&state), &bob_id).unwrap()["joined_at"].clone();
     diff_having(&mut ann, room, "joins", &bob_id, PROMPT).await;
-    for mut client in early {
-        let left = request(&mut client, json!({"type": "leave", "id": "l", "room": room})).await;
+    for (mut client, id) in early {
+        let left = request(
+            &mut client,
+            json!({"type": "leave", "id": "l", "room": room}),
+        )
+        .await;
         assert_eq!(left["type"], "left");
+        diff_having(&mut ann, room, "leaves", &id, PROMPT).await;
+        diff_having(&mut bob, room, "leaves", &id, PROMPT).await;
     }
     let (mut watcher, _) = WsClient::hello(a.addr, "watcher").await;
     watcher
@@ -293,14 +314,18 @@ async fn presence_recovers_after_redis_restarts_empty_while_changes_keep_flowing
     // Redis dies.
     redis.kill();
     for node in [a, b] {
-        eventually(PATIENCE, &format!("{} reports presence unhealthy", node.node), || async {
-            let (status, body) = ready(node).await;
-            assert_eq!(
-                status, 200,
-                "presence down is degraded, not unready: {body}"
-            );
-            (body["presence"]["healthy"] == false).then_some(())
-        })
+        eventually(
+            PATIENCE,
+            &format!("{} reports presence unhealthy", node.node),
+            || async {
+                let (status, body) = ready(node).await;
+                assert_eq!(
+                    status, 200,
+                    "presence down is degraded, not unready: {body}"
+                );
+                (body["presence"]["healthy"] == false).then_some(())
+            },
+        )
         .await;
     }
     let (_, body) = ready(a).await;
@@ -344,10 +369,14 @@ async fn presence_recovers_after_redis_restarts_empty_while_changes_keep_flowing
     // Redis comes back on the same port with no data; the bridges are not restarted.
     redis.restart();
     for node in [a, b] {
-        eventually(PATIENCE, &format!("{} reports presence healthy", node.node), || async {
-            let (status, body) = ready(node).await;
-            (status == 200 && body["presence"]["healthy"] == true).then_some(())
-        })
+        eventually(
+            PATIENCE,
+            &format!("{} reports presence healthy", node.node),
+            || async {
+                let (status, body) = ready(node).await;
+                (status == 200 && body["presence"]["healthy"] == true).then_some(())
+            },
+        )
         .await;
     }
     // The members are registered again, with their colors: a fresh joiner lists them.
@@ -394,13 +423,33 @@ async fn presence_recovers_after_redis_restarts_empty_while_changes_keep_flowing
     );
     assert_eq!(color(find(m, &ann_id).unwrap()), ann_color, "{state}");
     assert_eq!(color(find(m, &bob_id).unwrap()), bob_color, "{state}");
+    assert_eq!(
+        find(m, &ann_id).unwrap()["joined_at"],
+        ann_joined_at,
+        "{state}"
+    );
+    assert_eq!(
+        find(m, &bob_id).unwrap()["joined_at"],
+        bob_joined_at,
+        "{state}"
+    );
     let carl_color = color(find(m, &carl_id).unwrap());
     assert!(
         carl_color != ann_color && carl_color != bob_color,
         "a distinct color for carl: {state}"
     );
-    // Bob, on B, hears of carl's join.
-    diff_having(&mut bob, room, "joins", &carl_id, PROMPT).await;
+    // Bob, on B, hears of carl's join. (Diffs before it may re-announce the members
+    // put back — never as leaves; a client's own join is checked at the end.)
+    let mut after = Vec::new();
+    wait_for(
+        &mut bob,
+        "presence_diff",
+        PROMPT,
+        "carl's join on node B",
+        |d| entry(d, "joins", &carl_id).is_some(),
+        |d| after.push(d.clone()),
+    )
+    .await;
 
     // Cross-node broadcasts and diffs flow again.
     bob.send(json!({"type": "broadcast", "id": "b1", "room": room, "event": "back", "payload": "bob is back"}))
@@ -414,25 +463,37 @@ async fn presence_recovers_after_redis_restarts_empty_while_changes_keep_flowing
         !bob.pending.iter().any(|m| m["id"] == "b1"),
         "no error for bob's broadcast"
     );
-    ann.send(json!({"type": "presence", "id": "p1", "room": room, "state": {"who": "ann", "n": 1}}))
-        .await;
+    ann.send(
+        json!({"type": "presence", "id": "p1", "room": room, "state": {"who": "ann", "n": 1}}),
+    )
+    .await;
     let diff = wait_for(
         &mut bob,
         "presence_diff",
         PROMPT,
         "ann's update on node B after the outage",
         |d| entry(d, "updates", &ann_id).is_some_and(|u| u["state"]["n"] == 1),
-        |_| {},
+        |d| after.push(d.clone()),
     )
     .await;
-    assert_eq!(
-        color(entry(&diff, "updates", &ann_id).unwrap()),
-        ann_color
-    );
+    assert_eq!(color(entry(&diff, "updates", &ann_id).unwrap()), ann_color);
     assert!(
         !ann.pending.iter().any(|m| m["id"] == "p1"),
         "no error for ann's update"
     );
+    // Every local member was given the room's state anew (docs/protocol.md): ann's
+    // lists bob with his color.
+    let fresh = wait_for(
+        &mut ann,
+        "presence_state",
+        PROMPT,
+        "a fresh presence_state for ann",
+        |m| m["room"] == room && find(members(m), &bob_id).is_some(),
+        |_| {},
+    )
+    .await;
+    assert_eq!(fresh["self"], ann_id.as_str(), "{fresh}");
+    assert_eq!(color(find(members(&fresh), &bob_id).unwrap()), bob_color);
 
     // The outage was counted.
     let (_, stats) = a.get_json("/api/v1/sync/stats").await;
@@ -448,6 +509,29 @@ async fn presence_recovers_after_redis_restarts_empty_while_changes_keep_flowing
         metric(&text, "livesync_redis_errors_total").is_some_and(|n| n > 0.0),
         "livesync_redis_errors_total counts the outage"
     );
+
+    // Nothing during the recovery told a member it left, nor that it joined itself:
+    // "a join's diff goes to every member but the joiner".
+    let ann_got: Vec<Value> = ann
+        .pending
+        .iter()
+        .filter(|m| m["type"] == "presence_diff")
+        .cloned()
+        .collect();
+    for (who, own, got) in [("ann", &ann_id, &ann_got), ("bob", &bob_id, &after)] {
+        for d in got.iter() {
+            for id in [&ann_id, &bob_id] {
+                assert!(
+                    entry(d, "leaves", id).is_none(),
+                    "{who}: {id} never left during the outage: {d}"
+                );
+            }
+            assert!(
+                entry(d, "joins", own).is_none(),
+                "{who} is told of its own join when its node puts it back after the outage: {d}"
+            );
+        }
+    }
 
     drop(nodes);
     db.drop_db().await;
@@ -520,17 +604,17 @@ async fn stats_and_metrics_count_presence() {
         );
         assert!(p["redis_errors"].as_u64().is_some(), "{p}");
 
-        let text = node.metrics().await;
+        // The gauges are refreshed periodically (every TTL / 3): poll them.
+        let text = eventually(PATIENCE, "the presence gauges", || async {
+            let text = node.metrics().await;
+            (metric(&text, "livesync_presence_rooms") == Some(1.0)
+                && metric(&text, "livesync_presence_members") == Some(members_here as f64))
+            .then_some(text)
+        })
+        .await;
         let value = |name: &str| {
             metric(&text, name).unwrap_or_else(|| panic!("{}: /metrics has {name}", node.node))
         };
-        assert_eq!(value("livesync_presence_rooms"), 1.0, "{}", node.node);
-        assert_eq!(
-            value("livesync_presence_members"),
-            members_here as f64,
-            "{}",
-            node.node
-        );
         for counter in [
             "livesync_presence_updates_total",
             "livesync_presence_coalesced_total",
