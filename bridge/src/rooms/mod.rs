@@ -223,7 +223,7 @@ impl RoomHub {
                 ..Default::default()
             }
         };
-        self.deliver_diff(room, &diff, Some(&who.connection));
+        self.deliver_diff(room, &diff, &[&who.connection]);
         self.publish(room, RoomEvent::Diff(diff)).await;
         members.sort_by_key(|m| m.joined_at);
         Ok(presence_state_json(id, room, &who.connection, &members))
@@ -305,7 +305,7 @@ impl RoomHub {
                     updates,
                     ..Default::default()
                 };
-                self.deliver_diff(room, &diff, None);
+                self.deliver_diff(room, &diff, &[]);
                 self.publish(room, RoomEvent::Diff(diff)).await;
             }
             tokio::time::sleep(self.settings.coalesce).await;
@@ -337,7 +337,7 @@ impl RoomHub {
                     leaves: vec![member],
                     ..Default::default()
                 };
-                self.deliver_diff(room, &diff, None);
+                self.deliver_diff(room, &diff, &[]);
                 self.publish(room, RoomEvent::Diff(diff)).await;
             }
             Ok(None) => {}
@@ -384,11 +384,7 @@ impl RoomHub {
         self.broker.publish(room, &event).await?;
         self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
         m::broadcasts();
-        let skip = if echo {
-            None
-        } else {
-            Some(who.connection.as_str())
-        };
+        let skip: &[&str] = if echo { &[] } else { &[&who.connection] };
         self.deliver(room, Arc::from(event_json(room, &event)), skip);
         Ok(())
     }
@@ -458,11 +454,11 @@ impl RoomHub {
             leaves,
             ..Default::default()
         };
-        self.deliver_diff(room, &diff, None);
+        self.deliver_diff(room, &diff, &[]);
         self.publish(room, RoomEvent::Diff(diff)).await;
     }
 
-    fn deliver_diff(&self, room: &str, diff: &PresenceDiff, skip: Option<&str>) {
+    fn deliver_diff(&self, room: &str, diff: &PresenceDiff, skip: &[&str]) {
         if diff.is_empty() {
             return;
         }
@@ -474,14 +470,14 @@ impl RoomHub {
     /// Queues one message (the same bytes) for every local member of `room` but
     /// `skip`. A member whose queue is full misses it and is marked stale: it gets a
     /// fresh `presence_state` at the next liveness tick.
-    fn deliver(&self, room: &str, message: Arc<str>, skip: Option<&str>) {
+    fn deliver(&self, room: &str, message: Arc<str>, skip: &[&str]) {
         let mut rooms = self.rooms.lock();
         let Some(local) = rooms.get_mut(room) else {
             return;
         };
         let mut stale = Vec::new();
         for (connection, member) in &local.members {
-            if Some(connection.as_str()) == skip {
+            if skip.contains(&connection.as_str()) {
                 continue;
             }
             if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
@@ -513,9 +509,9 @@ impl RoomHub {
             };
             match event {
                 BrokerEvent::Room { room, event, .. } => match &event {
-                    RoomEvent::Diff(diff) => self.deliver_diff(&room, diff, None),
+                    RoomEvent::Diff(diff) => self.deliver_diff(&room, diff, &[]),
                     RoomEvent::Broadcast { .. } => {
-                        self.deliver(&room, Arc::from(event_json(&room, &event)), None)
+                        self.deliver(&room, Arc::from(event_json(&room, &event)), &[])
                     }
                 },
                 BrokerEvent::Reconnected | BrokerEvent::Lagged { .. } => {
@@ -547,7 +543,10 @@ impl RoomHub {
                 joins,
                 ..Default::default()
             };
-            self.deliver_diff(&room, &diff, None);
+            // The members put back learn it from their fresh `presence_state`, not
+            // from a diff announcing themselves.
+            let back: Vec<&str> = diff.joins.iter().map(|m| m.connection.as_str()).collect();
+            self.deliver_diff(&room, &diff, &back);
             self.publish(&room, RoomEvent::Diff(diff)).await;
         }
     }
