@@ -388,7 +388,13 @@ struct LocalMember {
     member: Member,
     /// Our idea of its deadline (never later than Redis's).
     deadline: Instant,
+    /// Which join this is (a connection may leave and join again): a member put back
+    /// by [`RedisPresence::restore`] counts only if the join it restored still holds.
+    epoch: u64,
 }
+
+/// Epochs of [`LocalMember`]s.
+static EPOCHS: AtomicU64 = AtomicU64::new(0);
 
 /// Presence in Redis; see the [module docs](self).
 pub struct RedisPresence {
@@ -472,6 +478,19 @@ impl RedisPresence {
 
     /// Puts back one member the node holds if Redis lost it; `Some` if it did.
     async fn restore(&self, room: &str, m: &Member) -> Result<Option<Member>, PresenceError> {
+        // The join being restored; a member that left since it was listed is not put
+        // back (a leave removes the local copy before Redis's).
+        let Some(epoch) = self
+            .local
+            .lock()
+            .await
+            .rooms
+            .get(room)
+            .and_then(|r| r.members.get(&m.connection))
+            .map(|lm| lm.epoch)
+        else {
+            return Ok(None);
+        };
         let state = serde_json::to_string(&m.state).unwrap_or_else(|_| "null".into());
         let joined_at = m.joined_at.to_string();
         let deadline = Instant::now() + self.ttl;
@@ -495,15 +514,32 @@ impl RedisPresence {
             return Ok(None);
         };
         let mut local = self.local.lock().await;
-        if let Some(lm) = local
+        match local
             .rooms
             .get_mut(room)
             .and_then(|r| r.members.get_mut(&m.connection))
         {
-            lm.member.color = member.color.clone();
-            lm.deadline = deadline;
+            Some(lm) if lm.epoch == epoch => {
+                lm.member.color = member.color.clone();
+                lm.deadline = deadline;
+                Ok((restored == "1").then_some(member))
+            }
+            // Joined again meanwhile: that join wrote (or found) the member; not ours
+            // to announce.
+            Some(_) => Ok(None),
+            // Left while we put it back (its leave may have run first in Redis): take
+            // out what we put back, or it stays a ghost until its TTL.
+            None => {
+                drop(local);
+                if restored == "1" {
+                    let _: Vec<String> = self
+                        .redis
+                        .room(&LEAVE_SCRIPT, room, self.common(), &[&m.connection])
+                        .await?;
+                }
+                Ok(None)
+            }
         }
-        Ok((restored == "1").then_some(member))
     }
 
     /// Removes, in each room, its expired members, the members of `dead_node` (or '')
@@ -630,6 +666,7 @@ impl PresenceStore for RedisPresence {
                 LocalMember {
                     member: joined.member.clone(),
                     deadline: started + self.ttl,
+                    epoch: EPOCHS.fetch_add(1, Ordering::Relaxed),
                 },
             );
             // Removed by the join as expired: maybe ours (a stale copy).
@@ -681,15 +718,34 @@ impl PresenceStore for RedisPresence {
     }
 
     async fn leave(&self, room: &str, connection: &str) -> Result<Option<Member>, PresenceError> {
-        let raw: Vec<String> = self
+        // The local copy goes first, so a heartbeat or re-registration running now does
+        // not put the member back after Redis's copy is gone (see `restore`).
+        let copy = {
+            let mut local = self.local.lock().await;
+            let copy = local
+                .rooms
+                .get_mut(room)
+                .and_then(|r| r.members.remove(connection));
+            self.recount(&local);
+            copy
+        };
+        let raw: Vec<String> = match self
             .redis
             .room(&LEAVE_SCRIPT, room, self.common(), &[connection])
-            .await?;
-        let mut local = self.local.lock().await;
-        if let Some(r) = local.rooms.get_mut(room) {
-            r.members.remove(connection);
-        }
-        self.recount(&local);
+            .await
+        {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Kept, no longer refreshed: the sweep removes it at its deadline.
+                if let Some(copy) = copy {
+                    let mut local = self.local.lock().await;
+                    let r = local.rooms.entry(room.to_string()).or_default();
+                    r.members.entry(connection.to_string()).or_insert(copy);
+                    self.recount(&local);
+                }
+                return Err(e);
+            }
+        };
         Ok(parse_member(&raw))
     }
 
@@ -1162,7 +1218,7 @@ impl Subscriber {
 
     /// Hands one message to the receiver; false if the receiver is gone.
     async fn forward(&self, payload: &[u8]) -> bool {
-        let envelope: EnvelopeIn = match serde_json::from_slice(payload) {
+        let envelope: EnvelopeIn = match parse_envelope(payload) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "unreadable room event on Redis; dropped");
@@ -1199,6 +1255,46 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// How deep an envelope may nest: a client's state or payload is at most as deep as
+/// serde_json's default limit lets a frame be (128), and the envelope adds a few levels.
+const MAX_ENVELOPE_DEPTH: usize = 160;
+
+/// Reads an envelope. Not under serde_json's default recursion limit (128): a state or
+/// payload a node accepted from its client (up to ~127 deep) arrives wrapped 5 levels
+/// deeper and would be dropped; the depth is checked first instead, so the parser's
+/// stack stays bounded whatever is published on the channel.
+fn parse_envelope(payload: &[u8]) -> Result<EnvelopeIn, String> {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in payload {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_ENVELOPE_DEPTH {
+        return Err(format!("nested {deepest} deep"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    de.disable_recursion_limit();
+    let envelope = EnvelopeIn::deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(envelope)
 }
 
 /// The Redis store and broker for `url`.
@@ -1239,6 +1335,25 @@ mod tests {
             Target::parse("redis://h:1,redis://h:2"),
             Target::Cluster(u) if u.len() == 2
         ));
+    }
+
+    #[test]
+    fn envelopes_nested_as_deep_as_clients_may_send_are_read() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let envelope = |n: usize| {
+            format!(
+                r#"{{"node":"n","room":"r","event":{{"broadcast":{{"event":"e","payload":{},"from_connection":"c","from_user":"u"}}}}}}"#,
+                deep(n)
+            )
+        };
+        assert!(parse_envelope(envelope(127).as_bytes()).is_ok());
+        assert!(parse_envelope(envelope(10_000).as_bytes()).is_err());
+        // Brackets inside strings do not count.
+        let text = format!(
+            r#"{{"node":"n","room":"{}\"","event":{{"diff":{{"joins":[],"leaves":[],"updates":[]}}}}}}"#,
+            "[".repeat(1000)
+        );
+        assert!(parse_envelope(text.as_bytes()).is_ok(), "{text}");
     }
 
     #[test]

@@ -122,7 +122,33 @@ pub struct RoomHub {
     backend: &'static str,
     settings: RoomSettings,
     rooms: Mutex<HashMap<String, LocalRoom>>,
+    /// One turn at a time per room for what writes a room's members to the store and
+    /// then tells the room (joins, flushes, leaves, members put back): the room hears
+    /// of them in the order the store applied them, here and on the other nodes. An
+    /// entry lives while someone holds or waits for it.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     counters: Counters,
+}
+
+/// A room's turn (see [`RoomHub::turns`]); released on drop.
+struct RoomTurn<'a> {
+    hub: &'a RoomHub,
+    room: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for RoomTurn<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut turns = self.hub.turns.lock();
+        // Clones are made under this lock only: 1 means nobody holds or waits.
+        if turns
+            .get(&self.room)
+            .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            turns.remove(&self.room);
+        }
+    }
 }
 
 impl RoomHub {
@@ -143,6 +169,7 @@ impl RoomHub {
             backend,
             settings,
             rooms: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         });
         tasks.spawn(hub.clone().receive(events, cancel.clone()));
@@ -152,6 +179,22 @@ impl RoomHub {
 
     pub fn healthy(&self) -> bool {
         self.store.healthy() && self.broker.healthy()
+    }
+
+    /// Waits for `room`'s turn.
+    async fn turn(&self, room: &str) -> RoomTurn<'_> {
+        let lock = self
+            .turns
+            .lock()
+            .entry(room.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        RoomTurn {
+            hub: self,
+            room: room.to_string(),
+            guard: Some(guard),
+        }
     }
 
     pub fn backend(&self) -> &'static str {
@@ -188,6 +231,7 @@ impl RoomHub {
                 RoomError::from(e)
             })?;
         }
+        let turn = self.turn(room).await;
         let joined = match self
             .store
             .join(room, &who.connection, &who.user, state)
@@ -225,6 +269,7 @@ impl RoomHub {
         };
         self.deliver_diff(room, &diff, &[&who.connection]);
         self.publish(room, RoomEvent::Diff(diff)).await;
+        drop(turn);
         members.sort_by_key(|m| m.joined_at);
         Ok(presence_state_json(id, room, &who.connection, &members))
     }
@@ -274,6 +319,9 @@ impl RoomHub {
     /// arrived meanwhile (each round after another `coalesce`).
     async fn flush(self: Arc<Self>, room: &str) {
         loop {
+            // Taken before the pending states: a leave (or join) either comes before
+            // (and took its member's pending state away) or after the diff is out.
+            let turn = self.turn(room).await;
             let pending: Vec<(String, Value)> = {
                 let mut rooms = self.rooms.lock();
                 let Some(local) = rooms.get_mut(room) else {
@@ -281,6 +329,10 @@ impl RoomHub {
                 };
                 if local.pending.is_empty() {
                     local.flushing = false;
+                    // Everyone left while this flush ran: `leave` kept the room for it.
+                    if local.members.is_empty() {
+                        rooms.remove(room);
+                    }
                     return;
                 }
                 local.pending.drain().collect()
@@ -308,12 +360,14 @@ impl RoomHub {
                 self.deliver_diff(room, &diff, &[]);
                 self.publish(room, RoomEvent::Diff(diff)).await;
             }
+            drop(turn);
             tokio::time::sleep(self.settings.coalesce).await;
         }
     }
 
     /// Leaves a room; false when the connection was not in it.
     pub async fn leave(&self, connection: &str, room: &str) -> bool {
+        let turn = self.turn(room).await;
         let was_member = {
             let mut rooms = self.rooms.lock();
             match rooms.get_mut(room) {
@@ -346,6 +400,7 @@ impl RoomHub {
                 let _ = RoomError::from(e);
             }
         }
+        drop(turn);
         if let Err(e) = self.broker.unsubscribe(room).await {
             let _ = RoomError::from(e);
         }
@@ -519,7 +574,8 @@ impl RoomHub {
                     // members back and give every local member the room's state anew.
                     tracing::info!("presence broker reconnected or lagged; re-registering members");
                     match self.store.reregister().await {
-                        Ok(back) => self.publish_joins(back).await,
+                        // Every local member gets the state just below.
+                        Ok(back) => self.publish_joins(back, false).await,
                         Err(e) => {
                             let _ = RoomError::from(e);
                         }
@@ -533,21 +589,36 @@ impl RoomHub {
         }
     }
 
-    async fn publish_joins(&self, back: Vec<(String, Member)>) {
+    /// Tells a room of this node's members put back; with `resend`, they get the
+    /// room's state anew.
+    async fn publish_joins(&self, back: Vec<(String, Member)>, resend: bool) {
         let mut by_room: HashMap<String, Vec<Member>> = HashMap::new();
         for (room, member) in back {
             by_room.entry(room).or_default().push(member);
         }
-        for (room, joins) in by_room {
+        for (room, mut joins) in by_room {
+            let turn = self.turn(&room).await;
+            // One that left meanwhile stays gone: its leave was told already.
+            joins.retain(|m| self.is_member(&room, &m.connection));
+            if joins.is_empty() {
+                continue;
+            }
             let diff = PresenceDiff {
                 joins,
                 ..Default::default()
             };
-            // The members put back learn it from their fresh `presence_state`, not
+            // The members put back learn it from a fresh `presence_state` (below), not
             // from a diff announcing themselves.
-            let back: Vec<&str> = diff.joins.iter().map(|m| m.connection.as_str()).collect();
-            self.deliver_diff(&room, &diff, &back);
+            let back: Vec<String> = diff.joins.iter().map(|m| m.connection.clone()).collect();
+            let skip: Vec<&str> = back.iter().map(String::as_str).collect();
+            self.deliver_diff(&room, &diff, &skip);
             self.publish(&room, RoomEvent::Diff(diff)).await;
+            drop(turn);
+            // They may have been told they (and their neighbours) left, by the nodes
+            // that reaped this one while it could not heartbeat.
+            if resend {
+                self.resend_state(&room, Some(&back)).await;
+            }
         }
     }
 
@@ -605,7 +676,7 @@ impl RoomHub {
                 (live, stale)
             };
             match self.store.heartbeat(&live).await {
-                Ok(back) => self.publish_joins(back).await,
+                Ok(back) => self.publish_joins(back, true).await,
                 Err(e) => {
                     let _ = RoomError::from(e);
                 }

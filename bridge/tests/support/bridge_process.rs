@@ -114,6 +114,11 @@ impl BridgeProcess {
         }
     }
 
+    /// The process id while it runs (to SIGSTOP/SIGCONT it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
     }
