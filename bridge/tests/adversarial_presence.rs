@@ -497,3 +497,45 @@ async fn concurrent_tabs_share_one_color_and_leave_alone() {
     b.shutdown().await;
     db.drop_db().await;
 }
+
+// ---- Room names ----
+
+/// Found: a room name starting with `}` gives its Redis keys an empty hash tag
+/// (`livesync:presence:{}x}:members`), so on Redis Cluster the seven keys of the room
+/// hash to different slots and every script fails with CROSSSLOT: such a room
+/// answered `unavailable` forever (and counted Redis errors). Now refused up front as
+/// `bad_request` on every backend; other braces, unicode and long names still work,
+/// and empty or over-long names are refused without touching the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn odd_room_names_are_served_or_refused_cleanly() {
+    let db = TestDb::create("advp_names").await;
+    let bridge = bridge_on(&db, "names-a", None).await;
+    let (mut ann, _) = WsClient::hello(bridge.addr, "ann").await;
+    for (i, room) in ["}x", "}", ""].iter().enumerate() {
+        rooms::expect_error(
+            &mut ann,
+            json!({"type": "join", "id": format!("bad{i}"), "room": room}),
+            "bad_request",
+        )
+        .await;
+    }
+    let long = "r".repeat(1025);
+    rooms::expect_error(
+        &mut ann,
+        json!({"type": "join", "id": "long", "room": long}),
+        "bad_request",
+    )
+    .await;
+    for (i, room) in ["a}b", "{x", "{}", "{", "доска:42 ✓", &"r".repeat(1024)]
+        .iter()
+        .enumerate()
+    {
+        let state = join(&mut ann, &format!("ok{i}"), room, json!({})).await;
+        assert_eq!(members(&state).len(), 1, "{state}");
+    }
+    let stats = bridge.state.rooms.stats();
+    assert_eq!(stats.rooms, 6, "only the rooms joined: {stats:?}");
+    drop(ann);
+    bridge.shutdown().await;
+    db.drop_db().await;
+}

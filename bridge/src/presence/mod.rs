@@ -302,6 +302,15 @@ pub(crate) fn check_name(what: &'static str, name: &str) -> Result<(), PresenceE
             reason: "must not be empty".into(),
         });
     }
+    // Keys are `...{<name>}...`: a name starting with `}` makes the hash tag empty, so
+    // Redis Cluster hashes each of a room's keys apart and every script fails
+    // (CROSSSLOT). Any other `{`/`}` keeps one tag for all of a room's keys.
+    if name.starts_with('}') {
+        return Err(PresenceError::Invalid {
+            what,
+            reason: "must not start with '}'".into(),
+        });
+    }
     if name.len() > 1024 {
         return Err(PresenceError::Invalid {
             what,
