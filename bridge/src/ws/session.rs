@@ -831,22 +831,9 @@ impl Session {
         }
         let table = self.table(&id, &request.channel).await?;
         let filter = self.filter(&id, &table, request.filter)?;
-        self.check_stream_access(&id, &table).await?;
-        let db = |e: PgError| ErrorMessage::from_db(Some(id.clone()), &e);
-        let client = self.state.pool.get().await.map_err(|e| db(e.into()))?;
-        if let Some(since) = request.since {
-            // Outside the retained log (or ahead of it): say so now, not after
-            // `subscribed`.
-            let statement = client
-                .prepare_cached("SELECT 1 FROM livesync.change_runs($1, 1) LIMIT 1")
-                .await
-                .map_err(|e| db(e.into()))?;
-            client
-                .query(&statement, &[&since])
-                .await
-                .map_err(|e| db(e.into()))?;
-        }
-        drop(client);
+        // Registered before its access is checked: from here on the reader's
+        // per-page check covers this (table, role), so a REVOKE committed after the
+        // check below is caught before any later change reaches it.
         let (key, after) = self
             .state
             .hub
@@ -860,6 +847,10 @@ impl Session {
                 role: self.identity().role.clone(),
             })
             .map_err(|e| bad(ErrorCode::Unavailable, e.to_string()))?;
+        if let Err(error) = self.check_subscription(&id, &table, request.since).await {
+            self.state.hub.unsubscribe(key);
+            return Err(error);
+        }
         self.subs.insert(id_json, key);
         let channel = format!("table:{}", table.name.display());
         self.send(
@@ -872,6 +863,29 @@ impl Session {
         )
         .await;
         self.state.hub.start(key, after);
+        Ok(())
+    }
+
+    /// Whether a subscription may start: the role may stream the table, and `since`
+    /// is inside the retained log (said now, not after `subscribed`).
+    async fn check_subscription(
+        &self,
+        id: &Value,
+        table: &TableInfo,
+        since: Option<i64>,
+    ) -> Result<(), ErrorMessage> {
+        self.check_stream_access(id, table).await?;
+        let Some(since) = since else { return Ok(()) };
+        let db = |e: PgError| ErrorMessage::from_db(Some(id.clone()), &e);
+        let client = self.state.pool.get().await.map_err(|e| db(e.into()))?;
+        let statement = client
+            .prepare_cached("SELECT 1 FROM livesync.change_runs($1, 1) LIMIT 1")
+            .await
+            .map_err(|e| db(e.into()))?;
+        client
+            .query(&statement, &[&since])
+            .await
+            .map_err(|e| db(e.into()))?;
         Ok(())
     }
 
