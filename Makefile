@@ -64,5 +64,6 @@ bench: install
 	cargo run --release -q -p livesync-bench --bin bridge_fanout
 	cargo run --release -q -p livesync-bench --bin bridge_memory
 	cargo run --release -q -p livesync-bench --bin bridge_catchup
+	cargo run --release -q -p livesync-bench --bin bridge_presence
 	bench/capture/run
 	bench/writes/run

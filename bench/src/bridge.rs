@@ -1259,6 +1259,498 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------
+// Presence (issue 13): the bridge as a presence node, and a relay floor
+
+/// What a presence floor relays: (the sending connection's number, or `u64::MAX` for
+/// another node's, and the client's own frame).
+type Relay = tokio::sync::broadcast::Sender<(u64, Utf8Bytes)>;
+
+/// Frames a room's relay holds for its slowest member before that member loses the
+/// oldest (counted as dropped): as many as the bridge queues for one connection
+/// (`queue_capacity`, 1024 by default).
+const FLOOR_RELAY_CAPACITY: usize = 1024;
+
+/// The Redis pub/sub channel the floor's nodes share (messages: `node\nroom\nframe`).
+const FLOOR_CHANNEL: &str = "livesync_bench_floor";
+
+impl ServerProcess {
+    /// Starts the bridge as a presence node: `node_name` (unique among the nodes of a
+    /// run), presence in Redis at `redis_url` or in memory; the rest as
+    /// [`ServerProcess::bridge`] with its defaults (rate limits, TTL), and its
+    /// coalescing window unless `coalesce_ms` is given.
+    pub fn presence_bridge(
+        database_url: &str,
+        node_name: &str,
+        redis_url: Option<&str>,
+        coalesce_ms: Option<u64>,
+    ) -> ServerProcess {
+        Self::spawn(
+            "presence_bridge",
+            json!({
+                "database_url": database_url,
+                "node_name": node_name,
+                "redis_url": redis_url,
+                "coalesce_ms": coalesce_ms,
+            }),
+        )
+    }
+
+    /// Starts the presence floor: a bare tokio-tungstenite server (configured as
+    /// [`FloorSettings::new`]) that answers `hello` and `join` and relays every
+    /// `presence` and `broadcast` frame as it came to the room's other members, no
+    /// coalescing. With `redis_addr` (`host:port`) it also PUBLISHes every frame, and
+    /// relays the frames other nodes published to its own members.
+    pub fn presence_floor(node_name: &str, redis_addr: Option<&str>) -> ServerProcess {
+        Self::spawn(
+            "presence_floor",
+            json!({"node_name": node_name, "redis_addr": redis_addr}),
+        )
+    }
+}
+
+/// Call first in a presence benchmark's `main` (before [`serve_if_asked`]): in a child
+/// started by [`ServerProcess::presence_bridge`] or [`ServerProcess::presence_floor`],
+/// runs that server and exits; otherwise returns at once.
+pub fn serve_presence_if_asked() {
+    let Ok(kind) = std::env::var(SERVE_ENV) else {
+        return;
+    };
+    if kind != "presence_bridge" && kind != "presence_floor" {
+        return;
+    }
+    raise_fd_limit();
+    let config: Value =
+        serde_json::from_str(&std::env::var(SERVE_CONFIG_ENV).expect("the server's settings"))
+            .expect("JSON settings");
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    if kind == "presence_bridge" {
+        runtime.block_on(serve_presence_bridge(config));
+    } else {
+        runtime.block_on(serve_presence_floor(config));
+    }
+    std::process::exit(0);
+}
+
+async fn serve_presence_bridge(settings: Value) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("BENCH_BRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = livesync_bridge::config::Config::new(
+        settings["database_url"].as_str().expect("database_url"),
+    );
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.default_role = Some(APP_ROLE.into());
+    config.node_name = settings["node_name"].as_str().expect("node_name").into();
+    config.redis_url = settings["redis_url"].as_str().map(str::to_string);
+    if let Some(ms) = settings["coalesce_ms"].as_u64() {
+        config.presence.coalesce = Duration::from_millis(ms);
+    }
+    config.limits.connections_per_ip = 1_000_000;
+    let bridge = livesync_bridge::start(config)
+        .await
+        .expect("the bridge starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bridge.state.hub.head().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the bridge's reader never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "READY {}", bridge.addr);
+        let _ = out.flush();
+    }
+    // Figures come from its HTTP endpoints ([`http_get_json`]).
+    let mut commands = commands();
+    while commands.recv().await.is_some() {
+        answer(Value::Null);
+    }
+}
+
+/// The presence floor's rooms, shared by its connections and its Redis subscriber.
+struct FloorRooms {
+    node: String,
+    rooms: Mutex<std::collections::HashMap<String, Relay>>,
+    /// RESP-encoded PUBLISH commands for the publishing connection (with Redis).
+    publish: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
+    /// Frames a member missed because it fell more than the relay's capacity behind.
+    dropped: AtomicU64,
+    /// Frames written to members.
+    relayed: AtomicU64,
+    /// Frames received from other nodes through Redis.
+    from_redis: AtomicU64,
+}
+
+impl FloorRooms {
+    fn room(&self, name: &str) -> Relay {
+        self.rooms
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert_with(|| tokio::sync::broadcast::channel(FLOOR_RELAY_CAPACITY).0)
+            .clone()
+    }
+}
+
+/// One RESP command (an array of bulk strings).
+pub fn resp_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Reads one RESP reply: an array as its elements (bulk strings, or integers and
+/// simple strings as their text), anything else as one element, itself. None when
+/// the connection ends.
+async fn resp_read<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Option<Vec<Vec<u8>>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    async fn line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Option<Vec<u8>> {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line).await.ok()? == 0 {
+            return None;
+        }
+        line.truncate(line.len().saturating_sub(2));
+        Some(line)
+    }
+    let head = line(reader).await?;
+    if head.first() != Some(&b'*') {
+        return Some(vec![head]);
+    }
+    let count: i64 = std::str::from_utf8(&head[1..]).ok()?.parse().ok()?;
+    let mut items = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count.max(0) {
+        let item = line(reader).await?;
+        if item.first() == Some(&b'$') {
+            let len: i64 = std::str::from_utf8(&item[1..]).ok()?.parse().ok()?;
+            if len < 0 {
+                items.push(Vec::new());
+                continue;
+            }
+            let mut bulk = vec![0; len as usize + 2];
+            reader.read_exact(&mut bulk).await.ok()?;
+            bulk.truncate(len as usize);
+            items.push(bulk);
+        } else {
+            items.push(item.get(1..).unwrap_or_default().to_vec());
+        }
+    }
+    Some(items)
+}
+
+/// A synchronous Redis command on a connection of its own (the benchmark's
+/// housekeeping: PING, FLUSHALL); the reply's elements.
+pub fn redis_command(port: u16, args: &[&str]) -> std::io::Result<Vec<String>> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    stream.write_all(&resp_command(&args))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = runtime.block_on(async move {
+        stream.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(stream)
+    })?;
+    runtime.block_on(async move {
+        let mut reader = tokio::io::BufReader::new(stream);
+        let items = resp_read(&mut reader)
+            .await
+            .ok_or_else(|| std::io::Error::other("no reply"))?;
+        Ok(items
+            .into_iter()
+            .map(|i| String::from_utf8_lossy(&i).into_owned())
+            .collect())
+    })
+}
+
+/// The floor's two Redis connections: one publishing (commands pipelined, replies
+/// read and dropped) and one subscribed to [`FLOOR_CHANNEL`], relaying the frames
+/// other nodes published to this node's members of their room.
+async fn floor_redis(
+    addr: &str,
+    rooms: Arc<FloorRooms>,
+) -> tokio::sync::mpsc::UnboundedSender<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let publisher = TcpStream::connect(addr).await.expect("the floor's Redis");
+    publisher.set_nodelay(true).unwrap();
+    let (mut replies, mut writer) = publisher.into_split();
+    tokio::spawn(async move {
+        let mut sink = vec![0u8; 64 << 10];
+        while matches!(replies.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(command) = rx.recv().await {
+            batch.clear();
+            batch.extend_from_slice(&command);
+            while batch.len() < (256 << 10) {
+                match rx.try_recv() {
+                    Ok(more) => batch.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if writer.write_all(&batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut subscriber = TcpStream::connect(addr).await.expect("the floor's Redis");
+    subscriber.set_nodelay(true).unwrap();
+    subscriber
+        .write_all(&resp_command(&[b"SUBSCRIBE", FLOOR_CHANNEL.as_bytes()]))
+        .await
+        .expect("SUBSCRIBE");
+    let mut reader = tokio::io::BufReader::with_capacity(64 << 10, subscriber);
+    resp_read(&mut reader).await.expect("SUBSCRIBE confirmed");
+    tokio::spawn(async move {
+        while let Some(items) = resp_read(&mut reader).await {
+            let [kind, _, payload] = &items[..] else {
+                continue;
+            };
+            if kind.as_slice() != b"message" {
+                continue;
+            }
+            let Ok(payload) = std::str::from_utf8(payload) else {
+                continue;
+            };
+            let mut parts = payload.splitn(3, '\n');
+            let (Some(node), Some(room), Some(frame)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if node == rooms.node {
+                continue;
+            }
+            rooms.from_redis.fetch_add(1, Ordering::Relaxed);
+            let relay = rooms.rooms.lock().unwrap().get(room).cloned();
+            if let Some(relay) = relay {
+                let _ = relay.send((u64::MAX, Utf8Bytes::from(frame.to_string())));
+            }
+        }
+    });
+    tx
+}
+
+async fn serve_presence_floor(settings: Value) {
+    let floor = FloorSettings::new(String::new());
+    let config = WebSocketConfig::default()
+        .read_buffer_size(floor.read_buffer_size)
+        .write_buffer_size(floor.write_buffer_size);
+    let batch = floor.batch as usize;
+    let rooms = Arc::new(FloorRooms {
+        node: settings["node_name"]
+            .as_str()
+            .expect("node_name")
+            .to_string(),
+        rooms: Mutex::default(),
+        publish: std::sync::OnceLock::new(),
+        dropped: AtomicU64::new(0),
+        relayed: AtomicU64::new(0),
+        from_redis: AtomicU64::new(0),
+    });
+    if let Some(addr) = settings["redis_addr"].as_str() {
+        let publish = floor_redis(addr, rooms.clone()).await;
+        let _ = rooms.publish.set(publish);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    {
+        let rooms = rooms.clone();
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            let mut next_id = 0u64;
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                next_id += 1;
+                let (id, rooms, connections) = (next_id, rooms.clone(), connections.clone());
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let Ok(ws) =
+                        tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+                    else {
+                        return;
+                    };
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    floor_connection(ws, id, rooms, batch).await;
+                    connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        });
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "READY {addr}");
+        let _ = out.flush();
+    }
+    let mut commands = commands();
+    while let Some(command) = commands.recv().await {
+        if command.trim() == "STATS" {
+            answer(json!({
+                "connections": connections.load(Ordering::Relaxed),
+                "dropped": rooms.dropped.load(Ordering::Relaxed),
+                "relayed": rooms.relayed.load(Ordering::Relaxed),
+                "from_redis": rooms.from_redis.load(Ordering::Relaxed),
+            }));
+        } else {
+            answer(Value::Null);
+        }
+    }
+}
+
+/// One floor connection: `hello` and `join` answered (one room per connection), then
+/// every `presence` or `broadcast` frame relayed as it came to the room's other
+/// members (and published, with Redis), and the room's frames written to this one.
+async fn floor_connection(
+    mut ws: WebSocketStream<TcpStream>,
+    id: u64,
+    rooms: Arc<FloorRooms>,
+    batch: usize,
+) {
+    let session = format!("{}-{id}", rooms.node);
+    // Until it joins.
+    let (room, relay) = loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+            Some(Ok(_)) => continue,
+        };
+        let Ok(message) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        // `type` first, as the bridge writes its messages (clients look at the start).
+        let reply = match message["type"].as_str() {
+            Some("hello") => format!(
+                r#"{{"type":"welcome","session":{},"node":{}}}"#,
+                json!(session),
+                json!(rooms.node)
+            ),
+            Some("join") => {
+                let room = message["room"].as_str().unwrap_or_default().to_string();
+                let reply = format!(
+                    r#"{{"type":"presence_state","id":{},"room":{},"self":{},"members":[]}}"#,
+                    message["id"],
+                    json!(room),
+                    json!(session)
+                );
+                if ws.send(Message::Text(reply.into())).await.is_err() {
+                    return;
+                }
+                let relay = rooms.room(&room);
+                break (room, relay);
+            }
+            _ => format!(
+                r#"{{"type":"error","id":{},"code":"bad_request","message":"the floor answers hello and join, then relays"}}"#,
+                message["id"]
+            ),
+        };
+        if ws.send(Message::Text(reply.into())).await.is_err() {
+            return;
+        }
+    };
+    let mut inbox = relay.subscribe();
+    loop {
+        tokio::select! {
+            read = ws.next() => {
+                let text = match read {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => continue,
+                };
+                if text.starts_with("{\"type\":\"presence\"")
+                    || text.starts_with("{\"type\":\"broadcast\"")
+                {
+                    if let Some(publish) = rooms.publish.get() {
+                        let payload = format!("{}\n{room}\n{}", rooms.node, text.as_str());
+                        let _ = publish.send(resp_command(&[
+                            b"PUBLISH",
+                            FLOOR_CHANNEL.as_bytes(),
+                            payload.as_bytes(),
+                        ]));
+                    }
+                    let _ = relay.send((id, text));
+                }
+            }
+            received = inbox.recv() => {
+                let mut next = received;
+                let mut fed = 0;
+                loop {
+                    match next {
+                        Ok((from, frame)) => {
+                            if from != id {
+                                if ws.feed(Message::Text(frame)).await.is_err() {
+                                    return;
+                                }
+                                fed += 1;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            rooms.dropped.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                    if fed >= batch {
+                        break;
+                    }
+                    next = match inbox.try_recv() {
+                        Ok(item) => Ok(item),
+                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n))
+                        }
+                        Err(_) => break,
+                    };
+                }
+                if fed > 0 {
+                    rooms.relayed.fetch_add(fed as u64, Ordering::Relaxed);
+                    if ws.flush().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `GET path` from a server on 127.0.0.1 (the bridge's HTTP endpoints), its JSON
+/// body; Null when it cannot be had.
+pub fn http_get_json(addr: SocketAddr, path: &str) -> Value {
+    use std::io::Read;
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return Value::Null;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    if write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return Value::Null;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or(Value::Null)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
