@@ -1,0 +1,278 @@
+//! The write queue, persisted so a restart neither loses a write nor reuses a
+//! mutation id. The file is JSON lines, append-only while open:
+//!   {"client_id": "...", "next": N}   header (first line, after compaction)
+//!   {"add": <mutation>}               a write, before it is ever sent
+//!   {"done": <mutation_id>}           its write_result arrived
+//! Opening compacts it (a new file with the header and the pending adds, renamed
+//! over the old one: atomic). Replays are safe because the bridge applies a
+//! (client_id, mutation_id) once and returns the first result to retries.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One mutation as the protocol's `write` carries it (minus `type` and `id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mutation {
+    pub table: String,
+    pub op: String,
+    pub key: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_values: Option<Value>,
+    pub mutation_id: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Record {
+    Header { client_id: String, next: i64 },
+    Add { add: Mutation },
+    Done { done: i64 },
+}
+
+/// Where the queue lives: a file, or nowhere (tests, throwaway clients).
+#[derive(Debug)]
+pub struct MutationQueue {
+    client_id: String,
+    path: Option<PathBuf>,
+    file: Option<File>,
+    next: i64,
+    pending: BTreeMap<i64, Mutation>,
+}
+
+impl MutationQueue {
+    /// A queue kept in memory only: lost on exit (mutation ids start at 1).
+    pub fn in_memory(client_id: &str) -> MutationQueue {
+        MutationQueue {
+            client_id: client_id.into(),
+            path: None,
+            file: None,
+            next: 1,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Opens (or creates) the queue file of `client_id`, compacting it.
+    pub fn open(path: impl AsRef<Path>, client_id: &str) -> Result<MutationQueue> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::QueueIo {
+            path: path.clone(),
+            source,
+        };
+        let mut next = 1;
+        let mut pending = BTreeMap::new();
+        match File::open(&path) {
+            Ok(file) => {
+                for (i, line) in BufReader::new(file).lines().enumerate() {
+                    let line = line.map_err(io)?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let record: Record = match serde_json::from_str(&line) {
+                        Ok(r) => r,
+                        // A torn last line (killed mid-append) was never sent: drop it.
+                        Err(_) if is_last_line(&path, i) => break,
+                        Err(e) => {
+                            return Err(Error::QueueCorrupt {
+                                path,
+                                line: i + 1,
+                                message: e.to_string(),
+                            })
+                        }
+                    };
+                    match record {
+                        Record::Header {
+                            client_id: c,
+                            next: n,
+                        } => {
+                            if c != client_id {
+                                return Err(Error::QueueClientMismatch {
+                                    path,
+                                    found: c,
+                                    expected: client_id.into(),
+                                });
+                            }
+                            next = next.max(n);
+                        }
+                        Record::Add { add } => {
+                            next = next.max(add.mutation_id + 1);
+                            pending.insert(add.mutation_id, add);
+                        }
+                        Record::Done { done } => {
+                            pending.remove(&done);
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        // Compact: header + pending, written aside and renamed over (atomic).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp).map_err(io)?;
+            let mut text = line(&Record::Header {
+                client_id: client_id.into(),
+                next,
+            });
+            for m in pending.values() {
+                text.push_str(&line(&Record::Add { add: m.clone() }));
+            }
+            f.write_all(text.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        Ok(MutationQueue {
+            client_id: client_id.into(),
+            path: Some(path),
+            file: Some(file),
+            next,
+            pending,
+        })
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Assigns the next mutation id to `mutation` and persists it (fsync) before
+    /// returning, so it is never sent before it is safe on disk.
+    pub fn push(&mut self, mut mutation: Mutation) -> Result<Mutation> {
+        mutation.mutation_id = self.next;
+        self.append(&Record::Add {
+            add: mutation.clone(),
+        })?;
+        self.next += 1;
+        self.pending.insert(mutation.mutation_id, mutation.clone());
+        Ok(mutation)
+    }
+
+    /// The write_result for `mutation_id` arrived: it is settled.
+    pub fn complete(&mut self, mutation_id: i64) -> Result<Option<Mutation>> {
+        let Some(m) = self.pending.remove(&mutation_id) else {
+            return Ok(None);
+        };
+        self.append(&Record::Done { done: mutation_id })?;
+        Ok(Some(m))
+    }
+
+    /// Pending mutations in id (= send) order.
+    pub fn pending(&self) -> impl Iterator<Item = &Mutation> {
+        self.pending.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn next_mutation_id(&self) -> i64 {
+        self.next
+    }
+
+    fn append(&mut self, record: &Record) -> Result<()> {
+        let (Some(file), Some(path)) = (self.file.as_mut(), self.path.as_ref()) else {
+            return Ok(());
+        };
+        let io = |source| Error::QueueIo {
+            path: path.clone(),
+            source,
+        };
+        // One write call per record, then fsync: a kill leaves at most a torn last line.
+        file.write_all(line(record).as_bytes()).map_err(io)?;
+        file.sync_data().map_err(io)
+    }
+}
+
+fn line(record: &Record) -> String {
+    let mut s = serde_json::to_string(record).expect("records serialise");
+    s.push('\n');
+    s
+}
+
+fn is_last_line(path: &Path, index: usize) -> bool {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count() == index + 1)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn m(title: &str) -> Mutation {
+        Mutation {
+            table: "public.items".into(),
+            op: "update".into(),
+            key: json!({"id": 1}),
+            values: Some(json!({"title": title})),
+            base_version: None,
+            base_values: None,
+            mutation_id: 0,
+            hlc: None,
+        }
+    }
+
+    #[test]
+    fn ids_survive_a_restart_and_pending_is_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.jsonl");
+        {
+            let mut q = MutationQueue::open(&path, "c").unwrap();
+            assert_eq!(q.push(m("a")).unwrap().mutation_id, 1);
+            assert_eq!(q.push(m("b")).unwrap().mutation_id, 2);
+            assert_eq!(q.push(m("c")).unwrap().mutation_id, 3);
+            q.complete(1).unwrap();
+            q.complete(3).unwrap();
+        }
+        let mut q = MutationQueue::open(&path, "c").unwrap();
+        assert_eq!(q.pending().map(|m| m.mutation_id).collect::<Vec<_>>(), [2]);
+        // Settled ids are never reused, even the highest one.
+        assert_eq!(q.push(m("d")).unwrap().mutation_id, 4);
+        q.complete(2).unwrap();
+        q.complete(4).unwrap();
+        drop(q);
+        let q = MutationQueue::open(&path, "c").unwrap();
+        assert!(q.is_empty());
+        assert_eq!(q.next_mutation_id(), 5);
+        assert!(matches!(
+            MutationQueue::open(&path, "other"),
+            Err(Error::QueueClientMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.jsonl");
+        {
+            let mut q = MutationQueue::open(&path, "c").unwrap();
+            q.push(m("a")).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"add\": {\"table\"").unwrap();
+        drop(f);
+        let q = MutationQueue::open(&path, "c").unwrap();
+        assert_eq!(q.len(), 1);
+    }
+}
