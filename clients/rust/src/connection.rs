@@ -414,12 +414,13 @@ fn settle(shared: &Shared, s: &mut Session, mutation_id: i64, result: Value) {
         outcome = Some(overlay.settle(&mutation, &result, sub.replica.as_mut()));
     }
     let outcome = outcome.unwrap_or_else(|| overlay.settle(&mutation, &result, None));
-    shared.pending.send_replace(inner.queue.len());
+    // The event first: whoever wakes from `flush` finds it already sent.
     shared.emit(Event::WriteSettled {
         mutation,
         result,
         outcome,
     });
+    shared.pending.send_replace(inner.queue.len());
 }
 
 fn on_error(shared: &Shared, s: &mut Session, m: Value, out: &mut Vec<Value>) -> Option<End> {
