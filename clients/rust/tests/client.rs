@@ -240,3 +240,67 @@ async fn a_replica_resumes_after_the_bridge_restarts() {
     drop(bridge);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn presence_cli_shows_members_live() {
+    let db = TestDb::create("presence").await;
+    let bridge = Bridge::start(&db, free_port()).await;
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_livesync"))
+        .args(["presence", "board:7", "--json", "--client-id", "cli-user"])
+        .env("LIVESYNC_URL", bridge.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = cli.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut users = async || -> Vec<String> {
+        let m = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .expect("a presence line")
+            .expect("the CLI runs");
+        assert_eq!(m["room"], "board:7");
+        let mut u: Vec<String> = m["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["user"].as_str().unwrap().to_string())
+            .collect();
+        u.sort();
+        u
+    };
+    // Each change prints the whole list; wait for the list expected next.
+    let mut until = async |expected: &[&str]| {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let got = users().await;
+            if got == expected {
+                return;
+            }
+            eprintln!("members now: {got:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never saw {expected:?}"
+            );
+        }
+    };
+    until(&["cli-user"]).await;
+    let (other, _events) = Client::start(Config::new(bridge.url(), "dave")).unwrap();
+    other.join("board:7", json!({"status": "here"})).unwrap();
+    until(&["cli-user", "dave"]).await;
+    other.close().await;
+    until(&["cli-user"]).await;
+
+    let _ = cli.kill();
+    let _ = cli.wait();
+    drop(bridge);
+    db.drop_db().await;
+}
