@@ -324,6 +324,16 @@ fn handle(shared: &Shared, s: &mut Session, m: Value, out: &mut Vec<Value>) -> O
             let members = r.members.values().cloned().collect();
             shared.emit(Event::Presence { room, members });
         }
+        "subscribed" => {
+            // A stream started "from now" resumes from here if the connection drops
+            // before its first change, so nothing in between is missed.
+            let id = m["id"].as_str()?;
+            let mut inner = shared.lock();
+            let sub = inner.subs.get_mut(id)?;
+            if sub.position.is_none() {
+                sub.position = m["position"].as_i64();
+            }
+        }
         "broadcast" => shared.emit(Event::Broadcast(m)),
         "reconnect" => {
             let after = m["retry_after_ms"].as_u64().unwrap_or(1000);
@@ -435,7 +445,9 @@ fn on_error(shared: &Shared, s: &mut Session, m: Value, out: &mut Vec<Value>) ->
         return None;
     };
     if let Some(mid) = id.strip_prefix("m:").and_then(|n| n.parse::<i64>().ok()) {
-        if matches!(code.as_str(), "unavailable" | "rate_limited" | "internal") {
+        // `internal` is not retried: it is not known to be transient, and retrying
+        // it forever would hold the queue.
+        if matches!(code.as_str(), "unavailable" | "rate_limited") {
             // Retryable: it stays queued; the next connection replays it.
             s.in_flight.remove(&mid);
             shared.emit(Event::Error(m));
