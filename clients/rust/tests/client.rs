@@ -20,14 +20,16 @@ async fn tail_prints_inserts_made_with_sql() {
         .await
         .unwrap();
 
-    let mut tail = Command::new(env!("CARGO_BIN_EXE_livesync"))
-        .args(["tail", "public.items", "--since", "0", "--json"])
-        .env("LIVESYNC_URL", bridge.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
+    let mut tail = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_livesync"))
+            .args(["tail", "public.items", "--since", "0", "--json"])
+            .env("LIVESYNC_URL", bridge.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = tail.0.stdout.take().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -60,8 +62,7 @@ async fn tail_prints_inserts_made_with_sql() {
     assert_eq!(second["delta"]["title"]["new"], "live");
     assert!(second["position"].as_i64() > first["position"].as_i64());
 
-    let _ = tail.kill();
-    let _ = tail.wait();
+    drop(tail);
     drop(bridge);
     db.drop_db().await;
 }
@@ -245,14 +246,16 @@ async fn a_replica_resumes_after_the_bridge_restarts() {
 async fn presence_cli_shows_members_live() {
     let db = TestDb::create("presence").await;
     let bridge = Bridge::start(&db, free_port()).await;
-    let mut cli = Command::new(env!("CARGO_BIN_EXE_livesync"))
-        .args(["presence", "board:7", "--json", "--client-id", "cli-user"])
-        .env("LIVESYNC_URL", bridge.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = cli.stdout.take().unwrap();
+    let mut cli = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_livesync"))
+            .args(["presence", "board:7", "--json", "--client-id", "cli-user"])
+            .env("LIVESYNC_URL", bridge.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = cli.0.stdout.take().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -299,8 +302,7 @@ async fn presence_cli_shows_members_live() {
     other.close().await;
     until(&["cli-user"]).await;
 
-    let _ = cli.kill();
-    let _ = cli.wait();
+    drop(cli);
     drop(bridge);
     db.drop_db().await;
 }

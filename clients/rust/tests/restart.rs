@@ -107,11 +107,13 @@ async fn killed_with_queued_writes_then_restarted_applies_each_once() {
     ];
     for (n, (op, key, values)) in writes.iter().enumerate() {
         let mutation_id = n as i64 + 2;
-        let mut child = livesync(&url, &queue, &["write", "public.items", op, key, values])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = KillOnDrop(
+            livesync(&url, &queue, &["write", "public.items", op, key, values])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let needle = format!("\"mutation_id\":{mutation_id}");
         eventually("the write is in the queue file", || {
             std::fs::read_to_string(&queue)
@@ -121,8 +123,8 @@ async fn killed_with_queued_writes_then_restarted_applies_each_once() {
         .await;
         // A moment of retrying against the stopped bridge, then SIGKILL.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
     }
     assert_eq!(
         rows(&pg).await,
