@@ -15,7 +15,7 @@ use crate::connection;
 use crate::error::{Error, Result};
 use crate::optimistic::{Outcome, Overlay};
 use crate::queue::{Mutation, MutationQueue};
-use crate::replica::{Row, Table};
+use crate::replica::{Parts, Row, Table};
 use crate::room::Room;
 
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ pub(crate) struct Sub {
     /// Some: a replica (loads a snapshot first).
     pub replica: Option<Table>,
     /// Parts of a transaction still arriving.
-    pub parts: Vec<Value>,
+    pub parts: Parts,
 }
 
 #[derive(Debug)]
@@ -226,7 +226,7 @@ impl Client {
                     filter,
                     position: since,
                     replica,
-                    parts: Vec::new(),
+                    parts: Parts::default(),
                 },
             );
         }

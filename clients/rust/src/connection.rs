@@ -359,18 +359,9 @@ fn on_changes(shared: &Shared, m: Value, out: &mut Vec<Value>) {
     let Some(sub) = inner.subs.get_mut(&sub_id) else {
         return;
     };
-    let changes: Vec<Value> = m["changes"].as_array().cloned().unwrap_or_default();
     // A transaction in parts is applied whole, once its last part is here.
-    let (part, parts) = (m["part"].as_i64(), m["parts"].as_i64());
-    let changes = match (part, parts) {
-        (Some(i), Some(n)) if n > 1 => {
-            sub.parts.extend(changes);
-            if i < n {
-                return;
-            }
-            std::mem::take(&mut sub.parts)
-        }
-        _ => changes,
+    let Some(changes) = sub.parts.push(&m) else {
+        return;
     };
     let mut reload = false;
     if let Some(table) = sub.replica.as_mut() {

@@ -28,6 +28,35 @@ pub enum Applied {
     ReloadRequired,
 }
 
+/// Gathers a transaction sent in parts (`part`/`parts`, same `position`) so it is
+/// applied whole.
+#[derive(Debug, Default)]
+pub struct Parts {
+    changes: Vec<Value>,
+}
+
+impl Parts {
+    /// One `changes` message; the whole transaction's changes once its last part is here.
+    pub fn push(&mut self, message: &Value) -> Option<Vec<Value>> {
+        let changes = message["changes"].as_array().cloned().unwrap_or_default();
+        match (message["part"].as_i64(), message["parts"].as_i64()) {
+            (Some(i), Some(n)) if n > 1 => {
+                if i == 1 {
+                    // A new transaction: whatever a dropped connection left is stale.
+                    self.changes.clear();
+                }
+                self.changes.extend(changes);
+                (i >= n).then(|| std::mem::take(&mut self.changes))
+            }
+            _ => Some(changes),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.changes.clear();
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Table {
     rows: BTreeMap<RowKey, Row>,
@@ -250,6 +279,24 @@ mod tests {
         );
         assert!(t.get(&json!({"id": 1})).is_none());
         assert_eq!(t.position(), Some(11));
+    }
+
+    #[test]
+    fn parts_come_out_whole() {
+        let mut p = Parts::default();
+        let part = |i: i64, id: i64| {
+            json!({"position": 9, "part": i, "parts": 3,
+            "changes": [{"op": "insert", "key": {"id": id}}]})
+        };
+        assert!(p.push(&part(1, 1)).is_none());
+        assert!(p.push(&part(2, 2)).is_none());
+        let whole = p.push(&part(3, 3)).unwrap();
+        assert_eq!(whole.len(), 3);
+        // A part 1 after a cut-off transaction starts afresh.
+        assert!(p.push(&part(1, 4)).is_none());
+        assert!(p.push(&part(1, 5)).is_none());
+        let one = json!({"position": 10, "changes": [{"op": "delete"}]});
+        assert_eq!(p.push(&one).unwrap().len(), 1);
     }
 
     #[test]

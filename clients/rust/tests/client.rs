@@ -306,3 +306,19 @@ async fn presence_cli_shows_members_live() {
     drop(bridge);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_from_outside_the_log_says_resync_required() {
+    let db = TestDb::create("resync").await;
+    let bridge = Bridge::start(&db, free_port()).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_livesync"))
+        .args(["tail", "public.items", "--since", "999999999"])
+        .env("LIVESYNC_URL", bridge.url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resync required"), "{stderr}");
+    drop(bridge);
+    db.drop_db().await;
+}
