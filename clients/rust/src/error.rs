@@ -22,6 +22,8 @@ pub enum Error {
         found: String,
         expected: String,
     },
+    #[error("queue file {path} is in use by another process ({message})")]
+    QueueLocked { path: PathBuf, message: String },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("the client has shut down")]

@@ -48,6 +48,9 @@ pub struct MutationQueue {
     client_id: String,
     path: Option<PathBuf>,
     file: Option<File>,
+    /// Held for the queue's life: two processes sharing a file would hand out the
+    /// same mutation ids, and the bridge would answer the second with the first's result.
+    _lock: Option<File>,
     next: i64,
     pending: BTreeMap<i64, Mutation>,
 }
@@ -59,6 +62,7 @@ impl MutationQueue {
             client_id: client_id.into(),
             path: None,
             file: None,
+            _lock: None,
             next: 1,
             pending: BTreeMap::new(),
         }
@@ -71,6 +75,16 @@ impl MutationQueue {
             path: path.clone(),
             source,
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let lock = File::create(path.with_extension("lock")).map_err(io)?;
+        if let Err(e) = lock.try_lock() {
+            return Err(Error::QueueLocked {
+                path,
+                message: e.to_string(),
+            });
+        }
         let mut next = 1;
         let mut pending = BTreeMap::new();
         match File::open(&path) {
@@ -120,9 +134,6 @@ impl MutationQueue {
             Err(e) => return Err(io(e)),
         }
         // Compact: header + pending, written aside and renamed over (atomic).
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         let tmp = path.with_extension("tmp");
         {
             let mut f = File::create(&tmp).map_err(io)?;
@@ -142,6 +153,7 @@ impl MutationQueue {
             client_id: client_id.into(),
             path: Some(path),
             file: Some(file),
+            _lock: Some(lock),
             next,
             pending,
         })
@@ -255,6 +267,13 @@ mod tests {
         let q = MutationQueue::open(&path, "c").unwrap();
         assert!(q.is_empty());
         assert_eq!(q.next_mutation_id(), 5);
+        // Another opener of the same file is refused while one holds it.
+        let held = q;
+        assert!(matches!(
+            MutationQueue::open(&path, "c"),
+            Err(Error::QueueLocked { .. })
+        ));
+        drop(held);
         assert!(matches!(
             MutationQueue::open(&path, "other"),
             Err(Error::QueueClientMismatch { .. })
