@@ -10,7 +10,7 @@ PSQL      ?= psql -X -q -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1
 BRIDGE_ENV ?= DATABASE_URL=postgres://livesync_bridge@127.0.0.1:5432/livesync \
               LIVESYNC_DEFAULT_ROLE=livesync_demo_app
 
-.PHONY: up test prepare install demo bridge lint regress e2e bridge-test bench
+.PHONY: up test prepare install demo bridge lint regress e2e bridge-test client-test bench
 
 ## up: install the extension, load the demo (database `livesync`), run the bridge
 up: install demo bridge
@@ -28,7 +28,7 @@ bridge:
 
 ## test: lint, then the pg_regress suite, the end-to-end tests and the bridge's tests
 ## against the real server
-test: install lint regress e2e bridge-test
+test: install lint regress e2e bridge-test client-test
 
 prepare:
 	.ci/prepare-machine
@@ -53,6 +53,9 @@ e2e:
 
 bridge-test:
 	cargo test -p livesync-bridge
+
+client-test:
+	cargo test -p livesync-client
 
 ## bench: the benchmarks; each prints ratios to a baseline measured in the same run
 bench: install
