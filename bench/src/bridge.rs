@@ -1297,7 +1297,8 @@ impl ServerProcess {
     }
 
     /// Starts the presence floor: a bare tokio-tungstenite server (configured as
-    /// [`FloorSettings::new`]) that answers `hello` and `join` and relays every
+    /// [`FloorSettings::new`], `TCP_NODELAY` on unless `BENCH_FLOOR_NAGLE` is set in
+    /// the environment) that answers `hello` and `join` and relays every
     /// `presence` and `broadcast` frame as it came to the room's other members, no
     /// coalescing. With `redis_addr` (`host:port`) it also PUBLISHes every frame, and
     /// relays the frames other nodes published to its own members.
@@ -1581,7 +1582,9 @@ async fn serve_presence_floor(settings: Value) {
                 next_id += 1;
                 let (id, rooms, connections) = (next_id, rooms.clone(), connections.clone());
                 tokio::spawn(async move {
-                    let _ = stream.set_nodelay(true);
+                    // Nagle off, unless BENCH_FLOOR_NAGLE (the bridge's sockets, as
+                    // axum::serve accepts them, keep it on).
+                    let _ = stream.set_nodelay(std::env::var("BENCH_FLOOR_NAGLE").is_err());
                     let Ok(ws) =
                         tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
                     else {

@@ -52,8 +52,9 @@
 //! default 100,000 / size: 1,000 in a room of 100, 100 in one of 1,000),
 //! `BENCH_BROADCAST_SECONDS` (4), `BENCH_DRAIN_MS` (1000: how long receivers wait
 //! after each phase's last send), `BENCH_VARIANTS` ("memory redis two"),
-//! `BENCH_FLOOR` (1: also run the floor), `BENCH_COALESCE_MS` (the bridge's default
-//! unless set).
+//! `BENCH_FLOOR` (1: also run the floor), `BENCH_FLOOR_NAGLE` (set: the floor's
+//! sockets keep Nagle's algorithm on, as the bridge's do: `axum::serve` does not set
+//! `TCP_NODELAY`), `BENCH_COALESCE_MS` (the bridge's default unless set).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
