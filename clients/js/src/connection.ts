@@ -166,7 +166,17 @@ export class Connection extends Emitter<Events> {
       }
       this.receive(m);
     };
-    s.onerror = () => {};
+    // Some implementations (Node 20's) report a failed connection with `error` only,
+    // never `close`: an error ends the socket either way.
+    s.onerror = () => {
+      if (this.socket !== s) return;
+      this.dropped(1006, "error");
+      try {
+        s.close();
+      } catch {
+        /* not open yet */
+      }
+    };
     s.onclose = (ev) => {
       if (this.socket === s) this.dropped(ev.code, ev.reason ?? "");
     };
@@ -208,7 +218,7 @@ export class Connection extends Emitter<Events> {
   private dropped(code: number, reason: string): void {
     const s = this.socket;
     if (s) {
-      s.onopen = s.onmessage = s.onclose = null;
+      s.onopen = s.onmessage = s.onclose = s.onerror = null;
     }
     this.socket = null;
     this.stopBeat();

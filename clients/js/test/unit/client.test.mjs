@@ -250,3 +250,22 @@ test("a refused token stops reconnecting and sets status error", async (t) => {
   assert.equal(ls.status, "error");
   assert.equal(server.sockets.length, 1);
 });
+
+test("a connection that fails with error only (Node 20's WebSocket) is retried", async (t) => {
+  const server = fakeServer();
+  let fails = 2;
+  class ErrorOnly extends server.WebSocket {
+    constructor(url) {
+      super(url);
+      if (fails-- > 0) {
+        this.readyState = 0;
+        this.send = () => {};
+        queueMicrotask(() => this.onerror?.({}));
+      }
+    }
+  }
+  const ls = new LiveSync(opts(server, { WebSocket: ErrorOnly }));
+  t.after(() => ls.close());
+  await new Promise((resolve) => ls.on("open", resolve));
+  assert.ok(server.sockets.length >= 3);
+});
