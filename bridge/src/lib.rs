@@ -226,6 +226,13 @@ pub async fn start(config: Config) -> Result<RunningBridge, StartError> {
     let app = app(state.clone());
     let serve_shutdown = shutdown.clone();
     tasks.spawn(async move {
+        // No Nagle: a small message (a change, a cursor) written while an earlier one
+        // is unacknowledged would otherwise wait for that ACK (tens of ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -319,6 +319,8 @@ impl RoomHub {
     /// arrived meanwhile (each round after another `coalesce`).
     async fn flush(self: Arc<Self>, room: &str) {
         loop {
+            // Rounds start `coalesce` apart, however long a round's writes took.
+            let round = tokio::time::Instant::now();
             // Taken before the pending states: a leave (or join) either comes before
             // (and took its member's pending state away) or after the diff is out.
             let turn = self.turn(room).await;
@@ -361,7 +363,7 @@ impl RoomHub {
                 self.publish(room, RoomEvent::Diff(diff)).await;
             }
             drop(turn);
-            tokio::time::sleep(self.settings.coalesce).await;
+            tokio::time::sleep_until(round + self.settings.coalesce).await;
         }
     }
 
