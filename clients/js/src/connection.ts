@@ -35,7 +35,7 @@ export class LiveSyncError extends Error {
 }
 
 /** Codes after which sending the same request again may succeed. */
-export const RETRYABLE = new Set(["unavailable", "rate_limited", "internal", "disconnected"]);
+export const RETRYABLE = new Set(["unavailable", "rate_limited", "disconnected"]);
 
 export interface Backoff {
   /** First delay, ms (default 250). */

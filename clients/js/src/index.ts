@@ -13,7 +13,7 @@ export type { Json, Msg, SocketCtor, SocketLike, TokenSource, Welcome, Backoff }
 export { Emitter } from "./events.js";
 export { MutationQueue, MemoryStore, IndexedDBStore, defaultStore } from "./queue.js";
 export type { Mutation, MutationStore, WriteOp, WriteResult, Stored } from "./queue.js";
-export { Table, Parts, applyChange, applyRow, keyString, overlay } from "./replica.js";
+export { Table, Parts, applyChange, applyRow, keyString, matches, overlay } from "./replica.js";
 export type { Change, Filter, FilterOp, Key, Row, RowChange, ServerRow, TableOptions } from "./replica.js";
 export { Room } from "./room.js";
 export type { Member, PresenceDiff, BroadcastEvent } from "./room.js";

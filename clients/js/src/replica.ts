@@ -139,6 +139,34 @@ export class Parts {
   }
 }
 
+/** Whether a row passes a filter, as the bridge compares (JSON values; NULL matches nothing). */
+export function matches(row: Row, f: Filter): boolean {
+  const v = row[f.column];
+  if (v === null || v === undefined) return false;
+  const cmp = (x: Json): number | null => {
+    if (typeof v === "number" && typeof x === "number") return v - x;
+    if (typeof v === "string" && typeof x === "string") return v < x ? -1 : v > x ? 1 : 0;
+    return JSON.stringify(v) === JSON.stringify(x) ? 0 : null;
+  };
+  const c = f.op === "in" ? null : cmp(f.value);
+  switch (f.op) {
+    case "eq":
+      return c === 0;
+    case "neq":
+      return c !== 0;
+    case "in":
+      return Array.isArray(f.value) && f.value.some((x) => cmp(x) === 0);
+    case "lt":
+      return c !== null && c < 0;
+    case "lte":
+      return c !== null && c <= 0;
+    case "gt":
+      return c !== null && c > 0;
+    default:
+      return c !== null && c >= 0;
+  }
+}
+
 /** The mutation applied to a row (the optimistic overlay). */
 export function overlay(row: Row | undefined, m: Mutation): Row | undefined {
   switch (m.op) {
@@ -231,10 +259,16 @@ export class Table extends Emitter<TableEvents> {
 
   private view(k: string): Row | undefined {
     let row = this.server.get(k)?.row ?? undefined;
+    let local = false;
     for (const m of this.host.pendingFor(this.name)) {
-      if (keyString(m.key) === k) row = overlay(row, m);
+      if (keyString(m.key) === k) {
+        row = overlay(row, m);
+        local = true;
+      }
     }
-    return row;
+    // A pending write that takes the row out of a filtered replica hides it.
+    const f = this.options.filter;
+    return local && row && f && !matches(row, f) ? undefined : row;
   }
 
   /** Runs `fn`, then emits what it changed among `keys` (all keys when null). */

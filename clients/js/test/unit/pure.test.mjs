@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { applyChange, applyRow, backoffDelay, keyString, Parts, MemoryStore } from "../../dist/index.js";
+import { applyChange, applyRow, backoffDelay, keyString, matches, Parts, MemoryStore } from "../../dist/index.js";
 
 const ins = (id, title, version, position = 1) => ({ position, op: "insert", key: { id }, delta: { id: { new: id }, title: { new: title } }, version });
 const upd = (id, title, version, position = 1) => ({ position, op: "update", key: { id }, delta: { title: { old: "?", new: title } }, version });
@@ -81,4 +81,15 @@ test("the memory store keeps queue order, the counter, and moves dead letters", 
   assert.equal(d.counter, 5);
   assert.deepEqual(d.queue.map((x) => x.mutation_id), [1]);
   assert.deepEqual(d.failed.map((x) => x.mutation_id), [2]);
+});
+
+test("filters match as the bridge compares them", () => {
+  const r = { id: 1, p: 3, s: "b", n: null };
+  assert.ok(matches(r, { column: "p", op: "eq", value: 3 }));
+  assert.ok(matches(r, { column: "p", op: "eq", value: 3.0 }));
+  assert.ok(!matches(r, { column: "p", op: "eq", value: "3" }));
+  assert.ok(matches(r, { column: "p", op: "in", value: [1, 3] }));
+  assert.ok(matches(r, { column: "s", op: "gt", value: "a" }));
+  assert.ok(!matches(r, { column: "s", op: "lt", value: 5 }));
+  assert.ok(!matches(r, { column: "n", op: "neq", value: 1 }), "NULL matches nothing");
 });
