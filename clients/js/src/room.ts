@@ -57,10 +57,20 @@ export class Room extends Emitter<RoomEvents> {
     super();
   }
 
-  /** Joins (or re-joins, replacing the state); resolves with the members, self included. */
+  /** Joins (or re-joins, replacing the state); resolves with the members, self included.
+   * Called while offline, it joins once connected. */
   async join(state: Json = {}): Promise<Member[]> {
     this.state = state;
     this.joined = true;
+    if (!this.host.conn.online) {
+      // joined when the connection opens (resume)
+      return new Promise((resolve) => {
+        const off = this.on("sync", (members) => {
+          off();
+          resolve(members);
+        });
+      });
+    }
     this.receive(await this.host.conn.request({ type: "join", room: this.name, state }, "j"));
     return this.members();
   }
