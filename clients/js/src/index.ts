@@ -23,7 +23,7 @@ export type Status = "synced" | "syncing" | "offline" | "error";
 export interface LiveSyncOptions {
   /** The bridge's WebSocket URL, e.g. `ws://localhost:8080/ws`. */
   url: string;
-  /** Names this client across reconnects and reloads (default: one remembered in localStorage, else random). */
+  /** Names this client across reconnects and reloads (default: one per tab, kept in sessionStorage, else random). */
   clientId?: string;
   /** A JWT, or a function giving a fresh one for each connection. */
   token?: TokenSource;
@@ -59,12 +59,14 @@ function randomId(): string {
   return c?.randomUUID ? c.randomUUID() : Math.random().toString(36).slice(2) + Date.now().toString(36);
 }
 
+/** One per tab (sessionStorage: kept across reloads of the tab, not shared with other
+ * tabs, whose mutation ids would otherwise share one space). */
 function defaultClientId(): string {
   try {
-    const ls = (globalThis as any).localStorage;
-    if (ls) {
-      let id = ls.getItem("livesync:client_id");
-      if (!id) ls.setItem("livesync:client_id", (id = randomId()));
+    const ss = (globalThis as any).sessionStorage;
+    if (ss) {
+      let id = ss.getItem("livesync:client_id");
+      if (!id) ss.setItem("livesync:client_id", (id = randomId()));
       return id;
     }
   } catch {
