@@ -37,6 +37,8 @@ export interface LiveSyncOptions {
   maxAttempts?: number;
   /** Delay before retrying a failed mutation, ms (default 500, doubling). */
   retryBase?: number;
+  /** Connect at once (default true); `false` starts offline until `goOnline()`. */
+  autoConnect?: boolean;
 }
 
 export interface ConflictEvent {
@@ -126,6 +128,19 @@ export class LiveSync extends Emitter<Events> {
       this.statusChanged();
     });
     this.conn.on("message", (m) => this.route(m));
+    if (opts.autoConnect !== false) this.conn.start();
+  }
+
+  /** Stops the socket (and reconnecting) but keeps everything else: replicas keep their
+   * rows, writes are applied optimistically and queued (persisted) until `goOnline()`. */
+  goOffline(): void {
+    this.conn.stop();
+    this.statusChanged();
+  }
+
+  /** Connects again after `goOffline()` (or `autoConnect: false`): tables resume from
+   * their positions, rooms are re-joined, queued writes are sent. */
+  goOnline(): void {
     this.conn.start();
   }
 

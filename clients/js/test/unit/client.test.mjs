@@ -267,3 +267,46 @@ test("a connection that fails with error only (Node 20's WebSocket) is retried",
   await new Promise((resolve) => ls.on("open", resolve));
   assert.ok(server.sockets.length >= 3);
 });
+
+test("goOffline stops the socket and queues writes; goOnline resumes and sends them; autoConnect: false starts offline", async (t) => {
+  const server = fakeServer();
+  const ls = new LiveSync(opts(server));
+  t.after(() => ls.close());
+  const { t: todos } = await loaded(server, ls);
+  assert.equal(ls.status, "synced");
+  ls.goOffline();
+  assert.equal(ls.status, "offline");
+  const sockets = server.sockets.length;
+  const done = ls.write("public.todos", "update", { id: 1 }, { title: "offline edit" });
+  assert.equal(todos.get({ id: 1 }).title, "offline edit", "optimistic while offline");
+  await tick(50); // longer than the backoff: it must not reconnect by itself
+  assert.equal(server.sockets.length, sockets, "no reconnect while offline");
+  assert.equal(server.sent.filter((m) => m.type === "write").length, 0);
+  assert.equal(ls.pending().length, 1);
+  ls.goOnline();
+  const s = await serveSubscribe(server);
+  assert.equal(s.since, 100, "resumes from its position");
+  const w = await server.next("write");
+  assert.deepEqual(w.values, { title: "offline edit" });
+  server.push({ type: "write_result", id: w.id, status: "applied", version: 11, row: { id: 1, title: "offline edit" } });
+  assert.equal((await done).status, "applied");
+  assert.equal(ls.pending().length, 0);
+
+  const server2 = fakeServer();
+  const idle = new LiveSync(opts(server2, { autoConnect: false }));
+  t.after(() => idle.close());
+  await tick(20);
+  assert.equal(server2.sockets.length, 0);
+  assert.equal(idle.status, "offline");
+  idle.goOnline();
+  await until(() => idle.status !== "offline");
+  assert.equal(server2.sockets.length, 1);
+});
+
+async function until(fn, ms = 2000) {
+  const end = Date.now() + ms;
+  while (!fn()) {
+    if (Date.now() > end) throw new Error("timed out");
+    await tick(2);
+  }
+}
