@@ -10,18 +10,19 @@ PSQL      ?= psql -X -q -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1
 BRIDGE_ENV ?= DATABASE_URL=postgres://livesync_bridge@127.0.0.1:5432/livesync \
               LIVESYNC_DEFAULT_ROLE=livesync_demo_app
 
-.PHONY: up test prepare install demo bridge lint regress e2e bridge-test client-test bench
+.PHONY: up test prepare install demo bridge lint regress e2e bridge-test client-test bench demo-build browser-test
 
 ## up: install the extension, load the demo (database `livesync`), run the bridge
-up: install demo bridge
+up: install demo bridge demo-build
 	@echo
 	@echo "livesync is installed; the demo table public.todos in database 'livesync' is tracked."
 	@echo "  psql -h 127.0.0.1 -U postgres livesync -c \"INSERT INTO todos (title) VALUES ('try livesync')\""
-	@echo "The bridge runs below (Ctrl-C stops it); connect a WebSocket client to ws://127.0.0.1:8080/ws"
+	@echo "The bridge runs below (Ctrl-C stops it); the demo board is at http://127.0.0.1:8080/ (open two windows)."
+	@echo "Or connect a WebSocket client to ws://127.0.0.1:8080/ws"
 	@echo "and send {\"type\":\"hello\",\"client_id\":\"me\",\"protocol\":1} then"
 	@echo "{\"type\":\"subscribe\",\"id\":\"1\",\"channel\":\"table:public.todos\"} (docs/protocol.md)."
 	@echo
-	$(BRIDGE_ENV) cargo run --release -q -p livesync-bridge
+	$(BRIDGE_ENV) LIVESYNC_DEMO_DIR=demo/dist cargo run --release -q -p livesync-bridge
 
 bridge:
 	cargo build --release -q -p livesync-bridge
@@ -70,3 +71,13 @@ bench: install
 	cargo run --release -q -p livesync-bench --bin bridge_presence
 	bench/capture/run
 	bench/writes/run
+
+## demo-build: the demo page (demo/) and the TypeScript client, bundled into demo/dist
+demo-build:
+	demo/build
+
+## browser-test: the demo in headless Chromium (two windows; screenshots in demo/test-artifacts)
+browser-test: demo-build
+	cargo build -q -p livesync-bridge
+	cd demo && { [ -d node_modules/playwright-core ] || npm ci --no-audit --no-fund --loglevel=error; } \
+	    && node --test --test-concurrency=1 test/browser.test.mjs

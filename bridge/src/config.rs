@@ -59,6 +59,8 @@ pub struct Config {
     /// How often live subscriptions' access (SELECT, row-level security) is re-checked.
     pub access_recheck: Duration,
     pub presence: PresenceConfig,
+    /// The built demo page (demo/dist), served at `/`; `None`: `/` points to the docs.
+    pub demo_dir: Option<PathBuf>,
 }
 
 /// Presence and rooms (see docs/protocol.md, "Presence and broadcast").
@@ -150,6 +152,7 @@ impl Config {
             pool_size: 16,
             access_recheck: Duration::from_secs(2),
             presence: PresenceConfig::default(),
+            demo_dir: None,
         }
     }
 
@@ -262,6 +265,7 @@ impl Config {
         );
         set(&mut p.max_rooms, cli.max_rooms.or(file.max_rooms));
         p.rules = file.rooms;
+        config.demo_dir = cli.demo_dir.or(file.demo_dir);
         config.validate()?;
         Ok(config)
     }
@@ -411,6 +415,9 @@ struct Cli {
     max_presence_bytes: Option<usize>,
     #[arg(long, env = "LIVESYNC_MAX_ROOMS")]
     max_rooms: Option<usize>,
+    /// The built demo page to serve at `/` (e.g. demo/dist).
+    #[arg(long, env = "LIVESYNC_DEMO_DIR")]
+    demo_dir: Option<PathBuf>,
 }
 
 /// The TOML file: the same names as the flags, with `_` for `-`; limits in `[limits]`.
@@ -435,6 +442,7 @@ struct FileConfig {
     broadcasts_per_second: Option<u32>,
     max_presence_bytes: Option<usize>,
     max_rooms: Option<usize>,
+    demo_dir: Option<PathBuf>,
     limits: Option<FileLimits>,
     /// `[[rooms]]`: who may join and broadcast where.
     #[serde(default)]

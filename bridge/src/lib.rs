@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod changelog;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -81,6 +82,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/ws", get(ws::session::upgrade))
         .merge(http::routes())
+        .merge(demo::routes(state.config.demo_dir.as_deref()))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -72,8 +72,9 @@ function bridgeBinary() {
   return bin;
 }
 
-/** Starts the bridge on a free port; resolves with { url, http, stop }. */
-export async function startBridge(db) {
+/** Starts the bridge on a free port; resolves with { url, http, stop }. `extraEnv`
+ * overrides its settings (e.g. another login role, LIVESYNC_DEMO_DIR). */
+export async function startBridge(db, extraEnv = {}) {
   const env = { ...process.env };
   delete env.REDIS_URL; // presence in memory
   Object.assign(env, {
@@ -83,6 +84,7 @@ export async function startBridge(db) {
     LIVESYNC_NODE_NAME: `js-${process.pid}`,
     LIVESYNC_POLL_INTERVAL_MS: "200",
     RUST_LOG: process.env.RUST_LOG ?? "warn",
+    ...extraEnv,
   });
   const child = spawn(bridgeBinary(), [], { env, stdio: ["ignore", "pipe", "pipe"] });
   process.on("exit", () => child.exitCode === null && child.kill());
@@ -111,6 +113,7 @@ export async function startBridge(db) {
   }
   return {
     url: `ws://${addr}/ws`,
+    http: `http://${addr}`,
     log: () => log,
     stop: () =>
       new Promise((res) => {
