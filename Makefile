@@ -10,7 +10,7 @@ PSQL      ?= psql -X -q -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1
 BRIDGE_ENV ?= DATABASE_URL=postgres://livesync_bridge@127.0.0.1:5432/livesync \
               LIVESYNC_DEFAULT_ROLE=livesync_demo_app
 
-.PHONY: up test prepare install demo bridge lint regress e2e bridge-test client-test bench demo-build browser-test
+.PHONY: up test prepare install demo bridge lint regress e2e bridge-test client-test js-test bench demo-build browser-test
 
 ## up: install the extension, load the demo (database `livesync`), run the bridge
 up: install demo bridge demo-build
@@ -27,9 +27,9 @@ up: install demo bridge demo-build
 bridge:
 	cargo build --release -q -p livesync-bridge
 
-## test: lint, then the pg_regress suite, the end-to-end tests and the bridge's tests
-## against the real server
-test: install lint regress e2e bridge-test client-test
+## test: lint, then the pg_regress suite, the end-to-end tests, the bridge's tests, the
+## clients' tests and the demo in a real browser, against the real server
+test: install lint regress e2e bridge-test client-test js-test browser-test
 
 prepare:
 	.ci/prepare-machine
@@ -57,6 +57,11 @@ bridge-test:
 
 client-test:
 	cargo test -p livesync-client
+
+## js-test: the TypeScript client's unit tests, then its tests against the bridge binary
+js-test: demo-build
+	cargo build -q -p livesync-bridge
+	cd clients/js && npm test && npm run test:integration
 
 ## bench: the benchmarks; each prints ratios to a baseline measured in the same run
 bench: install
