@@ -78,6 +78,33 @@ export interface ConnectionOptions {
   backoff?: Partial<Backoff>;
 }
 
+/**
+ * JSON.parse, except that an integer beyond Number's exact range (a bigint or numeric
+ * id past 2^53) is kept as the string of its digits rather than rounded: two ids that
+ * would round alike stay two rows, and a write with that key names the right row.
+ */
+export function parseJson(text: string): any {
+  if (!/\d{16}/.test(text)) return JSON.parse(text);
+  let out = "";
+  let last = 0;
+  for (let i = 0; i < text.length; i++) {
+    const ch = text[i];
+    if (ch === '"') {
+      for (i++; i < text.length && text[i] !== '"'; i++) if (text[i] === "\\") i++;
+    } else if (ch === "-" || (ch >= "0" && ch <= "9")) {
+      let j = i + 1;
+      while (j < text.length && /[0-9.eE+-]/.test(text[j])) j++;
+      const num = text.slice(i, j);
+      if (/^-?\d{16,}$/.test(num) && !Number.isSafeInteger(Number(num))) {
+        out += text.slice(last, i) + '"' + num + '"';
+        last = j;
+      }
+      i = j - 1;
+    }
+  }
+  return JSON.parse(out + text.slice(last));
+}
+
 export class Connection extends Emitter<Events> {
   private socket: SocketLike | null = null;
   private ctor: SocketCtor;
@@ -160,7 +187,7 @@ export class Connection extends Emitter<Events> {
       this.lastHeard = Date.now();
       let m: Msg;
       try {
-        m = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data));
+        m = parseJson(typeof ev.data === "string" ? ev.data : String(ev.data));
       } catch {
         return;
       }

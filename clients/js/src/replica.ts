@@ -445,7 +445,10 @@ export class Table extends Emitter<TableEvents> {
       if (!result) return;
       const cur = this.server.get(k);
       if (result.row && result.version != null) {
-        applyRow(this.server, m.key, result.row, Number(result.version));
+        // A row the write took out of a filtered replica leaves it: the stream's
+        // `left_filter` delete has this same version, so it would not remove it.
+        const f = this.options.filter;
+        applyRow(this.server, m.key, f && !matches(result.row, f) ? null : result.row, Number(result.version));
       } else if (
         (result.status === "applied" && m.op === "delete") ||
         (result.status === "rejected" && (result.reason === "not_found" || result.reason === "deleted"))

@@ -20,8 +20,7 @@ export function psql(db, sql) {
   }).trim();
 }
 
-export function createDb() {
-  const name = `livesync_js_${process.pid}`;
+export function createDb(name = `livesync_js_${process.pid}`) {
   psql("postgres", `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
   psql("postgres", `CREATE DATABASE ${name}`);
   psql(
