@@ -27,7 +27,7 @@ function chromiumPath() {
 }
 
 function createDb() {
-  const name = `livesync_demo_test_${process.pid}`;
+  const name = process.env.LIVESYNC_TEST_DB ?? `livesync_demo_test_${process.pid}`;
   psql("postgres", `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
   psql("postgres", `CREATE DATABASE ${name}`);
   // the demo schema and roles, exactly what `make up` loads; role grants serialised
@@ -154,9 +154,24 @@ test("a reload while offline keeps the queued edit and sends it on reconnect", {
   await b.screenshot({ path: join(artifacts, "window-b.png") });
 });
 
+/** The bridge's commit->publish histogram: cumulative count by bucket bound (seconds),
+ * summed over label sets, bounds ascending. */
+async function commitToPublish() {
+  const text = await (await fetch(bridge.http + "/metrics")).text();
+  const m = new Map();
+  for (const line of text.split("\n")) {
+    const r = /^livesync_commit_to_publish_seconds_bucket\{(?:.*,)?le="([^"]+)"[^}]*\}\s+(\S+)/.exec(line);
+    if (!r) continue;
+    const le = r[1] === "+Inf" ? Infinity : Number(r[1]);
+    m.set(le, (m.get(le) ?? 0) + Number(r[2]));
+  }
+  return new Map([...m].sort((x, y) => x[0] - y[0]));
+}
+
 test("figures: write-to-display latency (p50 of 100 edits), loading a 10,000-row replica", { timeout: 180000 }, async () => {
   const { a, b } = pages;
   const lat = [];
+  const before = await commitToPublish();
   for (let i = 0; i < 100; i++) {
     const title = `edit ${i}`;
     // b: resolves with the time its list shows the title (checked after each change is rendered)
@@ -195,6 +210,14 @@ test("figures: write-to-display latency (p50 of 100 edits), loading a 10,000-row
   lat.sort((x, y) => x - y);
   const q = (p) => lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(1);
   console.log(`# write in window a -> shown in window b, 100 edits: p50 ${q(0.5)} ms, p90 ${q(0.9)} ms, max ${q(1)} ms`);
+  // the same run, as the bridge measured it: commit -> handed to the subscribers
+  const after = await commitToPublish();
+  const n = (after.get(Infinity) ?? 0) - (before.get(Infinity) ?? 0);
+  const bound = (p) => {
+    for (const [le, c] of after) if (c - (before.get(le) ?? 0) >= p * n) return le === Infinity ? "> 5 s" : `<= ${le * 1000} ms`;
+    return "?";
+  };
+  console.log(`# bridge commit -> subscriber (livesync_commit_to_publish_seconds, ${n} transactions): p50 ${bound(0.5)}, p99 ${bound(0.99)}`);
 
   psql(db, "INSERT INTO todos (id, title, done) SELECT g, 'row ' || g, g % 3 = 0 FROM generate_series(1, 10000) g");
   const total = Number(psql(db, "SELECT count(*) FROM todos"));
