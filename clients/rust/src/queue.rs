@@ -63,7 +63,7 @@ impl MutationQueue {
             path: None,
             file: None,
             _lock: None,
-            next: 1,
+            next: clock_start(),
             pending: BTreeMap::new(),
         }
     }
@@ -85,7 +85,11 @@ impl MutationQueue {
                 message: e.to_string(),
             });
         }
-        let mut next = 1;
+        // A file without a header (new, emptied or deleted) starts its ids from the
+        // clock: ids it handed out before are then all below, so a write can never
+        // pass for a retry of an earlier mutation (the bridge would answer it with
+        // that mutation's result and apply nothing).
+        let mut next = clock_start();
         let mut pending = BTreeMap::new();
         match File::open(&path) {
             Ok(file) => {
@@ -118,7 +122,8 @@ impl MutationQueue {
                                     expected: client_id.into(),
                                 });
                             }
-                            next = next.max(n);
+                            // A header: the file's own count goes on.
+                            next = n;
                         }
                         Record::Add { add } => {
                             next = next.max(add.mutation_id + 1);
@@ -227,6 +232,16 @@ fn is_last_line(path: &Path, index: usize) -> bool {
         .unwrap_or(false)
 }
 
+/// Microseconds since the Unix epoch: where a queue without a header starts its
+/// mutation ids.
+fn clock_start() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(1)
+        .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,24 +264,32 @@ mod tests {
     fn ids_survive_a_restart_and_pending_is_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.jsonl");
+        let first;
         {
             let mut q = MutationQueue::open(&path, "c").unwrap();
-            assert_eq!(q.push(m("a")).unwrap().mutation_id, 1);
-            assert_eq!(q.push(m("b")).unwrap().mutation_id, 2);
-            assert_eq!(q.push(m("c")).unwrap().mutation_id, 3);
-            q.complete(1).unwrap();
-            q.complete(3).unwrap();
+            first = q.push(m("a")).unwrap().mutation_id;
+            assert!(
+                first > 1_000_000_000_000_000,
+                "a new file starts from the clock"
+            );
+            assert_eq!(q.push(m("b")).unwrap().mutation_id, first + 1);
+            assert_eq!(q.push(m("c")).unwrap().mutation_id, first + 2);
+            q.complete(first).unwrap();
+            q.complete(first + 2).unwrap();
         }
         let mut q = MutationQueue::open(&path, "c").unwrap();
-        assert_eq!(q.pending().map(|m| m.mutation_id).collect::<Vec<_>>(), [2]);
+        assert_eq!(
+            q.pending().map(|m| m.mutation_id).collect::<Vec<_>>(),
+            [first + 1]
+        );
         // Settled ids are never reused, even the highest one.
-        assert_eq!(q.push(m("d")).unwrap().mutation_id, 4);
-        q.complete(2).unwrap();
-        q.complete(4).unwrap();
+        assert_eq!(q.push(m("d")).unwrap().mutation_id, first + 3);
+        q.complete(first + 1).unwrap();
+        q.complete(first + 3).unwrap();
         drop(q);
         let q = MutationQueue::open(&path, "c").unwrap();
         assert!(q.is_empty());
-        assert_eq!(q.next_mutation_id(), 5);
+        assert_eq!(q.next_mutation_id(), first + 4);
         // Another opener of the same file is refused while one holds it.
         let held = q;
         assert!(matches!(
@@ -278,6 +301,26 @@ mod tests {
             MutationQueue::open(&path, "other"),
             Err(Error::QueueClientMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn an_emptied_file_never_reuses_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.jsonl");
+        let used = {
+            let mut q = MutationQueue::open(&path, "c").unwrap();
+            let id = q.push(m("a")).unwrap().mutation_id;
+            q.complete(id).unwrap();
+            id
+        };
+        // Emptied (or deleted) behind the client's back: the header is gone.
+        std::fs::write(&path, "").unwrap();
+        let mut q = MutationQueue::open(&path, "c").unwrap();
+        assert!(q.push(m("b")).unwrap().mutation_id > used);
+        drop(q);
+        std::fs::remove_file(&path).unwrap();
+        let mut q = MutationQueue::open(&path, "c").unwrap();
+        assert!(q.push(m("c")).unwrap().mutation_id > used);
     }
 
     #[test]
