@@ -190,11 +190,7 @@ async fn tail(
             Event::Error(e) => {
                 // An error about our subscription (not found, forbidden...) ends the tail.
                 if e["id"] == "tail" {
-                    bail!(
-                        "{}: {}",
-                        e["code"].as_str().unwrap_or("error"),
-                        e["message"].as_str().unwrap_or("")
-                    );
+                    return Err(error_from(&e));
                 }
                 eprintln!("livesync: {e}");
             }
@@ -205,6 +201,15 @@ async fn tail(
         }
     }
     Ok(())
+}
+
+/// A protocol `error` message as the CLI's error.
+fn error_from(e: &Value) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: {}",
+        e["code"].as_str().unwrap_or("error"),
+        e["message"].as_str().unwrap_or("")
+    )
 }
 
 fn human_change(c: &Value) -> String {
@@ -256,11 +261,7 @@ async fn presence(config: Config, room: &str, state: Value, as_json: bool) -> Re
                     || e["code"] == "bad_request"
                     || e["code"] == "too_large"
                 {
-                    bail!(
-                        "{}: {}",
-                        e["code"].as_str().unwrap_or("error"),
-                        e["message"].as_str().unwrap_or("")
-                    );
+                    return Err(error_from(&e));
                 }
                 eprintln!("livesync: {e}");
             }
