@@ -550,7 +550,10 @@ impl Session {
     /// Checks a presence state or broadcast payload against the size limit.
     fn check_size(&self, what: &str, value: &Value) -> Result<(), ErrorMessage> {
         let limit = self.state.config.presence.max_state_bytes;
-        let size = serde_json::to_string(value).map(|s| s.len()).unwrap_or(0);
+        // Counted, not built: this runs on every cursor update.
+        let mut counter = ByteCounter(0);
+        let _ = serde_json::to_writer(&mut counter, value);
+        let size = counter.0;
         if size > limit {
             return Err(ErrorMessage::new(
                 None,
@@ -1098,4 +1101,18 @@ fn room_error(error: RoomError) -> ErrorMessage {
         RoomError::Unavailable => ErrorCode::Unavailable,
     };
     ErrorMessage::new(None, code, error.to_string())
+}
+
+/// Counts the bytes a serialiser writes, without keeping them.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
