@@ -235,22 +235,6 @@ LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'livesync_set_conflict_rules';
 COMMENT ON FUNCTION livesync.set_conflict_rules(regclass, text, text) IS
     'How livesync.write treats an insert of an existing key (merge | reject) and a delete racing an update (delete_wins | update_wins).';
 
--- Raises an error a Rust body reported as {"_raise": {sqlstate, message, hint}}
--- (pgrx would turn livesync's own LSnnn codes into XX000), else passes the result on.
-CREATE FUNCTION livesync._checked(result jsonb) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF result ? '_raise' THEN
-        IF result #>> '{_raise,hint}' IS NULL THEN
-            RAISE EXCEPTION USING ERRCODE = result #>> '{_raise,sqlstate}', MESSAGE = result #>> '{_raise,message}';
-        END IF;
-        RAISE EXCEPTION USING ERRCODE = result #>> '{_raise,sqlstate}', MESSAGE = result #>> '{_raise,message}',
-                              HINT = result #>> '{_raise,hint}';
-    END IF;
-    RETURN result;
-END
-$$;
-
 -- A C-interface function (src/write/mod.rs): it raises livesync's own SQLSTATEs itself.
 CREATE FUNCTION livesync.write(
     rel          regclass,
@@ -341,6 +325,10 @@ $$;
 COMMENT ON FUNCTION livesync.write_batch(jsonb, boolean) IS
     'Applies an array of mutations in order in one transaction, one result each; all_or_nothing makes any rejection abort the batch (LS007).';
 
+-- The body of resolve_conflict (src/write/mod.rs), raising its errors itself.
+CREATE FUNCTION livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb) RETURNS jsonb
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'livesync_resolve_conflict';
+
 CREATE FUNCTION livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
@@ -349,7 +337,7 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed',
                   HINT = 'choice is mine, theirs or value (with a value).';
     END IF;
-    RETURN livesync._checked(livesync._resolve_conflict(conflict_id, choice, value));
+    RETURN livesync._resolve_conflict(conflict_id, choice, value);
 END
 $$;
 COMMENT ON FUNCTION livesync.resolve_conflict(bigint, text, jsonb) IS

@@ -18,6 +18,7 @@
 
 use crate::error::LivesyncError;
 use crate::log_writer::StatementLog;
+use crate::raise::{raise, ErrorToRaise};
 use crate::row_json::{attr, is_version_column, JsonbBuilder, RowEncoder};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -26,21 +27,12 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::rc::Rc;
 
-/// The capture trigger raises its errors directly (`LivesyncError::raise`); this
-/// uninhabited type only satisfies `#[pg_trigger]`'s signature.
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {}
+crate::fmgr::v1_function_info!(pg_finfo_livesync_stamp_version);
 
 /// `livesync._stamp_version()`: BEFORE INSERT OR UPDATE, per row. Written against
 /// the C trigger interface (declared in `lib.rs`) because it runs for every row
 /// written: it replaces the one column (one tuple copy, not pgrx's two) and looks
 /// nothing up in the catalogs.
-#[unsafe(no_mangle)]
-pub extern "C" fn pg_finfo_livesync_stamp_version() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
-
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_stamp_version(
@@ -49,7 +41,7 @@ pub unsafe extern "C-unwind" fn livesync_stamp_version(
     unsafe {
         let context = (*fcinfo).context;
         if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
-            pgrx::error!("livesync._stamp_version() must be called as a trigger");
+            LivesyncError::NotCalledAsTrigger("livesync._stamp_version()").raise();
         }
         let td = &*context.cast::<pg_sys::TriggerData>();
         let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
@@ -247,15 +239,41 @@ unsafe fn filter_columns(
     }
 }
 
-#[pg_trigger]
-fn _capture<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, CaptureError> {
-    unsafe { capture_statement(trigger.trigger_data()) };
-    Ok(None)
+crate::fmgr::v1_function_info!(pg_finfo__capture_wrapper);
+
+/// `livesync._capture()` (declared in `lib.rs`), under the C symbol pgrx's
+/// `#[pg_trigger]` gave it in earlier versions, which tables tracked then still
+/// fire. Written against the C interface so that capture's `LS003` keeps its
+/// SQLSTATE (pgrx cannot carry livesync's own codes): the work runs under pgrx's
+/// guard and an error comes back as data, raised from this frame, which owns
+/// nothing that needs dropping.
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn _capture_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let error = capture_guarded(fcinfo);
+        if !error.is_null() {
+            raise(&*error);
+        }
+        // An AFTER ... FOR EACH STATEMENT trigger's result is ignored.
+        pg_sys::Datum::from(0usize)
+    }
 }
 
-unsafe fn capture_statement(td: &pg_sys::TriggerData) {
+#[pg_guard]
+unsafe extern "C-unwind" fn capture_guarded(fcinfo: pg_sys::FunctionCallInfo) -> *mut ErrorToRaise {
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            LivesyncError::NotCalledAsTrigger("livesync._capture()").raise();
+        }
+        match capture_statement(&*context.cast::<pg_sys::TriggerData>()) {
+            Ok(()) => std::ptr::null_mut(),
+            Err(e) => ErrorToRaise::of(&e),
+        }
+    }
+}
+
+unsafe fn capture_statement(td: &pg_sys::TriggerData) -> Result<(), LivesyncError> {
     unsafe {
         let rel = td.tg_relation;
         // Only as track installs it: AFTER, per statement (fired per row, with a
@@ -279,7 +297,7 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
                 }
             });
         } else {
-            let mut encoder = RowEncoder::take(rel).unwrap_or_else(|e| e.raise());
+            let mut encoder = RowEncoder::take(rel)?;
             // Read once: every wait of this statement is over by now.
             let mark = crate::versions::tombstone_mark();
             let [first, second] = encoder.slots();
@@ -306,6 +324,7 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) {
             RowEncoder::give_back(encoder);
         }
         log.finish();
+        Ok(())
     }
 }
 

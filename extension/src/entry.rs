@@ -14,6 +14,7 @@
 //! drop: their errors and notices reach the client exactly as raised, and an error
 //! aborts the (sub)transaction, which restores the caller's identity by itself.
 
+use crate::error::{LivesyncError, SqlState};
 use crate::privileges::{self, Denied};
 use crate::raise::{raise, ErrorToRaise};
 use pgrx::pg_sys;
@@ -132,11 +133,7 @@ const COMPACT: Entry = Entry {
 /// Declares the C symbols of one entry point (`pg_finfo_<name>` and `<name>`).
 macro_rules! entry_point {
     ($finfo:ident, $function:ident, $entry:expr) => {
-        #[unsafe(no_mangle)]
-        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
-            const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-            &V1
-        }
+        crate::fmgr::v1_function_info!($finfo);
 
         #[unsafe(no_mangle)]
         pub unsafe extern "C-unwind" fn $function(
@@ -221,11 +218,10 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum 
         let mut context = 0;
         GetUserIdAndSecContext(&mut user, &mut context);
         if SPI_connect() < 0 {
-            let failed = ErrorToRaise::palloc(
-                "XX000",
-                &format!("livesync: {} could not connect to SPI", entry.name),
-                None,
-            );
+            let failed = ErrorToRaise::of(&LivesyncError::Internal(format!(
+                "{} could not connect to SPI",
+                entry.name
+            )));
             raise(&*failed);
         }
         let mut isnull = true;
@@ -248,14 +244,10 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum 
             );
             SetUserIdAndSecContext(user, context);
             if status < 0 {
-                let failed = ErrorToRaise::palloc(
-                    "XX000",
-                    &format!(
-                        "livesync: {} failed to run a step (SPI code {status})",
-                        entry.name
-                    ),
-                    None,
-                );
+                let failed = ErrorToRaise::of(&LivesyncError::Internal(format!(
+                    "{} failed to run a step (SPI code {status})",
+                    entry.name
+                )));
                 raise(&*failed);
             }
             let table = pg_sys::SPI_tuptable;
@@ -309,7 +301,11 @@ unsafe extern "C-unwind" fn check_caller(
         };
         match verdict {
             Ok(()) => std::ptr::null_mut(),
-            Err(denied) => ErrorToRaise::palloc("42501", &denied.message, Some(&denied.hint)),
+            Err(denied) => ErrorToRaise::palloc(
+                SqlState::InsufficientPrivilege,
+                &denied.message,
+                Some(&denied.hint),
+            ),
         }
     }
 }

@@ -1,8 +1,164 @@
-//! The extension's one error type. Every variant maps to a stable SQLSTATE so clients
-//! (and the bridge) can branch on the code, not on message text.
+//! livesync's error registry.
+//!
+//! [`SqlState`] is every SQLSTATE livesync raises, from Rust or from its SQL
+//! functions; the table "Error codes" in `docs/sql.md` lists the same codes (a test
+//! below holds the two, and the SQL files' `ERRCODE`s, together). Each error type
+//! maps its variants onto it with an exhaustive match, so a new variant must be
+//! given its code.
+//!
+//! [`LivesyncError`] is the engine's own errors (capture, the log, ticks). The write
+//! path's errors are `write::WriteError`.
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgSqlErrorCode;
+
+/// A SQLSTATE livesync raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Some codes are raised only by the SQL functions (`sql/*.sql`); they are listed
+// here all the same, and the tests check the SQL against this list.
+#[cfg_attr(not(test), allow(dead_code))]
+pub enum SqlState {
+    /// `LS001`: the position is outside the retained log; resync.
+    ResyncRequired,
+    /// `LS002`: the table is not tracked.
+    NotTracked,
+    /// `LS003`: the table has no primary key.
+    NoPrimaryKey,
+    /// `LS004`: a key does not name exactly the primary-key columns.
+    KeyMismatch,
+    /// `LS005`: a schema change would break the capture of a tracked table.
+    CaptureWouldBreak,
+    /// `LS006`: no such open conflict.
+    ConflictNotOpen,
+    /// `LS007`: an all-or-nothing batch had a mutation rejected or failing.
+    BatchAborted,
+    /// `LS008`: the write's statement had no effect.
+    NoEffect,
+    /// `42501`
+    InsufficientPrivilege,
+    /// `42703`
+    UndefinedColumn,
+    /// `42P01`
+    UndefinedTable,
+    /// `42704`
+    UndefinedObject,
+    /// `42804`
+    DatatypeMismatch,
+    /// `42809`
+    WrongObjectType,
+    /// `40001`
+    SerializationFailure,
+    /// `54000`
+    ProgramLimitExceeded,
+    /// `22004`
+    NullValueNotAllowed,
+    /// `22023`
+    InvalidParameterValue,
+    /// `0A000`
+    FeatureNotSupported,
+    /// `55000`
+    ObjectNotInPrerequisiteState,
+    /// `39P01`
+    TriggerProtocolViolated,
+    /// `XX001`
+    DataCorrupted,
+    /// `XX000`: livesync met a state it does not expect (a bug).
+    InternalError,
+}
+
+impl SqlState {
+    /// Every code, in the order of the table in `docs/sql.md`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub const ALL: [SqlState; 23] = [
+        SqlState::ResyncRequired,
+        SqlState::NotTracked,
+        SqlState::NoPrimaryKey,
+        SqlState::KeyMismatch,
+        SqlState::CaptureWouldBreak,
+        SqlState::ConflictNotOpen,
+        SqlState::BatchAborted,
+        SqlState::NoEffect,
+        SqlState::InsufficientPrivilege,
+        SqlState::UndefinedColumn,
+        SqlState::UndefinedTable,
+        SqlState::UndefinedObject,
+        SqlState::DatatypeMismatch,
+        SqlState::WrongObjectType,
+        SqlState::SerializationFailure,
+        SqlState::ProgramLimitExceeded,
+        SqlState::NullValueNotAllowed,
+        SqlState::InvalidParameterValue,
+        SqlState::FeatureNotSupported,
+        SqlState::ObjectNotInPrerequisiteState,
+        SqlState::TriggerProtocolViolated,
+        SqlState::DataCorrupted,
+        SqlState::InternalError,
+    ];
+
+    /// The five-character code.
+    pub const fn code(self) -> &'static str {
+        match self {
+            SqlState::ResyncRequired => "LS001",
+            SqlState::NotTracked => "LS002",
+            SqlState::NoPrimaryKey => "LS003",
+            SqlState::KeyMismatch => "LS004",
+            SqlState::CaptureWouldBreak => "LS005",
+            SqlState::ConflictNotOpen => "LS006",
+            SqlState::BatchAborted => "LS007",
+            SqlState::NoEffect => "LS008",
+            SqlState::InsufficientPrivilege => "42501",
+            SqlState::UndefinedColumn => "42703",
+            SqlState::UndefinedTable => "42P01",
+            SqlState::UndefinedObject => "42704",
+            SqlState::DatatypeMismatch => "42804",
+            SqlState::WrongObjectType => "42809",
+            SqlState::SerializationFailure => "40001",
+            SqlState::ProgramLimitExceeded => "54000",
+            SqlState::NullValueNotAllowed => "22004",
+            SqlState::InvalidParameterValue => "22023",
+            SqlState::FeatureNotSupported => "0A000",
+            SqlState::ObjectNotInPrerequisiteState => "55000",
+            SqlState::TriggerProtocolViolated => "39P01",
+            SqlState::DataCorrupted => "XX001",
+            SqlState::InternalError => "XX000",
+        }
+    }
+
+    /// The code as pgrx knows it, or `None` for livesync's own `LSnnn` codes, which
+    /// pgrx cannot carry: those are raised from an unguarded frame (`raise.rs`).
+    pub const fn pgrx_code(self) -> Option<PgSqlErrorCode> {
+        use PgSqlErrorCode::*;
+        match self {
+            SqlState::ResyncRequired
+            | SqlState::NotTracked
+            | SqlState::NoPrimaryKey
+            | SqlState::KeyMismatch
+            | SqlState::CaptureWouldBreak
+            | SqlState::ConflictNotOpen
+            | SqlState::BatchAborted
+            | SqlState::NoEffect => None,
+            SqlState::InsufficientPrivilege => Some(ERRCODE_INSUFFICIENT_PRIVILEGE),
+            SqlState::UndefinedColumn => Some(ERRCODE_UNDEFINED_COLUMN),
+            SqlState::UndefinedTable => Some(ERRCODE_UNDEFINED_TABLE),
+            SqlState::UndefinedObject => Some(ERRCODE_UNDEFINED_OBJECT),
+            SqlState::DatatypeMismatch => Some(ERRCODE_DATATYPE_MISMATCH),
+            SqlState::WrongObjectType => Some(ERRCODE_WRONG_OBJECT_TYPE),
+            SqlState::SerializationFailure => Some(ERRCODE_T_R_SERIALIZATION_FAILURE),
+            SqlState::ProgramLimitExceeded => Some(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+            SqlState::NullValueNotAllowed => Some(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+            SqlState::InvalidParameterValue => Some(ERRCODE_INVALID_PARAMETER_VALUE),
+            SqlState::FeatureNotSupported => Some(ERRCODE_FEATURE_NOT_SUPPORTED),
+            SqlState::ObjectNotInPrerequisiteState => {
+                Some(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE)
+            }
+            SqlState::TriggerProtocolViolated => {
+                Some(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED)
+            }
+            SqlState::DataCorrupted => Some(ERRCODE_DATA_CORRUPTED),
+            SqlState::InternalError => Some(ERRCODE_INTERNAL_ERROR),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LivesyncError {
@@ -22,29 +178,41 @@ pub enum LivesyncError {
     NotRegistered(String),
     #[error("livesync.changes holds a run that capture would not write (each change an array [key, old, new, version], old and new objects or null)")]
     MalformedRun,
+    #[error("{0} must be called as a trigger")]
+    NotCalledAsTrigger(&'static str),
+    #[error("column \"{column}\" has policy {policy}, which merges arrays, but its value {value} is not an array")]
+    NotAList {
+        column: String,
+        policy: String,
+        value: String,
+    },
+    #[error("a JSON value nested {depth} levels deep is deeper than livesync handles ({max})")]
+    NestedTooDeep { depth: usize, max: usize },
+    /// A step that cannot fail unless livesync itself is wrong: what it was doing.
+    #[error("livesync: {0}")]
+    Internal(String),
 }
 
 impl LivesyncError {
-    fn code(&self) -> PgSqlErrorCode {
+    pub fn sqlstate(&self) -> SqlState {
         match self {
-            LivesyncError::PrepareNotSupported => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            LivesyncError::NoPrimaryKey(_) | LivesyncError::NoVersionColumn(_) => {
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
-            }
-            LivesyncError::NotInstalled => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            LivesyncError::LogTableChanged => {
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
-            }
-            LivesyncError::InsertOvertaken(_) => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            LivesyncError::NotRegistered(_) => {
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
-            }
-            LivesyncError::MalformedRun => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            LivesyncError::PrepareNotSupported => SqlState::FeatureNotSupported,
+            LivesyncError::NoPrimaryKey(_) => SqlState::NoPrimaryKey,
+            LivesyncError::NoVersionColumn(_)
+            | LivesyncError::LogTableChanged
+            | LivesyncError::NotRegistered(_) => SqlState::ObjectNotInPrerequisiteState,
+            LivesyncError::NotInstalled => SqlState::UndefinedObject,
+            LivesyncError::InsertOvertaken(_) => SqlState::SerializationFailure,
+            LivesyncError::MalformedRun => SqlState::DataCorrupted,
+            LivesyncError::NotCalledAsTrigger(_) => SqlState::TriggerProtocolViolated,
+            LivesyncError::NotAList { .. } => SqlState::InvalidParameterValue,
+            LivesyncError::NestedTooDeep { .. } => SqlState::ProgramLimitExceeded,
+            LivesyncError::Internal(_) => SqlState::InternalError,
         }
     }
 
-    fn hint(&self) -> &'static str {
-        match self {
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self {
             LivesyncError::PrepareNotSupported => {
                 "Commit the transaction directly; livesync assigns change positions at commit."
             }
@@ -64,15 +232,107 @@ impl LivesyncError {
             LivesyncError::MalformedRun => {
                 "Only livesync's capture writes livesync.changes: delete the run, and have readers that read past it resync."
             }
+            LivesyncError::NestedTooDeep { .. } => {
+                "Store such documents in a column the write does not send, or flatten them."
+            }
+            LivesyncError::Internal(_) => {
+                "This is a bug in livesync: please report it with this message."
+            }
+            LivesyncError::NotCalledAsTrigger(_) | LivesyncError::NotAList { .. } => return None,
+        })
+    }
+
+    /// Raises this error as a Postgres ERROR; does not return. For errors with a
+    /// code pgrx knows: an `LSnnn` error must travel back as a value to an unguarded
+    /// frame and be raised there (`raise.rs`), or pgrx reports it as `XX000`.
+    pub fn raise(self) -> ! {
+        let sqlstate = self.sqlstate();
+        let code = sqlstate.pgrx_code().unwrap_or_else(|| {
+            panic!("livesync bug: {} ({}) raised where pgrx would lose its SQLSTATE", self, sqlstate.code())
+        });
+        let mut report = ErrorReport::new(code, self.to_string(), "livesync");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(pgrx::PgLogLevel::ERROR);
+        unreachable!("ERROR-level reports do not return")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SqlState;
+    use std::collections::BTreeSet;
+
+    fn read(path: &str) -> String {
+        let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("reading {full}: {e}"))
+    }
+
+    fn registry() -> BTreeSet<&'static str> {
+        SqlState::ALL.iter().map(|s| s.code()).collect()
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_well_formed() {
+        assert_eq!(registry().len(), SqlState::ALL.len(), "a code is listed twice in SqlState::ALL");
+        for state in SqlState::ALL {
+            let code = state.code();
+            assert!(code.len() == 5 && code.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()), "{code}");
+            // pgrx carries every code but livesync's own.
+            assert_eq!(state.pgrx_code().is_none(), code.starts_with("LS"), "{code}");
         }
     }
 
-    /// Raises this error as a Postgres ERROR; does not return.
-    pub fn raise(self) -> ! {
-        let hint = self.hint();
-        ErrorReport::new(self.code(), self.to_string(), "livesync")
-            .set_hint(hint)
-            .report(pgrx::PgLogLevel::ERROR);
-        unreachable!("ERROR-level reports do not return")
+    /// The "Error codes" table of docs/sql.md lists exactly the registry's codes, in
+    /// its order.
+    #[test]
+    fn docs_error_table_matches_the_registry() {
+        let docs = read("../docs/sql.md");
+        let section = docs
+            .split("\n## Error codes\n")
+            .nth(1)
+            .expect("docs/sql.md has a section \"## Error codes\"");
+        let section = section.split("\n## ").next().unwrap_or(section);
+        let documented: Vec<&str> = section
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .collect();
+        let registered: Vec<&str> = SqlState::ALL.iter().map(|s| s.code()).collect();
+        assert_eq!(documented, registered, "docs/sql.md's error table and SqlState::ALL differ");
+    }
+
+    /// Every `ERRCODE` the current SQL files raise is in the registry.
+    #[test]
+    fn sql_files_raise_only_registered_codes() {
+        // The condition names the SQL files use, as PostgreSQL's errcodes.txt spells them.
+        let names = [
+            ("insufficient_privilege", "42501"),
+            ("invalid_parameter_value", "22023"),
+            ("wrong_object_type", "42809"),
+            ("undefined_column", "42703"),
+            ("datatype_mismatch", "42804"),
+            ("program_limit_exceeded", "54000"),
+            ("null_value_not_allowed", "22004"),
+        ];
+        let registry = registry();
+        let mut seen = 0;
+        for file in ["sql/log.sql", "sql/tracking.sql", "sql/writes.sql", "sql/privileges.sql"] {
+            let text = read(file);
+            for piece in text.split("ERRCODE = '").skip(1) {
+                let raised = piece.split('\'').next().unwrap_or_default();
+                let code = names
+                    .iter()
+                    .find(|(name, _)| *name == raised)
+                    .map_or(raised, |(_, code)| code);
+                assert!(
+                    registry.contains(code),
+                    "{file} raises {raised} ({code}), which is not in SqlState (error.rs) or docs/sql.md"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen > 20, "found only {seen} ERRCODEs: has the SQL's spelling changed?");
     }
 }

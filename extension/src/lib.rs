@@ -17,8 +17,10 @@
 //! - `owner`: running livesync's own reads and writes as the bootstrap superuser.
 //! - `privileges`: who may call what; `entry`: the configuration and maintenance
 //!   entry points, which check the caller and then run their bodies.
-//! - `raise`: raising livesync's own SQLSTATEs from C-interface functions.
-//! - `gucs`, `error`: settings and the error type.
+//! - `raise`: raising livesync's own SQLSTATEs from C-interface functions;
+//!   `fmgr`: the info record those functions declare.
+//! - `error`: the error registry (every SQLSTATE livesync raises) and the engine's
+//!   errors; `gucs`: settings.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
 //!   `sql/privileges.sql`: the roles and grants.
 
@@ -29,6 +31,7 @@ mod capture;
 mod catalog;
 mod entry;
 mod error;
+mod fmgr;
 mod gucs;
 mod index_entries;
 mod log_reader;
@@ -53,20 +56,21 @@ extension_sql!(
      LANGUAGE c AS 'MODULE_PATHNAME', 'livesync_stamp_version';",
     name = "stamp_version"
 );
+// The capture trigger too, under the symbol earlier versions declared (capture.rs).
+extension_sql!(
+    "CREATE FUNCTION livesync._capture() RETURNS trigger
+     LANGUAGE c AS 'MODULE_PATHNAME', '_capture_wrapper';",
+    name = "capture"
+);
 extension_sql_file!(
     "../sql/tracking.sql",
     name = "tracking",
-    requires = [
-        "log",
-        "stamp_version",
-        capture::_capture,
-        capture::_log_schema_change
-    ]
+    requires = ["log", "stamp_version", "capture", capture::_log_schema_change]
 );
 extension_sql_file!(
     "../sql/writes.sql",
     name = "writes",
-    requires = ["tracking", write::resolve_conflict]
+    requires = ["tracking"]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

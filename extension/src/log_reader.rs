@@ -45,11 +45,7 @@ thread_local! {
     static RUNS_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-#[unsafe(no_mangle)]
-pub extern "C" fn pg_finfo_livesync_changes_since() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::fmgr::v1_function_info!(pg_finfo_livesync_changes_since);
 
 /// `livesync.changes_since(after bigint, max_changes int)`: STRICT, STABLE, a set
 /// returned in materialize mode. The checks, then the rows.
@@ -129,13 +125,16 @@ unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg
         // own context, in the function's call context, and deleted after SPI_finish.
         let mut scratch = pgrx::PgMemoryContexts::new("livesync changes_since");
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            pgrx::error!("livesync.changes_since: SPI_connect failed");
+            LivesyncError::Internal("livesync.changes_since could not connect to SPI".into()).raise();
         }
         let mut args = [pg_sys::Datum::from(after), pg_sys::Datum::from(max_changes)];
         let status =
             pg_sys::SPI_execute_plan(runs_plan(), args.as_mut_ptr(), std::ptr::null(), true, 0);
         if status != pg_sys::SPI_OK_SELECT as i32 {
-            pgrx::error!("livesync.changes_since: reading the runs failed ({status})");
+            LivesyncError::Internal(format!(
+                "livesync.changes_since failed to read the runs (SPI code {status})"
+            ))
+            .raise();
         }
         let table = pg_sys::SPI_tuptable;
         if (*(*table).tupdesc).natts as usize != RUN_COLUMNS {
@@ -182,7 +181,10 @@ unsafe fn runs_plan() -> pg_sys::SPIPlanPtr {
                 let mut types = [pg_sys::INT8OID, pg_sys::INT4OID];
                 let plan = pg_sys::SPI_prepare(RUNS_QUERY.as_ptr(), 2, types.as_mut_ptr());
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    pgrx::error!("livesync.changes_since: preparing the runs query failed");
+                    LivesyncError::Internal(
+                        "livesync.changes_since could not prepare the runs query".into(),
+                    )
+                    .raise();
                 }
                 cached.set(plan);
             }

@@ -113,7 +113,10 @@ fn inheritors(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
             .collect::<Result<Vec<_>, _>>()
     })
     .map(|children| children.into_iter().flatten().collect())
-    .unwrap_or_else(|e| pgrx::error!("livesync: reading inheritance children failed: {e}"))
+    .unwrap_or_else(|e| {
+        crate::error::LivesyncError::Internal(format!("reading inheritance children failed: {e}"))
+            .raise()
+    })
 }
 
 /// `function` may run as the extension's owner or a member of `livesync_maintainer`.

@@ -6,6 +6,7 @@
 //! pgrx's guard, get an error to report back as plain data, and raise it from their
 //! own frame, which owns nothing that needs dropping.
 
+use crate::error::SqlState;
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_int};
 
@@ -19,12 +20,17 @@ pub struct ErrorToRaise {
 }
 
 impl ErrorToRaise {
-    /// A palloc'd error; `sqlstate` is the five-character code.
-    pub fn palloc(sqlstate: &str, message: &str, hint: Option<&str>) -> *mut ErrorToRaise {
+    /// A palloc'd copy of a registry error.
+    pub fn of(error: &crate::error::LivesyncError) -> *mut ErrorToRaise {
+        ErrorToRaise::palloc(error.sqlstate(), &error.to_string(), error.hint())
+    }
+
+    /// A palloc'd error.
+    pub fn palloc(sqlstate: SqlState, message: &str, hint: Option<&str>) -> *mut ErrorToRaise {
         unsafe {
             let error = pg_sys::palloc(std::mem::size_of::<ErrorToRaise>()).cast::<ErrorToRaise>();
             error.write(ErrorToRaise {
-                sqlstate: sqlstate_code(sqlstate),
+                sqlstate: sqlstate_code(sqlstate.code()),
                 message: palloc_cstring(message),
                 hint: hint.map_or(std::ptr::null_mut(), palloc_cstring),
             });
@@ -34,7 +40,7 @@ impl ErrorToRaise {
 }
 
 /// A SQLSTATE as Postgres encodes it (`MAKE_SQLSTATE`).
-pub fn sqlstate_code(sqlstate: &str) -> i32 {
+fn sqlstate_code(sqlstate: &str) -> i32 {
     sqlstate
         .bytes()
         .enumerate()

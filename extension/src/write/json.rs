@@ -6,6 +6,7 @@
 //! parses any depth up to `MAX_DEPTH` (checked first, so the recursive parse cannot
 //! exhaust the stack) and refuses deeper values with 54000 and a clear message.
 
+use crate::error::LivesyncError;
 use pgrx::pg_sys;
 use pgrx::{FromDatum, IntoDatum, JsonB};
 use serde::Deserialize;
@@ -50,19 +51,16 @@ impl IntoDatum for Json {
 pub fn parse(text: &str) -> Value {
     let depth = nesting(text);
     if depth > MAX_DEPTH {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("a JSON value nested {depth} levels deep is deeper than livesync handles ({MAX_DEPTH})"),
-            "livesync",
-        )
-        .set_hint("Store such documents in a column the write does not send, or flatten them.")
-        .report(pgrx::PgLogLevel::ERROR);
-        unreachable!("ERROR-level reports do not return");
+        LivesyncError::NestedTooDeep {
+            depth,
+            max: MAX_DEPTH,
+        }
+        .raise();
     }
     let mut deserializer = serde_json::Deserializer::from_str(text);
     deserializer.disable_recursion_limit();
     Value::deserialize(&mut deserializer)
-        .unwrap_or_else(|e| pgrx::error!("livesync: jsonb text did not parse: {e}"))
+        .unwrap_or_else(|e| LivesyncError::Internal(format!("jsonb text did not parse: {e}")).raise())
 }
 
 /// The deepest nesting of arrays and objects in JSON text (strings skipped).

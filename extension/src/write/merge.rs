@@ -167,19 +167,12 @@ fn items<'v>(column: &str, policy: &str, value: &'v Value) -> &'v [Value] {
     match value {
         Value::Array(items) => items,
         Value::Null => &[],
-        other => {
-            let message = format!(
-                "column \"{column}\" has policy {policy}, which merges arrays, but its value {} is not an array",
-                truncated(other)
-            );
-            pgrx::pg_sys::panic::ErrorReport::new(
-                pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                message,
-                "livesync",
-            )
-            .report(pgrx::PgLogLevel::ERROR);
-            unreachable!("ERROR-level reports do not return")
+        other => crate::error::LivesyncError::NotAList {
+            column: column.to_string(),
+            policy: policy.to_string(),
+            value: truncated(other),
         }
+        .raise(),
     }
 }
 

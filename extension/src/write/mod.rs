@@ -26,6 +26,7 @@ pub mod target;
 
 pub use target::init;
 
+use crate::error::{LivesyncError, SqlState};
 use crate::raise::{raise, ErrorToRaise};
 use mutation::{MutationArgs, Op};
 use pgrx::prelude::*;
@@ -97,22 +98,32 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    fn sqlstate(&self) -> &'static str {
+    fn sqlstate(&self) -> SqlState {
         match self {
-            WriteError::NotTracked(_) => "LS002",
-            WriteError::BadKey { .. } | WriteError::KeyChange(_) => "LS004",
+            WriteError::NotTracked(_) => SqlState::NotTracked,
+            WriteError::BadKey { .. } | WriteError::KeyChange(_) => SqlState::KeyMismatch,
             WriteError::NoConflict(_)
             | WriteError::ConflictResolved(_)
-            | WriteError::ConflictRowGone(_) => "LS006",
-            WriteError::UnknownColumn { .. } => "42703",
-            WriteError::UnknownTable(_) => "42P01",
-            WriteError::InsertRace(_) => "40001",
-            WriteError::NoEffect(_) => "LS008",
+            | WriteError::ConflictRowGone(_) => SqlState::ConflictNotOpen,
+            WriteError::UnknownColumn { .. } => SqlState::UndefinedColumn,
+            WriteError::UnknownTable(_) => SqlState::UndefinedTable,
+            WriteError::InsertRace(_) => SqlState::SerializationFailure,
+            WriteError::NoEffect(_) => SqlState::NoEffect,
             WriteError::Hidden(_)
             | WriteError::NoPrivilege { .. }
             | WriteError::NoResolvePrivilege { .. }
-            | WriteError::ConflictHidden(_) => "42501",
-            _ => "22023",
+            | WriteError::ConflictHidden(_) => SqlState::InsufficientPrivilege,
+            WriteError::UnknownOp(_)
+            | WriteError::Missing(_)
+            | WriteError::NotAnObject(_)
+            | WriteError::UnknownField(_)
+            | WriteError::WrongFieldType(..)
+            | WriteError::HalfMutationId
+            | WriteError::BadHlc(_)
+            | WriteError::BadChoice(_)
+            | WriteError::ValueMissing
+            | WriteError::ClientIdTooLong(_)
+            | WriteError::MutationOfAnotherTable { .. } => SqlState::InvalidParameterValue,
         }
     }
 
@@ -147,23 +158,9 @@ impl WriteError {
             _ => None,
         }
     }
-
-    /// The error as the SQL wrappers (`livesync._checked`) raise it. Raised there
-    /// (or by `livesync_write` itself) rather than through pgrx: an error passing
-    /// through pgrx keeps its SQLSTATE only if pgrx knows the code, and livesync's
-    /// own `LSnnn` codes are not among them.
-    fn to_raise(&self) -> JsonB {
-        JsonB(
-            json!({"_raise": {"sqlstate": self.sqlstate(), "message": self.to_string(), "hint": self.hint()}}),
-        )
-    }
 }
 
-#[unsafe(no_mangle)]
-pub extern "C" fn pg_finfo_livesync_write() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::fmgr::v1_function_info!(pg_finfo_livesync_write);
 
 /// `livesync.write` (declared in `sql/writes.sql`). Written against the C function
 /// interface rather than `#[pg_extern]` so that its own errors keep livesync's
@@ -217,9 +214,13 @@ unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> W
 
 impl WriteOutcome {
     fn of(applied: Result<apply::Applied, WriteError>) -> WriteOutcome {
-        match applied {
+        WriteOutcome::of_value(applied.map(|applied| Some(applied.into_datum())))
+    }
+
+    fn of_value(result: Result<Option<pg_sys::Datum>, WriteError>) -> WriteOutcome {
+        match result {
             Ok(result) => WriteOutcome {
-                result: result.into_datum(),
+                result: result.unwrap_or(pg_sys::Datum::from(0usize)),
                 error: std::ptr::null_mut(),
             },
             Err(e) => WriteOutcome {
@@ -230,26 +231,7 @@ impl WriteOutcome {
     }
 }
 
-/// `livesync._write_json` as livesync 0.1.0 and 0.2.0 declared it (C symbol
-/// `write_json_wrapper`, errors reported as data for `_checked`): a database keeps
-/// working on the new library until `ALTER EXTENSION livesync UPDATE`, and the
-/// regress suite installs those versions. No SQL is generated for it.
-#[pg_extern(sql = false)]
-pub fn write_json(mutation: JsonB) -> JsonB {
-    let applied = MutationArgs::from_json(&mutation.0)
-        .and_then(MutationArgs::check)
-        .and_then(|m| Spi::connect_mut(|client| apply::apply(client, m)));
-    match applied {
-        Ok(result) => JsonB(result.into_value()),
-        Err(e) => e.to_raise(),
-    }
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn pg_finfo_livesync_write_json() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::fmgr::v1_function_info!(pg_finfo_livesync_write_json);
 
 /// `livesync._write_json` (declared in `sql/writes.sql`): one element of
 /// `write_batch`'s array, applied like `livesync.write` and failing like it, with an
@@ -268,6 +250,19 @@ pub unsafe extern "C-unwind" fn livesync_write_json(
     }
 }
 
+crate::fmgr::v1_function_info!(pg_finfo_write_json_wrapper);
+
+/// `livesync._write_json` as livesync 0.1.0 and 0.2.0 declared it (C symbol
+/// `write_json_wrapper`; their `_checked` passes its results on): a database keeps
+/// working on this library until `ALTER EXTENSION livesync UPDATE`, and the regress
+/// suite installs those versions.
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn write_json_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe { livesync_write_json(fcinfo) }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
     unsafe {
@@ -278,6 +273,50 @@ unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo)
             None => Err(WriteError::Missing("mutation")),
         };
         WriteOutcome::of(applied)
+    }
+}
+
+crate::fmgr::v1_function_info!(pg_finfo_livesync_resolve_conflict);
+
+/// `livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb)`
+/// (declared in `sql/writes.sql`; `resolve_conflict` calls it): settles a stored
+/// conflict, raising livesync's SQLSTATEs itself, as `livesync.write` does.
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn livesync_resolve_conflict(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let outcome = resolve_guarded(fcinfo);
+        if !outcome.error.is_null() {
+            raise(&*outcome.error);
+        }
+        outcome.result
+    }
+}
+
+crate::fmgr::v1_function_info!(pg_finfo_resolve_conflict_wrapper);
+
+/// `livesync._resolve_conflict` as livesync 0.1.0 to 0.4.0 declared it (C symbol
+/// `resolve_conflict_wrapper`; their `_checked` passes its results on).
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn resolve_conflict_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe { livesync_resolve_conflict(fcinfo) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+    unsafe {
+        let conflict_id = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0);
+        let choice = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 1);
+        let value = pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 2).map(|v| v.0);
+        let resolved = match (conflict_id, choice) {
+            (Some(conflict_id), Some(choice)) => resolve(conflict_id, &choice, value),
+            (None, _) => Err(WriteError::Missing("conflict_id")),
+            (_, None) => Err(WriteError::Missing("choice")),
+        };
+        WriteOutcome::of_value(resolved.map(|result| JsonB(result).into_datum()))
     }
 }
 
@@ -292,15 +331,6 @@ SELECT resolved_at IS NOT NULL FROM livesync._conflicts WHERE id = $1 FOR UPDATE
 
 const SETTLE_CONFLICT: &str = "
 UPDATE livesync._conflicts SET resolved_at = now(), resolution = $2 WHERE id = $1";
-
-/// The body of `livesync.resolve_conflict` (a SQL wrapper raises what this reports).
-#[pg_extern(name = "_resolve_conflict", volatile, parallel_unsafe)]
-pub fn resolve_conflict(conflict_id: i64, choice: &str, value: Option<JsonB>) -> JsonB {
-    match resolve(conflict_id, choice, value.map(|v| v.0)) {
-        Ok(result) => JsonB(result),
-        Err(e) => e.to_raise(),
-    }
-}
 
 fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value, WriteError> {
     type Conflict = (pg_sys::Oid, JsonB, String, JsonB, bool);
@@ -320,7 +350,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
             )))
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("livesync: reading conflict {conflict_id} failed: {e}"));
+    .unwrap_or_else(|e| internal(format!("reading conflict {conflict_id} failed: {e}")));
     let Some((relid, JsonB(key), column, JsonB(mine), resolved)) = conflict else {
         return Err(WriteError::NoConflict(conflict_id));
     };
@@ -370,7 +400,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
                     .get_one::<bool>()
             })
         })
-        .unwrap_or_else(|e| pgrx::error!("livesync: locking conflict {conflict_id} failed: {e}"))
+        .unwrap_or_else(|e| internal(format!("locking conflict {conflict_id} failed: {e}")))
         .unwrap_or(true);
     if resolved {
         return Err(WriteError::ConflictResolved(conflict_id));
@@ -418,6 +448,11 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
                 .map(|_| ())
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("livesync: settling conflict {conflict_id} failed: {e}"));
+    .unwrap_or_else(|e| internal(format!("settling conflict {conflict_id} failed: {e}")));
     Ok(result)
+}
+
+/// Raises a step that cannot fail unless livesync itself is wrong (`XX000`).
+fn internal(what: String) -> ! {
+    LivesyncError::Internal(what).raise()
 }

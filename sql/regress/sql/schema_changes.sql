@@ -105,3 +105,14 @@ DROP DOMAIN posint CASCADE;
 ALTER TABLE parent_t ADD COLUMN nv text;
 ALTER TABLE parent_t RENAME COLUMN v TO vv;
 SELECT pos, relation, op, delta FROM log_after(:p4);
+
+-- A superuser who disables livesync's event trigger can drop a tracked table's
+-- primary key; capture then refuses the table's writes with LS003, the code track
+-- gives a table without one, and the hint says how to repair it.
+CREATE TABLE lost_key (id int PRIMARY KEY, v text);
+SELECT livesync.track('lost_key');
+ALTER EVENT TRIGGER livesync_ddl_end DISABLE;
+ALTER TABLE lost_key DROP CONSTRAINT lost_key_pkey;
+ALTER EVENT TRIGGER livesync_ddl_end ENABLE;
+SELECT expect_error($$INSERT INTO lost_key VALUES (1, 'x')$$);
+SELECT count(*) AS rows_written FROM lost_key;

@@ -6,6 +6,7 @@
 -- are those of 0.3.0's released install script, and every kind of change logged
 -- under 0.3.0 reads the same after the update to 0.4.0 (whose changes_since is
 -- another implementation), page by page, from positions inside transactions too.
+-- A database created at 0.4.0 runs on this library before its update, and after it.
 \set SHOW_CONTEXT never
 SELECT current_database() AS fresh_db \gset
 -- livesync's objects as a view, one line each (include/livesync_objects.sql): made
@@ -143,6 +144,41 @@ SELECT (entries -> 0) - 3 AS update_with_a_filter_column FROM livesync.change_ru
 -- and the roles of the privilege model exist
 SELECT rolname FROM pg_roles WHERE rolname IN ('livesync_reader', 'livesync_maintainer') ORDER BY 1;
 
+-- A database created at 0.4.0 by its released script keeps working on this library
+-- before it is updated: its resolve_conflict (through 0.4.0's _checked) settles a
+-- conflict, and an error keeps livesync's SQLSTATE (LS006). The update to 0.5.0
+-- drops _checked, errors keep their code, capture goes on, and the objects are a
+-- fresh install's.
+CREATE DATABASE livesync_at_0_4_0;
+\c livesync_at_0_4_0
+SET client_min_messages = warning;
+SET livesync.sequencer = commit;
+CREATE EXTENSION livesync VERSION '0.4.0';
+CREATE TABLE notes (id int PRIMARY KEY, body text);
+SELECT livesync.track('notes');
+SELECT livesync.set_policy('notes', 'body', 'manual');
+INSERT INTO notes VALUES (1, 'stored');
+SELECT livesync.write('notes', 'update', '{"id": 1}', '{"body": "mine"}', 0, '{"body": "base"}') ->> 'status' AS wrote;
+SELECT id AS conflict FROM livesync.conflicts WHERE resolved_at IS NULL \gset
+SELECT livesync.resolve_conflict(:conflict, 'mine') -> 'row' ->> 'body' AS resolved_at_0_4_0;
+\set VERBOSITY sqlstate
+SELECT livesync.resolve_conflict(:conflict, 'mine');
+\set VERBOSITY default
+ALTER EXTENSION livesync UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'livesync';
+SELECT count(*) AS relays_left FROM pg_proc WHERE proname = '_checked';
+\set VERBOSITY sqlstate
+SELECT livesync.resolve_conflict(:conflict, 'mine');
+\set VERBOSITY default
+UPDATE notes SET body = 'after the update' WHERE id = 1;
+SELECT op, key, delta FROM livesync.changes_since(0) ORDER BY position;
+\i include/livesync_objects.sql
+SELECT item AS only_in_a_fresh_install FROM unnest(string_to_array(:'fresh', E'\n')) AS f(item)
+EXCEPT SELECT item FROM public.livesync_objects ORDER BY 1;
+SELECT item AS only_after_the_update_from_0_4_0 FROM public.livesync_objects
+EXCEPT SELECT item FROM unnest(string_to_array(:'fresh', E'\n')) AS f(item) ORDER BY 1;
+
 \c :fresh_db
+DROP DATABASE livesync_at_0_4_0 WITH (FORCE);
 DROP DATABASE livesync_upgrade WITH (FORCE);
 DROP VIEW public.livesync_objects;
