@@ -10,7 +10,7 @@ PSQL      ?= psql -X -q -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1
 BRIDGE_ENV ?= DATABASE_URL=postgres://livesync_bridge@127.0.0.1:5432/livesync \
               LIVESYNC_DEFAULT_ROLE=livesync_demo_app
 
-.PHONY: up test prepare install demo bridge lint regress e2e bridge-test client-test js-test bench demo-build browser-test
+.PHONY: up test prepare install demo bridge lint regress isolation e2e bridge-test client-test js-test bench demo-build browser-test
 
 ## up: install the extension, load the demo (database `livesync`), run the bridge
 up: install demo bridge demo-build
@@ -27,9 +27,10 @@ up: install demo bridge demo-build
 bridge:
 	cargo build --release -q -p livesync-bridge
 
-## test: lint, then the pg_regress suite, the end-to-end tests, the bridge's tests, the
-## clients' tests and the demo in a real browser, against the real server
-test: install lint regress e2e bridge-test client-test js-test browser-test
+## test: lint, then the pg_regress suite and the isolation specs (each on a throwaway
+## cluster of its own), the end-to-end tests, the bridge's tests, the clients' tests and
+## the demo in a real browser (these against the real server)
+test: install lint regress isolation e2e bridge-test client-test js-test browser-test
 
 prepare:
 	.ci/prepare-machine
@@ -46,8 +47,13 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 
+## regress, isolation: on a throwaway cluster (sql/throwaway-cluster) running the
+## PostgreSQL of PG_CONFIG with the livesync installed there
 regress:
-	sql/regress/run
+	PG_CONFIG=$(PG_CONFIG) sql/regress/run
+
+isolation:
+	PG_CONFIG=$(PG_CONFIG) sql/isolation/run
 
 e2e:
 	cargo test -p livesync-e2e
