@@ -116,3 +116,8 @@ ALTER TABLE lost_key DROP CONSTRAINT lost_key_pkey;
 ALTER EVENT TRIGGER livesync_ddl_end ENABLE;
 SELECT expect_error($$INSERT INTO lost_key VALUES (1, 'x')$$);
 SELECT count(*) AS rows_written FROM lost_key;
+-- (a key again, and the table goes: every later DDL checks the tracked tables)
+ALTER TABLE lost_key ADD PRIMARY KEY (id);
+INSERT INTO lost_key VALUES (1, 'x');
+SELECT count(*) AS rows_written FROM lost_key;
+DROP TABLE lost_key;
