@@ -18,6 +18,8 @@
 //! - `privileges`: who may call what; `entry`: the configuration and maintenance
 //!   entry points, which check the caller and then run their bodies.
 //! - `raise`: raising livesync's own SQLSTATEs from C-interface functions.
+//! - `pg_resources`: open relations, buffer pins, memory contexts and context
+//!   switches held by values that release them when dropped.
 //! - `gucs`, `error`: settings and the error type.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
 //!   `sql/privileges.sql`: the roles and grants.
@@ -34,6 +36,7 @@ mod index_entries;
 mod log_reader;
 mod log_writer;
 mod owner;
+mod pg_resources;
 mod privileges;
 mod raise;
 mod restamp;
