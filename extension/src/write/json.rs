@@ -19,6 +19,8 @@ pub const MAX_DEPTH: usize = 2000;
 pub struct Json(pub Value);
 
 impl FromDatum for Json {
+    /// # Safety
+    /// `datum` must be a jsonb value unless `is_null`.
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,
         is_null: bool,
@@ -27,6 +29,8 @@ impl FromDatum for Json {
         if is_null {
             return None;
         }
+        // SAFETY: a non-null jsonb (the caller's contract) is what jsonb_out takes;
+        // it returns a palloc'd NUL-terminated string.
         let text = unsafe {
             let cstring = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)])
                 .expect("jsonb_out returns text");

@@ -170,8 +170,14 @@ pub extern "C" fn pg_finfo_livesync_write() -> &'static pg_sys::Pg_finfo_record 
 /// SQLSTATEs without a PL/pgSQL wrapper (which cost 5-8% of a write): the work runs
 /// under pgrx's guard, and an error to report comes back as plain data and is raised
 /// from this frame, which owns nothing that needs dropping.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_write(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
+    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
+    // data that outlives the guarded call.
     unsafe {
         let outcome = write_guarded(fcinfo);
         if !outcome.error.is_null() {
@@ -188,8 +194,12 @@ struct WriteOutcome {
     error: *mut ErrorToRaise,
 }
 
+/// # Safety
+/// `fcinfo` must be a call of `livesync.write` (its nine arguments).
 #[pg_guard]
 unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+    // SAFETY: the nine arguments are read with the types `livesync.write` declares
+    // (the caller's contract).
     unsafe {
         let args = MutationArgs {
             relid: pgrx::fcinfo::pg_getarg::<pg_sys::Oid>(fcinfo, 0),
@@ -255,10 +265,14 @@ pub extern "C" fn pg_finfo_livesync_write_json() -> &'static pg_sys::Pg_finfo_re
 /// `write_batch`'s array, applied like `livesync.write` and failing like it, with an
 /// ERROR. (Reported as data instead, a direct call that failed halfway kept what it
 /// had done, a stored conflict say, with nobody to roll it back.)
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_write_json(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: as in `livesync_write`.
     unsafe {
         let outcome = write_json_guarded(fcinfo);
         if !outcome.error.is_null() {
@@ -268,8 +282,12 @@ pub unsafe extern "C-unwind" fn livesync_write_json(
     }
 }
 
+/// # Safety
+/// `fcinfo` must be a call of `livesync._write_json` (one jsonb argument).
 #[pg_guard]
 unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+    // SAFETY: the one argument is read as the jsonb it is declared as (the
+    // caller's contract).
     unsafe {
         let applied = match pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 0) {
             Some(json::Json(mutation)) => MutationArgs::from_json(&mutation)
@@ -344,6 +362,8 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
     }
     // Nor a conflict of a row that row-level security hides from the role (the
     // conflicts view does not show it either). Asked as the caller.
+    // SAFETY: a catalog check by relation oid (InvalidOid: the current user), with
+    // noError set.
     let rls_applies = unsafe {
         pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, true)
             == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
