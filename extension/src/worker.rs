@@ -8,8 +8,9 @@
 //! A worker ticks at start-up, whenever a commit sets its latch, and on a safety
 //! poll; it exits cleanly when the extension is dropped from its database, and is
 //! restarted by the postmaster within a second if it fails or is terminated.
-//! Every wait is on its latch, so SIGTERM (a shutdown, `pg_terminate_backend`,
-//! `DROP DATABASE ... WITH (FORCE)`) ends it at once whenever it comes.
+//! It waits with WaitLatch and looks for SIGTERM (a shutdown, `pg_terminate_backend`,
+//! `DROP DATABASE ... WITH (FORCE)`) before and after every wait, so it ends at
+//! once, or within 10 ms during a pacing pause, whenever the signal comes.
 
 use crate::sequencer;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -331,12 +332,11 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
             Tick::Idle => 0,
         };
         let pause = pacer.after_tick(transactions, crate::gucs::TICK_INTERVAL_MS.get());
-        // Let the next commits gather into one batch (and one ring): their wake-ups
-        // during the pause are remembered, not acted on, and tick right after it.
-        let woken_in_pause = !pause.is_zero() && nap(pause);
-        if !woken_in_pause {
-            wait(POLL);
+        if !pause.is_zero() {
+            // Let the next commits gather into one batch (and one ring).
+            pause_for(pause);
         }
+        wait_for_wake_up(POLL);
         if BackgroundWorker::sighup_received() {
             // SAFETY: between transactions, where a process may re-read its
             // configuration (as every Postgres process does in its main loop).
@@ -345,46 +345,58 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     }
 }
 
-/// Waits on the worker's latch for up to `timeout`; returns whether the latch was
-/// set (a commit's wake-up, or a SIGHUP). Exits the process when SIGTERM came,
-/// before waiting too: its latch wake-up may have been used up inside the tick
-/// that ran when it arrived (a lock wait resets the latch), and a signal noted but
-/// not acted on would cost a whole poll. On postmaster death Postgres exits it.
-fn wait(timeout: Duration) -> bool {
+/// The longest a SIGTERM goes unnoticed while the worker sleeps between ticks.
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
+
+/// Waits until the latch is set (a commit's wake-up, a SIGHUP) or `timeout` has
+/// passed. Exits the process when SIGTERM came, before waiting too: its latch
+/// wake-up may have been used up inside the tick that ran when it arrived (a lock
+/// wait resets the latch), and a signal noted but not acted on would cost a whole
+/// poll.
+fn wait_for_wake_up(timeout: Duration) {
     exit_if_terminated();
-    let flags = (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32;
-    let timeout_ms =
-        timeout.as_millis().clamp(1, std::ffi::c_long::MAX as u128) as std::ffi::c_long;
-    // SAFETY: MyLatch is this process's own latch, set up before a worker's main
-    // runs; resetting it after the wait (and then looking at every reason to wake)
-    // loses no wake-up.
-    let events = unsafe {
-        let events = pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            flags,
-            timeout_ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-        events
-    };
+    wait_latch(pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT, timeout);
+    // SAFETY: the worker's own latch, reset after the wait and before everything
+    // that may have set it (commits, SIGTERM, SIGHUP) is looked at: the next tick,
+    // the checks below, the caller's: so no wake-up is lost.
+    unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
     pg_sys::check_for_interrupts!();
     exit_if_terminated();
-    events & pg_sys::WL_LATCH_SET as i32 != 0
 }
 
-/// Waits all of `pause` (a SIGTERM still ends it at once); returns whether the
-/// latch was set meanwhile.
-fn nap(pause: Duration) -> bool {
+/// Sleeps `pause` without watching the latch, in slices of at most `SLEEP_SLICE`,
+/// exiting when SIGTERM came. Not on the latch: every commit meanwhile would wake
+/// the worker (SetLatch signals a process that sleeps on its latch), and saving the
+/// worker those wake-ups is what the pause is for. A latch set now stays set, so
+/// the wait that follows the pause returns at once and the commits get their tick.
+fn pause_for(pause: Duration) {
     let end = std::time::Instant::now() + pause;
-    let mut woken = false;
-    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+    loop {
+        exit_if_terminated();
+        let left = end.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            break;
+            return;
         }
-        woken |= wait(left);
+        wait_latch(pg_sys::WL_TIMEOUT, left.min(SLEEP_SLICE));
+        pg_sys::check_for_interrupts!();
     }
-    woken
+}
+
+/// One wait on the worker's latch for `events` (WL_*); on postmaster death Postgres
+/// ends the process.
+fn wait_latch(events: u32, timeout: Duration) {
+    let timeout_ms = timeout.as_millis().clamp(1, 1 << 30) as std::ffi::c_long;
+    let events = (events | pg_sys::WL_EXIT_ON_PM_DEATH) as i32;
+    // SAFETY: MyLatch is this process's own latch, set up before a worker's main
+    // runs, and `events` asks for a timeout, so the wait ends.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            events,
+            timeout_ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        )
+    };
 }
 
 /// Ends the worker if SIGTERM came. Exit code 1 has the postmaster start a
