@@ -18,6 +18,7 @@
 
 use crate::error::LivesyncError;
 use crate::log_writer::StatementLog;
+use crate::pg_resources::{OpenRelation, RegisteredSnapshot};
 use crate::raise::{raise, ErrorToRaise};
 use crate::row_json::{attr, is_version_column, JsonbBuilder, RowEncoder};
 use pgrx::pg_sys;
@@ -33,11 +34,18 @@ crate::fmgr::v1_function_info!(pg_finfo_livesync_stamp_version);
 /// the C trigger interface (declared in `lib.rs`) because it runs for every row
 /// written: it replaces the one column (one tuple copy, not pgrx's two) and looks
 /// nothing up in the catalogs.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_stamp_version(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the function manager's (the caller's contract); its
+    // context is checked to be TriggerData before it is read as one, and the
+    // trigger's relation and tuples are valid for the call. The tuple returned is a
+    // modified copy, allocated in the trigger call's memory.
     unsafe {
         let context = (*fcinfo).context;
         if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
@@ -69,7 +77,12 @@ thread_local! {
 
 /// The 1-based attribute number of `_livesync_version` in `rel`, found from its
 /// tuple descriptor (no catalog lookup: this runs for every row written).
+///
+/// # Safety
+/// `rel` must be an open relation.
 unsafe fn version_attnum(rel: pg_sys::Relation) -> Option<i32> {
+    // SAFETY: `rel` is open (the caller's contract), and only attribute numbers in
+    // 1..=natts of its descriptor are read (a cached hint is checked against it).
     unsafe {
         let tupdesc = (*rel).rd_att;
         let natts = (*tupdesc).natts;
@@ -97,6 +110,8 @@ fn _log_schema_change(rel: pg_sys::Oid, before: pgrx::JsonB, after: pgrx::JsonB)
         null
     ]]);
     let entries = pgrx::IntoDatum::into_datum(pgrx::JsonB(entry)).expect("jsonb has a datum");
+    // SAFETY: a SQL-callable function runs inside a transaction, and `entries` was
+    // just made as jsonb.
     crate::owner::as_bootstrap_superuser(|| unsafe {
         crate::log_writer::append_one(rel, b's', entries)
     });
@@ -123,11 +138,15 @@ enum Registration {
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
 pub fn init() {
+    // SAFETY: `forget_registered` is a guarded callback of the type the relcache
+    // calls, and `_PG_init` registers it once per process.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(forget_registered), pg_sys::Datum::from(0usize))
     };
 }
 
+/// # Safety
+/// Called by Postgres's invalidation processing only (registered in `init`).
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_registered(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     REGISTERED.with(|known| crate::catalog::forget_relation(known, relid));
@@ -140,10 +159,12 @@ unsafe extern "C-unwind" fn forget_registered(_arg: pg_sys::Datum, relid: pg_sys
 /// # Safety
 /// `rel` must be an open relation.
 unsafe fn registration(rel: pg_sys::Relation) -> Registration {
+    // SAFETY: `rel` is open (the caller's contract).
     let relid = unsafe { (*rel).rd_id };
     if let Some(known) = REGISTERED.with(|known| known.borrow().get(&relid).cloned()) {
         return known;
     }
+    // SAFETY: `rel` is open (the caller's contract).
     let found = unsafe { look_up_registration(rel) };
     REGISTERED.with(|known| known.borrow_mut().insert(relid, found.clone()));
     found
@@ -154,6 +175,9 @@ unsafe fn registration(rel: pg_sys::Relation) -> Registration {
 /// READ) could predate a track, an untrack or a set_filter_columns whose
 /// invalidation this statement has already processed, and its stale answer would
 /// then be cached past it.
+///
+/// # Safety
+/// `rel` must be an open relation.
 unsafe fn look_up_registration(rel: pg_sys::Relation) -> Registration {
     let (Some(tracked), Some(primary_key)) = (
         crate::catalog::livesync_relation(c"_tracked"),
@@ -161,9 +185,14 @@ unsafe fn look_up_registration(rel: pg_sys::Relation) -> Registration {
     ) else {
         return Registration::Unregistered;
     };
+    // SAFETY: `rel` is open (the caller's contract); `_tracked` is opened for the
+    // scan of its primary key (on the relation oid, compared with oideq), with a
+    // snapshot registered for as long as the scan runs, and the row found is read
+    // while the scan still holds it.
     unsafe {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let registry = pg_sys::table_open(tracked, lock);
+        let registry_table = OpenRelation::table(tracked, lock).unlocking_at_close(lock);
+        let registry = registry_table.as_ptr();
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
         pg_sys::ScanKeyInit(
             &mut key,
@@ -172,8 +201,9 @@ unsafe fn look_up_registration(rel: pg_sys::Relation) -> Registration {
             pg_sys::RegProcedure::from(pg_sys::F_OIDEQ),
             pg_sys::Datum::from((*rel).rd_id),
         );
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let scan = pg_sys::systable_beginscan(registry, primary_key, true, snapshot, 1, &mut key);
+        let snapshot = RegisteredSnapshot::latest();
+        let scan =
+            pg_sys::systable_beginscan(registry, primary_key, true, snapshot.as_ptr(), 1, &mut key);
         let tuple = pg_sys::systable_getnext(scan);
         let found = if tuple.is_null() {
             Registration::Unregistered
@@ -181,8 +211,6 @@ unsafe fn look_up_registration(rel: pg_sys::Relation) -> Registration {
             Registration::Tracked(filter_columns(tuple, (*registry).rd_att, (*rel).rd_att))
         };
         pg_sys::systable_endscan(scan);
-        pg_sys::UnregisterSnapshot(snapshot);
-        pg_sys::table_close(registry, lock);
         found
     }
 }
@@ -193,11 +221,18 @@ unsafe fn look_up_registration(rel: pg_sys::Relation) -> Registration {
 /// renames). None when there are none, or when the database's update to 0.4.0 has
 /// not run (no such column yet). A name that is not a column of the table now is
 /// passed over.
+///
+/// # Safety
+/// `tuple` must be a `_tracked` row of descriptor `registry`; `table` a valid
+/// descriptor.
 unsafe fn filter_columns(
     tuple: pg_sys::HeapTuple,
     registry: pg_sys::TupleDesc,
     table: pg_sys::TupleDesc,
 ) -> Option<Rc<[usize]>> {
+    // SAFETY: the column read is found by name and checked to be a text[] before
+    // it is read as one; deconstruct_array_builtin returns `count` elements and
+    // null flags, and each non-null element is a text varlena.
     unsafe {
         let position = (0..(*registry).natts as usize).find(|&i| {
             let att = attr(registry, i);
@@ -247,8 +282,16 @@ crate::fmgr::v1_function_info!(pg_finfo__capture_wrapper);
 /// SQLSTATE (pgrx cannot carry livesync's own codes): the work runs under pgrx's
 /// guard and an error comes back as data, raised from this frame, which owns
 /// nothing that needs dropping.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn _capture_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn _capture_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
+    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
+    // data that outlives the guarded call.
     unsafe {
         let error = capture_guarded(fcinfo);
         if !error.is_null() {
@@ -259,8 +302,12 @@ pub unsafe extern "C-unwind" fn _capture_wrapper(fcinfo: pg_sys::FunctionCallInf
     }
 }
 
+/// # Safety
+/// `fcinfo` must be the function manager's call of the capture trigger.
 #[pg_guard]
 unsafe extern "C-unwind" fn capture_guarded(fcinfo: pg_sys::FunctionCallInfo) -> *mut ErrorToRaise {
+    // SAFETY: the call's context is checked to be TriggerData before it is read as
+    // one; the trigger manager keeps it valid for the call.
     unsafe {
         let context = (*fcinfo).context;
         if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
@@ -273,7 +320,12 @@ unsafe extern "C-unwind" fn capture_guarded(fcinfo: pg_sys::FunctionCallInfo) ->
     }
 }
 
+/// # Safety
+/// `td` must be the TriggerData of the firing capture trigger.
 unsafe fn capture_statement(td: &pg_sys::TriggerData) -> Result<(), LivesyncError> {
+    // SAFETY: the trigger's relation is open and its transition tables (null when
+    // the event has none) are valid for the call (the caller's contract); the
+    // encoder is taken for that relation, so its slots fit the tables' rows.
     unsafe {
         let rel = td.tg_relation;
         // Only as track installs it: AFTER, per statement (fired per row, with a
@@ -330,6 +382,10 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) -> Result<(), LivesyncErro
 
 /// Logs an insert or delete: the key and the whole row.
 /// `mark` is the database's tombstone mark as this statement ended (see `restamp.rs`).
+///
+/// # Safety
+/// `slot` must hold a row of the encoder's relation that the statement inserted
+/// (`op` i) or deleted (`op` d).
 unsafe fn log_whole(
     log: &mut StatementLog,
     encoder: &mut RowEncoder,
@@ -337,6 +393,7 @@ unsafe fn log_whole(
     slot: *mut pg_sys::TupleTableSlot,
     mark: Option<i64>,
 ) {
+    // SAFETY: `slot` holds a row of the encoder's relation (the caller's contract).
     unsafe {
         if op == b'i' {
             let version = encoder
@@ -360,6 +417,10 @@ unsafe fn log_whole(
 }
 
 /// `filters`: the table's filter columns (0-based indexes), if it has any.
+///
+/// # Safety
+/// The readers must read the statement's old and new transition tables into slots
+/// of the encoder's relation.
 unsafe fn capture_updates(
     mut olds: TransitionReader,
     mut news: TransitionReader,
@@ -368,6 +429,8 @@ unsafe fn capture_updates(
     mark: Option<i64>,
     filters: Option<&[usize]>,
 ) {
+    // SAFETY: after `next()` returned true each reader's slot holds a row of the
+    // encoder's relation (the caller's contract).
     unsafe {
         // Postgres fills both transition tables in step: read them side by side, and
         // only when some pair does not share a key (the statement changed primary
@@ -394,6 +457,10 @@ unsafe fn capture_updates(
 
 /// Updates that changed primary keys: old and new rows are paired by key; an old row
 /// with no partner is a delete and a new one an insert.
+///
+/// # Safety
+/// `olds` and `news` must be slots of their own (dropped here) holding the
+/// statement's old and new rows of the encoder's relation.
 unsafe fn capture_rekeyed_updates(
     encoder: &mut RowEncoder,
     log: &mut StatementLog,
@@ -402,6 +469,8 @@ unsafe fn capture_rekeyed_updates(
     mark: Option<i64>,
     filters: Option<&[usize]>,
 ) {
+    // SAFETY: every slot holds a row of the encoder's relation and is this
+    // function's to drop (the caller's contract), which happens once, at the end.
     unsafe {
         let mut old_by_key: HashMap<Vec<u8>, usize> = HashMap::new();
         for (i, &old) in olds.iter().enumerate() {
@@ -436,6 +505,10 @@ unsafe fn capture_rekeyed_updates(
 /// Logs an update: `[key, old, new, version]`, old and new holding the columns it
 /// changed; with `filters` (the table's filter columns), a fifth element holding
 /// those of them it did not change, with their current value.
+///
+/// # Safety
+/// `old` and `new` must hold the old and new versions of one updated row of the
+/// encoder's relation.
 unsafe fn log_update(
     log: &mut StatementLog,
     encoder: &mut RowEncoder,
@@ -443,6 +516,7 @@ unsafe fn log_update(
     new: *mut pg_sys::TupleTableSlot,
     filters: Option<&[usize]>,
 ) {
+    // SAFETY: both slots hold rows of the encoder's relation (the caller's contract).
     unsafe {
         let version = encoder.version(new);
         let fill = |encoder: &mut RowEncoder, out: &mut JsonbBuilder| {
@@ -472,6 +546,8 @@ impl TransitionReader {
     /// `store` is a transition table of the firing trigger (or null: no rows);
     /// `slot` an empty minimal-tuple slot for its relation's rows.
     unsafe fn new(store: *mut pg_sys::Tuplestorestate, slot: *mut pg_sys::TupleTableSlot) -> Self {
+        // SAFETY: a non-null `store` is a live transition table (the caller's
+        // contract), which supports rewinding read pointers.
         unsafe {
             if !store.is_null() {
                 let pointer =
@@ -485,19 +561,27 @@ impl TransitionReader {
 
     fn next(&mut self) -> bool {
         !self.store.is_null()
+            // SAFETY: the store is live and `slot` fits its rows (`new`'s contract);
+            // the read pointer selected is this reader's.
             && unsafe { pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot) }
     }
 
     fn rewind(&mut self) {
         if !self.store.is_null() {
+            // SAFETY: the store is live (`new`'s contract) and allows rewinding.
             unsafe { pg_sys::tuplestore_rescan(self.store) };
         }
     }
 
-    /// Every remaining tuple, each in a slot of its own.
+    /// Every remaining tuple, each in a slot of its own (the caller drops them).
+    ///
+    /// # Safety
+    /// The reader's slot must have a valid descriptor (`new`'s contract).
     unsafe fn copy_all(&mut self) -> Vec<*mut pg_sys::TupleTableSlot> {
         let mut slots = Vec::new();
         while self.next() {
+            // SAFETY: the reader's slot holds the row just read; the copy is made for
+            // the same descriptor.
             unsafe {
                 let copy = pg_sys::MakeSingleTupleTableSlot(
                     (*self.slot).tts_tupleDescriptor,
@@ -513,6 +597,14 @@ impl TransitionReader {
 
 impl Drop for TransitionReader {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The statement is being aborted: its transition tables go with it, and
+            // so does the borrowed slot (the encoder it belongs to is dropped, not
+            // given back).
+            return;
+        }
+        // SAFETY: the store and slot are still live (`new`'s contract: the reader
+        // does not outlive the trigger call); read pointer 0 is the store's own.
         unsafe {
             if !self.store.is_null() {
                 pg_sys::tuplestore_select_read_pointer(self.store, 0);
@@ -523,7 +615,10 @@ impl Drop for TransitionReader {
     }
 }
 
+/// # Safety
+/// `jsonb` must be a non-null jsonb value.
 unsafe fn jsonb_bytes(jsonb: pg_sys::Datum) -> Vec<u8> {
+    // SAFETY: a non-null jsonb (the caller's contract) is a varlena.
     unsafe {
         let value = pg_sys::pg_detoast_datum_packed(jsonb.cast_mut_ptr());
         pgrx::varlena::varlena_to_byte_slice(value).to_vec()

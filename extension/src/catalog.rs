@@ -21,9 +21,13 @@ thread_local! {
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
 pub fn init() {
+    // SAFETY: `forget` is a guarded callback of the type the relcache calls, and
+    // `_PG_init` registers it once per process.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
 }
 
+/// # Safety
+/// Called by Postgres's invalidation processing only (registered in `init`).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     INVALIDATIONS.set(INVALIDATIONS.get() + 1);
@@ -99,6 +103,8 @@ pub fn livesync_relation(name: &'static CStr) -> Option<pg_sys::Oid> {
 }
 
 fn look_up(name: &CStr) -> Option<pg_sys::Oid> {
+    // SAFETY: catalog lookups by NUL-terminated names, which raise no error for a
+    // missing schema (missing_ok) and return InvalidOid for a missing relation.
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"livesync".as_ptr(), true);
         if namespace == pg_sys::InvalidOid {
@@ -118,6 +124,8 @@ unsafe extern "C-unwind" {
 /// `nextval` of one of livesync's own sequences: writers need no privileges on them.
 /// Called through pgrx's FFI guard, so an ERROR unwinds properly.
 pub fn nextval(sequence: pg_sys::Oid) -> i64 {
+    // SAFETY: the declaration above matches commands/sequence.h, and the closure
+    // under the guard is the bare call, holding nothing that needs a drop.
     unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 
@@ -126,6 +134,8 @@ pub fn nextval(sequence: pg_sys::Oid) -> i64 {
 /// # Safety
 /// `rel` must be an open relation.
 pub unsafe fn index_oids(rel: pg_sys::Relation) -> Vec<pg_sys::Oid> {
+    // SAFETY: `rel` is open (the caller's contract); RelationGetIndexList returns a
+    // fresh OID list of `length` elements (or NIL), which is freed once read.
     unsafe {
         let list = pg_sys::RelationGetIndexList(rel);
         if list.is_null() {

@@ -135,10 +135,14 @@ macro_rules! entry_point {
     ($finfo:ident, $function:ident, $entry:expr) => {
         crate::fmgr::v1_function_info!($finfo);
 
+        /// # Safety
+        /// Called by Postgres's function manager only, with a valid `fcinfo`.
         #[unsafe(no_mangle)]
         pub unsafe extern "C-unwind" fn $function(
             fcinfo: pg_sys::FunctionCallInfo,
         ) -> pg_sys::Datum {
+            // SAFETY: `fcinfo` is the function manager's call of the SQL function
+            // declared for this entry, with its argument types (the caller's contract).
             unsafe { run(fcinfo, &$entry) }
         }
     };
@@ -195,7 +199,16 @@ unsafe extern "C-unwind" {
 /// The most arguments an entry point has.
 const MAX_ARGS: usize = 3;
 
+/// # Safety
+/// `fcinfo` must be a call of the SQL function `entry` describes (its arguments of
+/// `entry.arg_types`). Runs unguarded: nothing here may need a drop (see the module
+/// comment).
 unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` has `entry.arg_types.len()` (at most MAX_ARGS) arguments of
+    // those types (the caller's contract), copied into arrays of MAX_ARGS. This frame
+    // owns nothing that needs a drop, so an error a step raises may longjmp through
+    // it; the caller's identity is restored after every step, and by the abort when
+    // one raises. Only by-value results are read, before SPI_finish.
     unsafe {
         let denied = check_caller(fcinfo, entry);
         if !denied.is_null() {
@@ -273,11 +286,17 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, entry: &Entry) -> pg_sys::Datum 
 
 /// Checks the caller's privilege; returns the error to raise, or null. Under
 /// pgrx's guard: a missing relation raises here, with its own (known) SQLSTATE.
+///
+/// # Safety
+/// As for `run`.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_caller(
     fcinfo: pg_sys::FunctionCallInfo,
     entry: &Entry,
 ) -> *mut ErrorToRaise {
+    // SAFETY: every entry has at least one argument (the table, or compact's
+    // interval), so the first argument exists (the caller's contract); for the
+    // ownership checks it is a regclass, an oid by value.
     unsafe {
         let display = crate::write::target::relation_display;
         let verdict: Result<(), Denied> = match entry.needs {

@@ -151,9 +151,7 @@ impl SqlState {
             SqlState::ObjectNotInPrerequisiteState => {
                 Some(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE)
             }
-            SqlState::TriggerProtocolViolated => {
-                Some(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED)
-            }
+            SqlState::TriggerProtocolViolated => Some(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
             SqlState::DataCorrupted => Some(ERRCODE_DATA_CORRUPTED),
             SqlState::InternalError => Some(ERRCODE_INTERNAL_ERROR),
         }
@@ -248,7 +246,11 @@ impl LivesyncError {
     pub fn raise(self) -> ! {
         let sqlstate = self.sqlstate();
         let code = sqlstate.pgrx_code().unwrap_or_else(|| {
-            panic!("livesync bug: {} ({}) raised where pgrx would lose its SQLSTATE", self, sqlstate.code())
+            panic!(
+                "livesync bug: {} ({}) raised where pgrx would lose its SQLSTATE",
+                self,
+                sqlstate.code()
+            )
         });
         let mut report = ErrorReport::new(code, self.to_string(), "livesync");
         if let Some(hint) = self.hint() {
@@ -275,12 +277,26 @@ mod tests {
 
     #[test]
     fn every_code_is_listed_once_and_well_formed() {
-        assert_eq!(registry().len(), SqlState::ALL.len(), "a code is listed twice in SqlState::ALL");
+        assert_eq!(
+            registry().len(),
+            SqlState::ALL.len(),
+            "a code is listed twice in SqlState::ALL"
+        );
         for state in SqlState::ALL {
             let code = state.code();
-            assert!(code.len() == 5 && code.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()), "{code}");
+            assert!(
+                code.len() == 5
+                    && code
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()),
+                "{code}"
+            );
             // pgrx carries every code but livesync's own.
-            assert_eq!(state.pgrx_code().is_none(), code.starts_with("LS"), "{code}");
+            assert_eq!(
+                state.pgrx_code().is_none(),
+                code.starts_with("LS"),
+                "{code}"
+            );
         }
     }
 
@@ -300,7 +316,10 @@ mod tests {
             .filter_map(|rest| rest.split('`').next())
             .collect();
         let registered: Vec<&str> = SqlState::ALL.iter().map(|s| s.code()).collect();
-        assert_eq!(documented, registered, "docs/sql.md's error table and SqlState::ALL differ");
+        assert_eq!(
+            documented, registered,
+            "docs/sql.md's error table and SqlState::ALL differ"
+        );
     }
 
     /// Every `ERRCODE` the current SQL files raise is in the registry.
@@ -318,7 +337,12 @@ mod tests {
         ];
         let registry = registry();
         let mut seen = 0;
-        for file in ["sql/log.sql", "sql/tracking.sql", "sql/writes.sql", "sql/privileges.sql"] {
+        for file in [
+            "sql/log.sql",
+            "sql/tracking.sql",
+            "sql/writes.sql",
+            "sql/privileges.sql",
+        ] {
             let text = read(file);
             for piece in text.split("ERRCODE = '").skip(1) {
                 let raised = piece.split('\'').next().unwrap_or_default();
@@ -333,6 +357,9 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen > 20, "found only {seen} ERRCODEs: has the SQL's spelling changed?");
+        assert!(
+            seen > 20,
+            "found only {seen} ERRCODEs: has the SQL's spelling changed?"
+        );
     }
 }

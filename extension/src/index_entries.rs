@@ -4,6 +4,7 @@
 //! is refused rather than left out of date.
 
 use crate::error::LivesyncError;
+use crate::pg_resources::{OpenRelation, SwitchedMemoryContext};
 use pgrx::pg_sys;
 
 /// What `index_insert` needs to know of an open index, allocated in memory context
@@ -11,15 +12,19 @@ use pgrx::pg_sys;
 /// that is not on plain columns.
 ///
 /// # Safety
-/// `index` must be an open index.
+/// `index` must be an open index; `into` a valid memory context.
 pub unsafe fn plain_index_info(
     index: pg_sys::Relation,
     into: pg_sys::MemoryContext,
 ) -> *mut pg_sys::IndexInfo {
+    // SAFETY: `index` is open and `into` valid (the caller's contract); the switch
+    // ends before this returns or unwinds, and BuildIndexInfo's result is a complete
+    // IndexInfo whose attribute numbers fill `ii_NumIndexAttrs` entries.
     unsafe {
-        let outer = pg_sys::MemoryContextSwitchTo(into);
-        let info = pg_sys::BuildIndexInfo(index);
-        pg_sys::MemoryContextSwitchTo(outer);
+        let info = {
+            let _in_into = SwitchedMemoryContext::to(into);
+            pg_sys::BuildIndexInfo(index)
+        };
         let plain = (*info).ii_Expressions.is_null()
             && (*info).ii_Predicate.is_null()
             && (0..(*info).ii_NumIndexAttrs as usize).all(|k| (*info).ii_IndexAttrNumbers[k] > 0);
@@ -44,6 +49,10 @@ pub unsafe fn insert(
     values: &[pg_sys::Datum],
     nulls: &[bool],
 ) {
+    // SAFETY: `index` is an open index of the open `table`, described by `info`,
+    // whose key columns (plain, 1-based attribute numbers) index into the tuple's
+    // `values`/`nulls` (the caller's contract); `tuple` has just been written, so
+    // its t_self is set.
     unsafe {
         let keys = (*info).ii_NumIndexAttrs as usize;
         let mut key_values = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
@@ -82,13 +91,14 @@ pub unsafe fn insert_into_all(
     values: &[pg_sys::Datum],
     nulls: &[bool],
 ) {
+    // SAFETY: as for `insert` (the caller's contract), with each index of `table`
+    // opened for as long as it is used.
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         for oid in crate::catalog::index_oids(table) {
-            let index = pg_sys::index_open(oid, lock);
-            let info = plain_index_info(index, pg_sys::CurrentMemoryContext);
-            insert(index, info, table, tuple, values, nulls);
-            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            let index = OpenRelation::index(oid, lock);
+            let info = plain_index_info(index.as_ptr(), pg_sys::CurrentMemoryContext);
+            insert(index.as_ptr(), info, table, tuple, values, nulls);
         }
     }
 }

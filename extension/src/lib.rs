@@ -21,6 +21,8 @@
 //!   `fmgr`: the info record those functions declare.
 //! - `error`: the error registry (every SQLSTATE livesync raises) and the engine's
 //!   errors; `gucs`: settings.
+//! - `pg_resources`: open relations, buffer pins, memory contexts and context
+//!   switches held by values that release them when dropped.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
 //!   `sql/privileges.sql`: the roles and grants.
 
@@ -37,6 +39,7 @@ mod index_entries;
 mod log_reader;
 mod log_writer;
 mod owner;
+mod pg_resources;
 mod privileges;
 mod raise;
 mod restamp;
@@ -65,7 +68,12 @@ extension_sql!(
 extension_sql_file!(
     "../sql/tracking.sql",
     name = "tracking",
-    requires = ["log", "stamp_version", "capture", capture::_log_schema_change]
+    requires = [
+        "log",
+        "stamp_version",
+        "capture",
+        capture::_log_schema_change
+    ]
 );
 extension_sql_file!(
     "../sql/writes.sql",

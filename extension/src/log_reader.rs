@@ -27,6 +27,7 @@
 //! Rust panic there. So it reports a malformed run back as a value instead of raising.
 
 use crate::error::LivesyncError;
+use crate::pg_resources::{ContextSize, OwnedMemoryContext};
 use pgrx::pg_sys;
 use std::cell::Cell;
 use std::ffi::c_char;
@@ -49,15 +50,19 @@ crate::fmgr::v1_function_info!(pg_finfo_livesync_changes_since);
 
 /// `livesync.changes_since(after bigint, max_changes int)`: STRICT, STABLE, a set
 /// returned in materialize mode. The checks, then the rows.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_changes_since(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the function manager's (the caller's contract). The check
+    // is an unguarded call from a frame that holds nothing needing a drop (see the
+    // module comment); `check_call` set up a complete call of the function fmgr_info
+    // looked up (which always sets fn_addr).
     unsafe {
         let check = check_call(fcinfo);
-        // SAFETY: an unguarded call from a frame that holds nothing needing a drop (see
-        // the module comment); `check_call` set up a complete call of the function
-        // fmgr_info looked up (which always sets fn_addr).
         if let Some(function) = (*(*check).flinfo).fn_addr {
             function(check);
         }
@@ -67,10 +72,15 @@ pub unsafe extern "C-unwind" fn livesync_changes_since(
 
 /// A call of `livesync._check_read('livesync.changes_since', after, max_changes)`,
 /// ready to run (in the current memory context).
+///
+/// # Safety
+/// `fcinfo` must be the call of `livesync.changes_since` (two arguments).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_call(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::FunctionCallInfo {
+    // SAFETY: the call info is allocated zeroed with room for its three arguments,
+    // which are set from `fcinfo`'s two (the caller's contract) and a text made here.
     unsafe {
         // Types qualified too: the caller's search_path is in force here.
         let signature = c"livesync._check_read(pg_catalog.text, pg_catalog.int8, pg_catalog.int4)";
@@ -104,8 +114,15 @@ unsafe extern "C-unwind" fn check_call(
 
 /// The rows of `livesync.changes_since`, once checked. Reads with the caller's
 /// snapshot (read-only SPI), so it sees what the checks saw.
+///
+/// # Safety
+/// `fcinfo` must be the call of `livesync.changes_since`, a set-returning call.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is a set-returning call with two non-null arguments (the
+    // caller's contract; the function is STRICT). The result descriptor's and the
+    // runs' column counts are checked before rows are read or written by position,
+    // and SPI's result is read before SPI_finish frees it.
     unsafe {
         // STRICT: neither argument is NULL.
         let after = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0).unwrap_or_default();
@@ -123,9 +140,14 @@ unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg
 
         // What a run's rows are built in, emptied after each run. Made before SPI's
         // own context, in the function's call context, and deleted after SPI_finish.
-        let mut scratch = pgrx::PgMemoryContexts::new("livesync changes_since");
+        let mut scratch = OwnedMemoryContext::new(
+            pg_sys::CurrentMemoryContext,
+            c"livesync changes_since",
+            ContextSize::Default,
+        );
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            LivesyncError::Internal("livesync.changes_since could not connect to SPI".into()).raise();
+            LivesyncError::Internal("livesync.changes_since could not connect to SPI".into())
+                .raise();
         }
         let mut args = [pg_sys::Datum::from(after), pg_sys::Datum::from(max_changes)];
         let status =
@@ -164,7 +186,10 @@ unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg
                 client_id: (!nulls[7]).then_some(values[7]),
                 mutation_id: (!nulls[8]).then_some(values[8]),
             };
-            scratch.switch_to(|_| out.write_run(&run));
+            {
+                let _in_scratch = scratch.switch_to();
+                out.write_run(&run);
+            }
             scratch.reset();
         }
         pg_sys::SPI_finish();
@@ -173,10 +198,15 @@ unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg
     }
 }
 
-/// The kept plan of `RUNS_QUERY`, prepared on first use. Call with SPI connected.
+/// The kept plan of `RUNS_QUERY`, prepared on first use.
+///
+/// # Safety
+/// Must be called with SPI connected.
 unsafe fn runs_plan() -> pg_sys::SPIPlanPtr {
     RUNS_PLAN.with(|cached| {
         if cached.get().is_null() {
+            // SAFETY: SPI is connected (the caller's contract); the argument types
+            // match the query's two parameters, and a kept plan outlives the call.
             unsafe {
                 let mut types = [pg_sys::INT8OID, pg_sys::INT4OID];
                 let plan = pg_sys::SPI_prepare(RUNS_QUERY.as_ptr(), 2, types.as_mut_ptr());
@@ -218,6 +248,10 @@ impl Output {
     /// Writes one row per change of `run`, under one error guard (see the module
     /// comment). Allocates in the current memory context (the tuplestore copies each
     /// row into its own).
+    ///
+    /// # Safety
+    /// `run`'s datums must be a `livesync.changes` row's, as `_runs_since` returns
+    /// them; the output's store and descriptor live.
     unsafe fn write_run(&self, run: &Run) {
         // SAFETY: `explode` calls Postgres only through `raw`, never panics, and holds
         // nothing that needs a drop, which is what the guard asks of its closure.
@@ -228,7 +262,12 @@ impl Output {
     }
 
     /// The body of `write_run`: Postgres calls through `raw` only, no panics.
+    ///
+    /// # Safety
+    /// As for `write_run`, and only under `pg_guard_ffi_boundary`.
     unsafe fn explode(&self, run: &Run) -> Result<(), Malformed> {
+        // SAFETY: `entries` is jsonb (the caller's contract), checked to be an array
+        // before it is iterated; each row written has the output's COLUMNS columns.
         unsafe {
             let entries = raw::pg_detoast_datum(run.entries.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
             let root = &raw mut (*entries).root;
@@ -312,6 +351,7 @@ impl OpNames {
 
     fn new() -> OpNames {
         OpNames {
+            // SAFETY: the pointer and length describe a static str, which is copied.
             names: Self::KINDS.map(|(_, name)| unsafe {
                 pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
                     name.as_ptr().cast(),
@@ -338,7 +378,12 @@ struct Change {
 }
 
 impl Change {
+    /// # Safety
+    /// `element` must be an element of a jsonb array being iterated (its container
+    /// alive while the change is used).
     unsafe fn of(element: &pg_sys::JsonbValue) -> Result<Change, Malformed> {
+        // SAFETY: the binary container is read only once it is checked to be one, and
+        // to be an array; getIth returns null past its end.
         unsafe {
             if element.type_ != pg_sys::jbvType::jbvBinary
                 || (*element.val.binary.data).header & pg_sys::JB_FARRAY == 0
@@ -353,8 +398,12 @@ impl Change {
     }
 
     /// `nullif(change -> 0, 'null')`.
+    ///
+    /// # Safety
+    /// The change's container must be alive (`of`'s contract).
     unsafe fn key(&self) -> Option<pg_sys::Datum> {
         let key = self.parts[0];
+        // SAFETY: a non-null part is a value getIth returned, alive with its container.
         unsafe {
             if key.is_null() || (*key).type_ == pg_sys::jbvType::jbvNull {
                 return None;
@@ -364,8 +413,13 @@ impl Change {
     }
 
     /// `(change ->> 3)::bigint`, as an int8 datum.
+    ///
+    /// # Safety
+    /// As for `key`, and only under `pg_guard_ffi_boundary` (the cast can raise).
     unsafe fn version(&self) -> Result<Option<pg_sys::Datum>, Malformed> {
         let version = self.parts[3];
+        // SAFETY: a non-null part is alive with its container; it is cast only once
+        // checked to be a numeric.
         unsafe {
             if version.is_null() || (*version).type_ == pg_sys::jbvType::jbvNull {
                 return Ok(None);
@@ -387,9 +441,15 @@ impl Change {
     /// - update: `{column: {"new": value, "old": old -> column}}` for every column of new;
     /// - schema: `{"columns": {"new": new -> 'columns', "old": old -> 'columns'}}`;
     /// - anything else (truncate): `{}`.
+    ///
+    /// # Safety
+    /// As for `key`, and only under `pg_guard_ffi_boundary`.
     unsafe fn delta(&self, op: u8) -> Result<pg_sys::Datum, Malformed> {
         let [_, old, new, _] = self.parts;
         let mut delta = Builder::new();
+        // SAFETY: old and new are null or values alive with their container, which
+        // each_pair and field check before reading; the builder gets balanced tokens
+        // (every begin_object is ended) and keys before values.
         unsafe {
             delta.begin_object();
             match op {
@@ -450,6 +510,7 @@ impl StaticKey {
     }
 
     fn as_jsonb_value(&self) -> pg_sys::JsonbValue {
+        // SAFETY: JsonbValue is a plain C struct, for which all zeroes is valid.
         let mut value = unsafe { std::mem::zeroed::<pg_sys::JsonbValue>() };
         value.type_ = pg_sys::jbvType::jbvString;
         value.val.string = self.as_jsonb_string();
@@ -459,10 +520,16 @@ impl StaticKey {
 
 /// Calls `f(key, value)` for each pair of an object (none for SQL NULL), in the
 /// object's key order. Like `jsonb_each`, refuses any other JSON value.
+///
+/// # Safety
+/// `object` must be null or a jsonb value alive while this runs; only under
+/// `pg_guard_ffi_boundary`.
 unsafe fn each_pair(
     object: *mut pg_sys::JsonbValue,
     mut f: impl FnMut(&mut pg_sys::JsonbValue, &mut pg_sys::JsonbValue),
 ) -> Result<(), Malformed> {
+    // SAFETY: the container is iterated only once checked to be an object's, and
+    // an object's keys are each followed by their value.
     unsafe {
         if object.is_null() {
             return Ok(());
@@ -491,11 +558,16 @@ unsafe fn each_pair(
 /// `object -> name` as a value to push: the field, or JSON null when `object` is SQL
 /// NULL, not an object, or has no such field (`jsonb_build_object` turns the SQL
 /// NULL that `->` gives into JSON null). `found` holds the field's value.
+///
+/// # Safety
+/// As for `each_pair`; `name` must describe valid bytes.
 unsafe fn field(
     object: *mut pg_sys::JsonbValue,
     name: &pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1,
     found: &mut pg_sys::JsonbValue,
 ) -> *mut pg_sys::JsonbValue {
+    // SAFETY: the container is searched only once checked to be an object's; the
+    // lookup writes its result into `found`.
     unsafe {
         let is_object = !object.is_null()
             && (*object).type_ == pg_sys::jbvType::jbvBinary
@@ -529,15 +601,23 @@ impl Builder {
         }
     }
 
+    /// # Safety
+    /// Only under `pg_guard_ffi_boundary`; `value` null for begin/end tokens, a
+    /// complete value otherwise.
     unsafe fn push(
         &mut self,
         token: pg_sys::JsonbIteratorToken::Type,
         value: *mut pg_sys::JsonbValue,
     ) {
+        // SAFETY: `state` is this builder's own parse state, and `value` fits the
+        // token (the caller's contract).
         self.last = unsafe { raw::pushJsonbValue(&mut self.state, token, value) };
     }
 
+    /// # Safety
+    /// Only under `pg_guard_ffi_boundary`.
     unsafe fn begin_object(&mut self) {
+        // SAFETY: a begin token takes no value.
         unsafe {
             self.push(
                 pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
@@ -546,7 +626,10 @@ impl Builder {
         };
     }
 
+    /// # Safety
+    /// Only under `pg_guard_ffi_boundary`, after a `begin_object`.
     unsafe fn end_object(&mut self) {
+        // SAFETY: an end token takes no value.
         unsafe {
             self.push(
                 pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
@@ -555,12 +638,20 @@ impl Builder {
         };
     }
 
+    /// # Safety
+    /// Only under `pg_guard_ffi_boundary`, inside an object; `key` a string value.
     unsafe fn key(&mut self, key: &mut pg_sys::JsonbValue) {
+        // SAFETY: `key` is a complete string value (the caller's contract).
         unsafe { self.push(pg_sys::JsonbIteratorToken::WJB_KEY, key) };
     }
 
     /// `key: value`; a nested container in `value` (jbvBinary) is copied in whole.
+    ///
+    /// # Safety
+    /// Only under `pg_guard_ffi_boundary`, inside an object; `value` complete.
     unsafe fn key_value(&mut self, key: &StaticKey, value: *mut pg_sys::JsonbValue) {
+        // SAFETY: the key is a string value of static bytes, and `value` complete
+        // (the caller's contract).
         unsafe {
             self.key(&mut key.as_jsonb_value());
             self.push(pg_sys::JsonbIteratorToken::WJB_VALUE, value);
@@ -568,7 +659,11 @@ impl Builder {
     }
 
     /// The finished value, after the outermost `end_object`.
+    ///
+    /// # Safety
+    /// Only under `pg_guard_ffi_boundary`, after the outermost `end_object`.
     unsafe fn finish(self) -> pg_sys::Datum {
+        // SAFETY: after the outermost end token `last` is the whole value.
         unsafe { pg_sys::Datum::from(raw::JsonbValueToJsonb(self.last)) }
     }
 }

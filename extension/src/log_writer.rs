@@ -16,6 +16,7 @@
 use crate::catalog::{index_oids, livesync_relation, Lent};
 use crate::error::LivesyncError;
 use crate::index_entries;
+use crate::pg_resources::{ContextSize, OpenRelation, OwnedMemoryContext, PinnedBuffer};
 use crate::row_json::JsonbBuilder;
 use crate::sequencer;
 use pgrx::pg_sys;
@@ -42,7 +43,7 @@ pub struct StatementLog {
     /// Opened at the first write: a statement that changed nothing opens nothing.
     appender: Option<LogAppender>,
     /// Holds the run being collected; reset after every row written.
-    context: pg_sys::MemoryContext,
+    context: OwnedMemoryContext,
     run: Option<Run>,
 }
 
@@ -54,13 +55,13 @@ struct Run {
 
 impl StatementLog {
     pub fn new(relation: pg_sys::Oid) -> Self {
+        // SAFETY: the current context (the trigger call's) outlives the statement's
+        // log, which capture finishes or drops before it returns.
         let context = unsafe {
-            pg_sys::AllocSetContextCreateInternal(
+            OwnedMemoryContext::new(
                 pg_sys::CurrentMemoryContext,
-                c"livesync capture".as_ptr(),
-                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+                c"livesync capture",
+                ContextSize::Default,
             )
         };
         StatementLog {
@@ -90,9 +91,10 @@ impl StatementLog {
         if self.run.as_ref().is_some_and(|run| run.op != op) {
             self.write_run();
         }
-        unsafe {
-            let outer = pg_sys::CurrentMemoryContext;
-            pg_sys::CurrentMemoryContext = self.context;
+        {
+            // What the run's builder copies and the fills allocate goes into the run's
+            // context, also when they raise.
+            let _in_run = self.context.switch_to();
             let run = self.run.get_or_insert_with(|| {
                 let mut entries = JsonbBuilder::new();
                 entries.begin_array();
@@ -111,7 +113,6 @@ impl StatementLog {
             tail(context, &mut run.entries);
             run.entries.end_array();
             run.count += 1;
-            pg_sys::CurrentMemoryContext = outer;
         }
         let run = self.run.as_ref().expect("a run was just extended");
         if run.count >= MAX_CHANGES_PER_ROW || run.entries.size() >= MAX_BYTES_PER_ROW {
@@ -123,39 +124,39 @@ impl StatementLog {
         let Some(mut run) = self.run.take() else {
             return;
         };
-        unsafe {
-            let appender = self.appender.get_or_insert_with(|| {
-                let origin = crate::write::origin::current();
-                LogAppender::open(self.relation, origin.as_ref())
-            });
+        let appender = self.appender.get_or_insert_with(|| {
+            let origin = crate::write::origin::current();
+            // SAFETY: capture runs inside the writing statement's transaction; the
+            // appender is closed by `finish` (or dropped by an error) within it.
+            unsafe { LogAppender::open(self.relation, origin.as_ref()) }
+        });
+        {
             // Serialising, compressing and inserting all allocate in the run's
             // context too, so a statement of many runs holds one run's memory at a time.
-            let outer = pg_sys::CurrentMemoryContext;
-            pg_sys::CurrentMemoryContext = self.context;
+            let _in_run = self.context.switch_to();
             run.entries.end_array();
             let entries = run.entries.finish();
-            appender.append(run.op, run.count, entries);
-            pg_sys::CurrentMemoryContext = outer;
-            pg_sys::MemoryContextReset(self.context);
+            // SAFETY: `entries` was just built by a jsonb builder, as jsonb.
+            unsafe { appender.append(run.op, run.count, entries) };
         }
+        self.context.reset();
     }
 
-    /// Writes what is left and closes the log.
+    /// Writes what is left and closes the log (and deletes the run's context).
     pub fn finish(mut self) {
         self.write_run();
         if let Some(appender) = self.appender.take() {
             appender.close();
         }
-        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
 }
 
 /// Appends log rows for one statement's changes to one relation. Opens the log
 /// table and its indexes once, however many rows the statement writes.
 struct LogAppender {
-    table: pg_sys::Relation,
+    table: OpenRelation,
     /// The open indexes, in the layout's order.
-    indexes: Vec<pg_sys::Relation>,
+    indexes: Vec<OpenRelation>,
     layout: Lent<LogLayout>,
     relation: pg_sys::Oid,
     fxid: u64,
@@ -171,24 +172,27 @@ impl LogAppender {
     /// them).
     ///
     /// # Safety
-    /// Must run inside a transaction; call `close` when done.
+    /// Must run inside a transaction, and the appender be closed (or dropped) in it.
     unsafe fn open(relation: pg_sys::Oid, origin: Option<&(String, i64)>) -> Self {
+        let Some(table_oid) = livesync_relation(c"changes") else {
+            LivesyncError::NotInstalled.raise();
+        };
+        // SAFETY: inside a transaction (the caller's contract). The layout is taken
+        // for the table just opened and locked, and its indexes are opened in the
+        // same lock mode.
         unsafe {
-            let Some(table_oid) = livesync_relation(c"changes") else {
-                LivesyncError::NotInstalled.raise();
-            };
             let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
             // Locking first: any invalidation of the table or its index list is
             // processed here, before the layout is looked at.
-            let table = pg_sys::table_open(table_oid, lock);
-            if (*(*table).rd_att).natts as usize != COLUMNS {
+            let table = OpenRelation::table(table_oid, lock);
+            if table.natts() != COLUMNS {
                 LivesyncError::LogTableChanged.raise();
             }
-            let layout = LogLayout::take(table, lock);
+            let layout = LogLayout::take(table.as_ptr(), lock);
             let indexes = layout
                 .indexes
                 .iter()
-                .map(|index| pg_sys::index_open(index.oid, lock))
+                .map(|index| OpenRelation::index(index.oid, lock))
                 .collect();
             let (client_id, mutation_id) = match origin {
                 Some((client_id, mutation_id)) => (
@@ -218,14 +222,16 @@ impl LogAppender {
     /// # Safety
     /// `entries` must be a valid jsonb value.
     unsafe fn append(&mut self, op: u8, count: i32, entries: pg_sys::Datum) {
-        unsafe {
-            let first_ordinal = sequencer::reserve_ordinals(count);
-            let tid = self.insert(first_ordinal, count, 0, op, entries);
-            sequencer::note_tail(tid);
-        }
+        let first_ordinal = sequencer::reserve_ordinals(count);
+        // SAFETY: `entries` is jsonb (the caller's contract).
+        let tid = unsafe { self.insert(first_ordinal, count, 0, op, entries) };
+        sequencer::note_tail(tid);
     }
 
     /// Inserts one log row and its index entries; returns where it went.
+    ///
+    /// # Safety
+    /// `entries` must be a valid jsonb value.
     unsafe fn insert(
         &mut self,
         ordinal: i32,
@@ -234,6 +240,9 @@ impl LogAppender {
         op: u8,
         entries: pg_sys::Datum,
     ) -> pg_sys::ItemPointerData {
+        // SAFETY: the table is open and has the ten columns the row is formed for
+        // (checked at open), with values of their types (`entries` jsonb by the
+        // caller's contract); the indexes are the table's, described by the layout.
         unsafe {
             let null = pg_sys::Datum::from(0usize);
             let mut values = [
@@ -260,13 +269,24 @@ impl LogAppender {
                 self.client_id.is_none(),
                 self.mutation_id.is_none(),
             ];
-            let tupdesc = (*self.table).rd_att;
-            let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let table = self.table.as_ptr();
+            let tuple = pg_sys::heap_form_tuple(
+                self.table.tuple_desc(),
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
             // Large batches are compressed and, past a page's worth, moved to TOAST
             // by the heap insert itself.
-            pg_sys::simple_heap_insert(self.table, tuple);
-            for (&index, described) in self.indexes.iter().zip(&self.layout.indexes) {
-                index_entries::insert(index, described.info, self.table, tuple, &values, &nulls);
+            pg_sys::simple_heap_insert(table, tuple);
+            for (index, described) in self.indexes.iter().zip(&self.layout.indexes) {
+                index_entries::insert(
+                    index.as_ptr(),
+                    described.info,
+                    table,
+                    tuple,
+                    &values,
+                    &nulls,
+                );
             }
             let tid = (*tuple).t_self;
             pg_sys::heap_freetuple(tuple);
@@ -274,16 +294,13 @@ impl LogAppender {
         }
     }
 
-    /// Closes the log table; its lock is kept until the end of the transaction, as
-    /// for any insert.
+    /// Closes the log table and its indexes (their locks are kept until the end of
+    /// the transaction, as for any insert), and keeps the layout for the next
+    /// statement. An appender dropped instead (an error unwound) leaves the closing
+    /// to the abort and its layout to be rebuilt.
     fn close(self) {
-        unsafe {
-            for index in self.indexes {
-                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-            }
-            pg_sys::table_close(self.table, pg_sys::NoLock as pg_sys::LOCKMODE);
-        }
-        LogLayout::give_back(self.layout);
+        let LogAppender { layout, .. } = self;
+        LogLayout::give_back(layout);
     }
 }
 
@@ -293,8 +310,10 @@ impl LogAppender {
 /// # Safety
 /// Must run inside a transaction; `entries` must be a valid jsonb array.
 pub unsafe fn append_one(relation: pg_sys::Oid, op: u8, entries: pg_sys::Datum) {
+    let origin = crate::write::origin::current();
+    // SAFETY: inside a transaction, `entries` jsonb (the caller's contract); the
+    // appender is closed right here.
     unsafe {
-        let origin = crate::write::origin::current();
         let mut appender = LogAppender::open(relation, origin.as_ref());
         appender.append(op, 1, entries);
         appender.close();
@@ -312,6 +331,10 @@ pub unsafe fn append_one(relation: pg_sys::Oid, op: u8, entries: pg_sys::Datum) 
 /// # Safety
 /// Must run at PRE_COMMIT of a transaction that appended log rows.
 pub unsafe fn seal(tail: Option<pg_sys::ItemPointerData>) {
+    // SAFETY: at PRE_COMMIT, inside the transaction (the caller's contract). The row
+    // at `tid` is this transaction's own log row: fetched with its buffer pinned,
+    // copied before the pin goes, and updated in place with a value of the same
+    // length. The table's column count is checked before its layout is relied on.
     unsafe {
         let commit_seq = pg_sys::GetXLogInsertRecPtr() as i64;
         match tail {
@@ -320,36 +343,38 @@ pub unsafe fn seal(tail: Option<pg_sys::ItemPointerData>) {
                     LivesyncError::NotInstalled.raise();
                 };
                 let table =
-                    pg_sys::table_open(table_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-                if (*(*table).rd_att).natts as usize != COLUMNS {
+                    OpenRelation::table(table_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+                if table.natts() != COLUMNS {
                     LivesyncError::LogTableChanged.raise();
                 }
                 let mut found = pg_sys::HeapTupleData {
                     t_self: tid,
                     ..std::mem::zeroed()
                 };
-                let mut buffer: pg_sys::Buffer = 0;
-                if !pg_sys::heap_fetch(
-                    table,
+                let mut buffer = pg_sys::InvalidBuffer as pg_sys::Buffer;
+                let fetched = pg_sys::heap_fetch(
+                    table.as_ptr(),
                     &raw mut pg_sys::SnapshotAnyData,
                     &mut found,
                     &mut buffer,
                     true,
-                ) {
+                );
+                // Pinned (or invalid) whether or not the row was found.
+                let pin = PinnedBuffer::adopt(buffer);
+                if !fetched {
                     LivesyncError::LogTableChanged.raise();
                 }
                 let copy = pg_sys::heap_copytuple(&mut found);
-                pg_sys::ReleaseBuffer(buffer);
+                drop(pin);
                 let sealed = crate::row_json::with_int8(
                     copy,
-                    (*table).rd_att,
+                    table.tuple_desc(),
                     COMMIT_SEQ_ATTNUM,
                     commit_seq,
                 );
-                pg_sys::heap_inplace_update(table, sealed);
+                pg_sys::heap_inplace_update(table.as_ptr(), sealed);
                 pg_sys::heap_freetuple(sealed);
                 pg_sys::heap_freetuple(copy);
-                pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
             }
             None => {
                 let origin = crate::write::origin::current();
@@ -365,6 +390,7 @@ pub unsafe fn seal(tail: Option<pg_sys::ItemPointerData>) {
 }
 
 fn text_datum(text: &str) -> pg_sys::Datum {
+    // SAFETY: the pointer and length describe `text`'s bytes, which the call copies.
     unsafe {
         pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
             text.as_ptr().cast(),
@@ -381,7 +407,7 @@ struct LogLayout {
     table: pg_sys::Oid,
     indexes: Vec<LogIndex>,
     /// Holds the `IndexInfo`s; deleted with the layout.
-    context: pg_sys::MemoryContext,
+    context: OwnedMemoryContext,
 }
 
 struct LogIndex {
@@ -395,9 +421,13 @@ thread_local! {
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
 pub fn init() {
+    // SAFETY: `forget` is a guarded callback of the type the relcache calls, and
+    // `_PG_init` registers it once per process.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
 }
 
+/// # Safety
+/// Called by Postgres's invalidation processing only (registered in `init`).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     LAYOUT.with(|layout| {
@@ -416,15 +446,19 @@ unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
 impl LogLayout {
     /// The backend's layout of `table` (open and locked in `lock` mode), built if
     /// there is none.
+    ///
+    /// # Safety
+    /// `table` must be open, and locked in `lock` mode.
     unsafe fn take(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> Lent<LogLayout> {
-        unsafe {
-            let cached = LAYOUT.with(|layout| layout.borrow_mut().take());
-            let layout = match cached {
-                Some(layout) if layout.table == (*table).rd_id => layout,
-                _ => LogLayout::build(table, lock),
-            };
-            Lent::new(layout)
-        }
+        let cached = LAYOUT.with(|layout| layout.borrow_mut().take());
+        // SAFETY: `table` is open (the caller's contract).
+        let relid = unsafe { (*table).rd_id };
+        let layout = match cached {
+            Some(layout) if layout.table == relid => layout,
+            // SAFETY: `table` is open and locked in `lock` mode (the caller's contract).
+            _ => unsafe { LogLayout::build(table, lock) },
+        };
+        Lent::new(layout)
     }
 
     /// Keeps a lent layout for the next statement, unless an invalidation arrived
@@ -435,35 +469,34 @@ impl LogLayout {
         }
     }
 
+    /// # Safety
+    /// `table` must be open, and locked in `lock` mode.
     unsafe fn build(table: pg_sys::Relation, lock: pg_sys::LOCKMODE) -> LogLayout {
-        unsafe {
-            let context = pg_sys::AllocSetContextCreateInternal(
+        // SAFETY: CacheMemoryContext lives as long as the backend. Owned from here:
+        // dropping the layout (also when a check below raises) deletes the context,
+        // which no abort would.
+        let context = unsafe {
+            OwnedMemoryContext::new(
                 pg_sys::CacheMemoryContext,
-                c"livesync log layout".as_ptr(),
-                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
-                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
-                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
-            );
-            // Owned from here: dropping it (also when the check below raises) deletes
-            // the context.
-            let mut layout = LogLayout {
-                table: (*table).rd_id,
-                indexes: Vec::new(),
-                context,
-            };
+                c"livesync log layout",
+                ContextSize::Small,
+            )
+        };
+        let mut layout = LogLayout {
+            // SAFETY: `table` is open (the caller's contract).
+            table: unsafe { (*table).rd_id },
+            indexes: Vec::new(),
+            context,
+        };
+        // SAFETY: `table` is open (the caller's contract) and each of its indexes is
+        // opened, in the table's lock mode, for as long as it is described.
+        unsafe {
             for oid in index_oids(table) {
-                let index = pg_sys::index_open(oid, lock);
-                let info = index_entries::plain_index_info(index, context);
-                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+                let index = OpenRelation::index(oid, lock);
+                let info = index_entries::plain_index_info(index.as_ptr(), layout.context.as_ptr());
                 layout.indexes.push(LogIndex { oid, info });
             }
-            layout
         }
-    }
-}
-
-impl Drop for LogLayout {
-    fn drop(&mut self) {
-        unsafe { pg_sys::MemoryContextDelete(self.context) };
+        layout
     }
 }

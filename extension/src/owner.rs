@@ -28,6 +28,9 @@ pub fn as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
 /// The statements must touch only livesync's tables and the catalogs: values of a
 /// user's table would bring the table owner's code (domain checks, casts) along.
 pub fn sql_as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: set_config_option is given NUL-terminated strings and a valid context
+    // and source; the GUC nest level opened here is closed after `f`, or by the
+    // (sub)transaction's abort when `f` raises.
     as_superuser_with(pg_sys::SECURITY_RESTRICTED_OPERATION as i32, || unsafe {
         // As fmgr_security_definer does for a function's SET clause: undone below,
         // or by the (sub)transaction's abort if `f` raises.
@@ -50,6 +53,10 @@ pub fn sql_as_bootstrap_superuser<R>(f: impl FnOnce() -> R) -> R {
 
 /// Runs `f` as the bootstrap superuser, with `extra` added to the security context.
 fn as_superuser_with<R>(extra: i32, f: impl FnOnce() -> R) -> R {
+    // SAFETY: the user and security context are saved and restored around `f` (as
+    // Postgres's own SECURITY DEFINER calls do); when `f` raises, the
+    // (sub)transaction's abort restores them instead. The bootstrap superuser
+    // always exists.
     unsafe {
         let mut user = pg_sys::InvalidOid;
         let mut context = 0;

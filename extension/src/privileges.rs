@@ -20,6 +20,7 @@ pub struct Denied {
 
 /// Whether the current role owns the table (is, or has the privileges of, its owner).
 pub fn owns_table(relid: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog check by oid, which raises (not crashes) for a missing table.
     unsafe { pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId()) }
 }
 
@@ -28,6 +29,7 @@ pub fn owns_table(relid: pg_sys::Oid) -> bool {
 /// (`_livesync_version`, `_livesync_clocks`) beside the caller's, so column grants
 /// cannot cover a livesync write.
 pub fn missing_table_privileges(relid: pg_sys::Oid, mode: pg_sys::AclMode) -> pg_sys::AclMode {
+    // SAFETY: a catalog check by oid, which raises (not crashes) for a missing table.
     let held = unsafe {
         pg_sys::pg_class_aclmask(
             relid,
@@ -121,9 +123,12 @@ fn inheritors(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
 
 /// `function` may run as the extension's owner or a member of `livesync_maintainer`.
 pub fn require_maintenance(function: &str) -> Result<(), Denied> {
+    // SAFETY: reads the backend's current user id.
     let user = unsafe { pg_sys::GetUserId() };
+    // SAFETY: a lookup by NUL-terminated name; missing_ok gives InvalidOid.
     let maintainer = unsafe { pg_sys::get_role_oid(MAINTAINER_ROLE.as_ptr(), true) };
     let owner = extension_owner();
+    // SAFETY: catalog checks of roles that exist (invalid oids are not asked about).
     let allowed = unsafe {
         (owner != pg_sys::InvalidOid && pg_sys::has_privs_of_role(user, owner))
             || (maintainer != pg_sys::InvalidOid && pg_sys::has_privs_of_role(user, maintainer))

@@ -27,6 +27,8 @@ impl ErrorToRaise {
 
     /// A palloc'd error.
     pub fn palloc(sqlstate: SqlState, message: &str, hint: Option<&str>) -> *mut ErrorToRaise {
+        // SAFETY: the allocation is sized and (palloc: MAXALIGN) aligned for one
+        // ErrorToRaise, written whole before the pointer is returned.
         unsafe {
             let error = pg_sys::palloc(std::mem::size_of::<ErrorToRaise>()).cast::<ErrorToRaise>();
             error.write(ErrorToRaise {
@@ -60,7 +62,14 @@ unsafe extern "C-unwind" {
 
 /// Raises an ERROR with the given SQLSTATE; does not return. Call it only from a
 /// frame that owns nothing needing a drop (the error unwinds by longjmp).
+///
+/// # Safety
+/// Every frame between this call and the nearest Postgres error handler must own
+/// nothing that needs a drop; `error`'s strings must be NUL-terminated.
 pub unsafe fn raise(error: &ErrorToRaise) -> ! {
+    // SAFETY: the declarations above match elog.h; the strings are NUL-terminated
+    // and passed through a "%s" format, and the longjmp errfinish makes skips only
+    // frames that own nothing needing a drop (the caller's contract).
     unsafe {
         if errstart(pgrx::PgLogLevel::ERROR as c_int, std::ptr::null()) {
             errcode(error.sqlstate);
@@ -75,6 +84,7 @@ pub unsafe fn raise(error: &ErrorToRaise) -> ! {
 }
 
 fn palloc_cstring(text: &str) -> *mut c_char {
+    // SAFETY: the allocation has room for the bytes and the NUL written after them.
     unsafe {
         let copy = pg_sys::palloc(text.len() + 1).cast::<u8>();
         std::ptr::copy_nonoverlapping(text.as_ptr(), copy, text.len());

@@ -19,6 +19,7 @@
 //! 40001 instead (a retry stamps after the delete has committed).
 
 use crate::error::LivesyncError;
+use crate::pg_resources::OpenRelation;
 use crate::row_json::{column, RowEncoder};
 use pgrx::pg_sys;
 
@@ -36,19 +37,27 @@ pub unsafe fn if_overtaken(
     mark: Option<i64>,
 ) -> i64 {
     match mark {
+        // SAFETY: `slot` holds a row the statement inserted (the caller's contract).
         Some(mark) if stamped < mark => unsafe { restamp(encoder, slot, stamped) },
         _ => stamped,
     }
 }
 
+/// # Safety
+/// As for `if_overtaken`.
 unsafe fn restamp(encoder: &RowEncoder, slot: *mut pg_sys::TupleTableSlot, stamped: i64) -> i64 {
+    // SAFETY: the relation is the encoder's, locked by the statement that inserted
+    // the row in `slot` (the caller's contract); its primary key is opened for the
+    // scan, whose keys are built from the key columns' values in `slot` with the
+    // index's own operator families and collations. The row found is this
+    // transaction's, updated in place with a value of the same length.
     unsafe {
         // Locked by the statement that inserted the row.
-        let rel = pg_sys::relation_open(encoder.relid(), pg_sys::NoLock as pg_sys::LOCKMODE);
+        let table = OpenRelation::relation(encoder.relid(), pg_sys::NoLock as pg_sys::LOCKMODE);
+        let rel = table.as_ptr();
         let version_attnum = encoder.version_column() as i32 + 1;
         let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
         if pk == pg_sys::InvalidOid {
-            pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             return stamped;
         }
         if version_is_indexed(rel, version_attnum) {
@@ -56,15 +65,14 @@ unsafe fn restamp(encoder: &RowEncoder, slot: *mut pg_sys::TupleTableSlot, stamp
             LivesyncError::InsertOvertaken(name.to_string_lossy().into_owned()).raise();
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let index = pg_sys::index_open(pk, lock);
+        let primary_key = OpenRelation::index(pk, lock).unlocking_at_close(lock);
+        let index = primary_key.as_ptr();
         let nkeys = (*(*index).rd_index).indnkeyatts as usize;
         let mut keys: Vec<pg_sys::ScanKeyData> = Vec::with_capacity(nkeys);
         for i in 0..nkeys {
             let heap_attnum = *(*(*index).rd_index).indkey.values.as_ptr().add(i);
             let (value, null) = column(slot, heap_attnum as usize - 1);
             if null {
-                pg_sys::index_close(index, lock);
-                pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
                 return stamped; // a primary key has no nulls; nothing to find
             }
             let opfamily = *(*index).rd_opfamily.add(i);
@@ -121,20 +129,24 @@ unsafe fn restamp(encoder: &RowEncoder, slot: *mut pg_sys::TupleTableSlot, stamp
         }
         pg_sys::index_endscan(scan);
         pg_sys::ExecDropSingleTupleTableSlot(found);
-        pg_sys::index_close(index, lock);
-        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         version
     }
 }
 
 /// Whether any index of `rel` has `attnum` among its columns, expressions or
 /// predicate.
+///
+/// # Safety
+/// `rel` must be an open relation.
 unsafe fn version_is_indexed(rel: pg_sys::Relation, attnum: i32) -> bool {
+    // SAFETY: `rel` is open (the caller's contract); each index is open while its
+    // pg_index row (`indnatts` columns) and expression trees are read.
     unsafe {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let offset = attnum - pg_sys::FirstLowInvalidHeapAttributeNumber;
         crate::catalog::index_oids(rel).into_iter().any(|oid| {
-            let index = pg_sys::index_open(oid, lock);
+            let opened = OpenRelation::index(oid, lock).unlocking_at_close(lock);
+            let index = opened.as_ptr();
             let form = &*(*index).rd_index;
             let natts = form.indnatts as usize;
             let in_columns =
@@ -149,7 +161,6 @@ unsafe fn version_is_indexed(rel: pg_sys::Relation, attnum: i32) -> bool {
                 }
             }
             let in_trees = pg_sys::bms_is_member(offset, referenced);
-            pg_sys::index_close(index, lock);
             in_columns || in_trees
         })
     }

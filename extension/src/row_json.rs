@@ -11,6 +11,7 @@
 
 use crate::catalog::Lent;
 use crate::error::LivesyncError;
+use crate::pg_resources::{ContextSize, OpenRelation, OwnedMemoryContext};
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -41,8 +42,8 @@ pub struct RowEncoder {
     relid: pg_sys::Oid,
     tupdesc: pg_sys::TupleDesc,
     /// Holds what the encoder allocates in Postgres memory (the `to_jsonb` call
-    /// expressions); deleted with the encoder.
-    context: pg_sys::MemoryContext,
+    /// expressions, the slots); kept only to be deleted with the encoder.
+    _context: OwnedMemoryContext,
     /// 0-based indexes of the primary-key columns.
     key_columns: Vec<usize>,
     /// 0-based index of `_livesync_version`.
@@ -63,9 +64,13 @@ thread_local! {
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
 pub fn init() {
+    // SAFETY: `forget` is a guarded callback of the type the relcache calls, and
+    // `_PG_init` registers it once per process.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
 }
 
+/// # Safety
+/// Called by Postgres's invalidation processing only (registered in `init`).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     ENCODERS.with(|encoders| crate::catalog::forget_relation(encoders, relid));
@@ -79,15 +84,15 @@ impl RowEncoder {
     /// # Safety
     /// `rel` must be an open relation that stays open while the encoder is used.
     pub unsafe fn take(rel: pg_sys::Relation) -> Result<Lent<RowEncoder>, LivesyncError> {
-        unsafe {
-            let relid = (*rel).rd_id;
-            let cached = ENCODERS.with(|encoders| encoders.borrow_mut().remove(&relid));
-            let encoder = match cached {
-                Some(encoder) if encoder.tupdesc == (*rel).rd_att => encoder,
-                _ => RowEncoder::new(rel)?,
-            };
-            Ok(Lent::new(encoder))
-        }
+        // SAFETY: `rel` is open (the caller's contract).
+        let (relid, tupdesc) = unsafe { ((*rel).rd_id, (*rel).rd_att) };
+        let cached = ENCODERS.with(|encoders| encoders.borrow_mut().remove(&relid));
+        let encoder = match cached {
+            Some(encoder) if encoder.tupdesc == tupdesc => encoder,
+            // SAFETY: `rel` is open (the caller's contract).
+            _ => unsafe { RowEncoder::new(rel)? },
+        };
+        Ok(Lent::new(encoder))
     }
 
     /// Keeps a lent encoder for the next statement, unless an invalidation arrived
@@ -101,29 +106,34 @@ impl RowEncoder {
     /// # Safety
     /// `rel` must be an open relation.
     unsafe fn new(rel: pg_sys::Relation) -> Result<Self, LivesyncError> {
-        unsafe {
-            let context = pg_sys::AllocSetContextCreateInternal(
+        // SAFETY: CacheMemoryContext lives as long as the backend. The context is
+        // owned before anything is built in it: an `Err`, and a Postgres ERROR raised
+        // while building (unwinding through here), both drop it and so delete it,
+        // which nothing else would (no abort resets CacheMemoryContext).
+        let context = unsafe {
+            OwnedMemoryContext::new(
                 pg_sys::CacheMemoryContext,
-                c"livesync row encoder".as_ptr(),
-                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
-                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
-                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
-            );
-            let outer = pg_sys::CurrentMemoryContext;
-            pg_sys::CurrentMemoryContext = context;
-            let built = RowEncoder::build(rel, context);
-            pg_sys::CurrentMemoryContext = outer;
-            if built.is_err() {
-                pg_sys::MemoryContextDelete(context);
-            }
-            built
-        }
+                c"livesync row encoder",
+                ContextSize::Small,
+            )
+        };
+        // SAFETY: `rel` is open (the caller's contract).
+        unsafe { RowEncoder::build(rel, context) }
     }
 
+    /// Builds the encoder of `rel` in `context`, which it then owns.
+    ///
+    /// # Safety
+    /// `rel` must be an open relation.
     unsafe fn build(
         rel: pg_sys::Relation,
-        context: pg_sys::MemoryContext,
+        context: OwnedMemoryContext,
     ) -> Result<Self, LivesyncError> {
+        // Everything Postgres allocates for the encoder goes into its context; the
+        // switch ends before `context` moves into the encoder, or is dropped.
+        let in_context = context.switch_to();
+        // SAFETY: `rel` is open (the caller's contract), so its descriptor and
+        // relcache entry are valid to read throughout.
         unsafe {
             let tupdesc = (*rel).rd_att;
             let natts = (*tupdesc).natts as usize;
@@ -160,10 +170,11 @@ impl RowEncoder {
             let slot_desc = pg_sys::CreateTupleDescCopyConstr(tupdesc);
             let slots = [0, 1]
                 .map(|_| pg_sys::MakeSingleTupleTableSlot(slot_desc, &pg_sys::TTSOpsMinimalTuple));
+            drop(in_context);
             Ok(RowEncoder {
                 relid: (*rel).rd_id,
                 tupdesc,
-                context,
+                _context: context,
                 key_columns,
                 version_column,
                 kinds,
@@ -184,6 +195,7 @@ impl RowEncoder {
     /// # Safety
     /// `slot` must hold a tuple of this encoder's relation.
     pub unsafe fn key(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+        // SAFETY: `slot` holds a tuple of this relation (the caller's contract).
         unsafe {
             let mut builder = JsonbBuilder::new();
             self.push_key(&mut builder, slot);
@@ -196,6 +208,8 @@ impl RowEncoder {
     /// # Safety
     /// `slot` must hold a tuple of this encoder's relation.
     pub unsafe fn push_key(&mut self, out: &mut JsonbBuilder, slot: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: `slot` holds a tuple of this relation (the caller's contract), and
+        // the key columns are among its columns.
         unsafe {
             out.begin_object();
             for k in 0..self.key_columns.len() {
@@ -212,6 +226,8 @@ impl RowEncoder {
     /// # Safety
     /// `slot` must hold a tuple of this encoder's relation.
     pub unsafe fn push_row(&mut self, out: &mut JsonbBuilder, slot: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: `slot` holds a tuple of this relation (the caller's contract), which
+        // has a column for every kind.
         unsafe {
             out.begin_object();
             for i in 0..self.kinds.len() {
@@ -234,6 +250,8 @@ impl RowEncoder {
         old_slot: *mut pg_sys::TupleTableSlot,
         new_slot: *mut pg_sys::TupleTableSlot,
     ) {
+        // SAFETY: both slots hold tuples of this relation (the caller's contract),
+        // which have a column for every kind.
         unsafe {
             let mut changed = std::mem::take(&mut self.changed);
             changed.clear();
@@ -269,6 +287,8 @@ impl RowEncoder {
         slot: *mut pg_sys::TupleTableSlot,
         columns: &[usize],
     ) {
+        // SAFETY: `slot` holds a tuple of this relation (the caller's contract), and
+        // only indexes below the number of its columns are read.
         unsafe {
             out.begin_object();
             for &i in columns {
@@ -285,12 +305,22 @@ impl RowEncoder {
 
     /// Adds column `i` of the tuple in `slot` to the object `out` is building.
     /// Everything pushed is copied out of the slot: the builder outlives the tuple.
+    ///
+    /// # Safety
+    /// `slot` must hold a tuple of this encoder's relation, and `i` be one of its
+    /// columns that is not skipped.
     unsafe fn push_column(
         &mut self,
         out: &mut JsonbBuilder,
         slot: *mut pg_sys::TupleTableSlot,
         i: usize,
     ) {
+        // SAFETY: column `i` of `slot` exists and is of the type its kind was made
+        // for (the caller's contract; the encoder is rebuilt when the descriptor
+        // changes), so each arm reads the datum as what it is: int2/int4/int8/bool by
+        // value, text a varlena, anything else through to_jsonb with its type. The
+        // attribute name lives in the relcache's descriptor, which outlives the
+        // builder (a statement).
         unsafe {
             let att = attr(self.tupdesc, i);
             let name = att.attname.data.as_ptr();
@@ -335,6 +365,9 @@ impl RowEncoder {
     }
 
     /// Whether two tuples of this relation have the same primary key.
+    ///
+    /// # Safety
+    /// Both slots must hold tuples of this encoder's relation.
     pub unsafe fn same_key(
         &self,
         a: *mut pg_sys::TupleTableSlot,
@@ -342,6 +375,7 @@ impl RowEncoder {
     ) -> bool {
         self.key_columns
             .iter()
+            // SAFETY: both slots hold tuples of this relation (the caller's contract).
             .all(|&i| unsafe { self.same_value(a, b, i) })
     }
 
@@ -356,7 +390,12 @@ impl RowEncoder {
     }
 
     /// The row's `_livesync_version`.
+    ///
+    /// # Safety
+    /// `slot` must hold a tuple of this encoder's relation.
     pub unsafe fn version(&self, slot: *mut pg_sys::TupleTableSlot) -> Option<i64> {
+        // SAFETY: `slot` holds a tuple of this relation (the caller's contract), whose
+        // version column is a bigint, by value.
         unsafe {
             let (value, null) = column(slot, self.version_column);
             (!null).then(|| value.value() as i64)
@@ -365,12 +404,18 @@ impl RowEncoder {
 
     /// Binary (image) equality: a value rewritten to an equal but differently
     /// stored form counts as changed, which is what a replica needs to see.
+    ///
+    /// # Safety
+    /// Both slots must hold tuples of this encoder's relation, and `i` be one of its
+    /// columns.
     unsafe fn same_value(
         &self,
         a: *mut pg_sys::TupleTableSlot,
         b: *mut pg_sys::TupleTableSlot,
         i: usize,
     ) -> bool {
+        // SAFETY: column `i` exists in both tuples (the caller's contract), and two
+        // non-null values of it are compared with its own length and by-value flag.
         unsafe {
             let (va, na) = column(a, i);
             let (vb, nb) = column(b, i);
@@ -386,15 +431,16 @@ impl RowEncoder {
     }
 }
 
-impl Drop for RowEncoder {
-    fn drop(&mut self) {
-        unsafe { pg_sys::MemoryContextDelete(self.context) };
-    }
-}
-
 /// Whether two non-null values of one type are stored identically (Postgres's
 /// `datum_image_eq`, which pgrx does not bind).
+///
+/// # Safety
+/// `a` and `b` must be non-null values of one type, whose `typbyval` and `typlen`
+/// are `by_value` and `len`.
 unsafe fn same_image(a: pg_sys::Datum, b: pg_sys::Datum, by_value: bool, len: i16) -> bool {
+    // SAFETY: by the caller's contract each pointer type read matches the type's
+    // storage: `len` bytes for fixed-length types, a NUL-terminated string for
+    // cstring (-2), a varlena otherwise (whose size its header gives).
     unsafe {
         if by_value {
             return a == b;
@@ -434,18 +480,26 @@ unsafe fn same_image(a: pg_sys::Datum, b: pg_sys::Datum, by_value: bool, len: i1
 
 /// 0-based indexes of the primary key's columns, in the key's order. Read from the
 /// index itself: the relcache's primary-key bitmap leaves out DEFERRABLE keys.
+///
+/// # Safety
+/// `rel` must be an open relation, locked.
 unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Vec<usize> {
+    // SAFETY: `rel` is open (the caller's contract); its indexes cannot be dropped
+    // while it is locked, so each one's relcache entry, opened without a lock of its
+    // own, is an index's with a valid `rd_index` of `indnkeyatts` key columns.
     unsafe {
         for oid in crate::catalog::index_oids(rel) {
-            let index = pg_sys::RelationIdGetRelation(oid);
-            let form = (*index).rd_index;
+            let Some(index) = OpenRelation::unlocked(oid) else {
+                continue;
+            };
+            let form = (*index.as_ptr()).rd_index;
             let columns: Vec<usize> = if (*form).indisprimary {
                 let keys = (*form).indkey.values.as_slice((*form).indnkeyatts as usize);
                 keys.iter().map(|&attnum| (attnum - 1) as usize).collect()
             } else {
                 Vec::new()
             };
-            pg_sys::RelationClose(index);
+            drop(index);
             if !columns.is_empty() {
                 return columns;
             }
@@ -458,6 +512,7 @@ unsafe fn primary_key_columns(rel: pg_sys::Relation) -> Vec<usize> {
 pub fn is_version_column(att: &pg_sys::FormData_pg_attribute) -> bool {
     !att.attisdropped
         && att.atttypid == pg_sys::INT8OID
+        // SAFETY: attname is a NUL-terminated NameData.
         && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == VERSION_COLUMN
 }
 
@@ -475,6 +530,8 @@ pub unsafe fn with_int8(
     let mut columns = [attnum];
     let mut values = [pg_sys::Datum::from(value)];
     let mut nulls = [false];
+    // SAFETY: `tuple` is a tuple of `tupdesc` whose column `attnum` takes an int8 by
+    // value (the caller's contract); the arrays describe that one column.
     unsafe {
         pg_sys::heap_modify_tuple_by_cols(
             tuple,
@@ -488,12 +545,23 @@ pub unsafe fn with_int8(
 }
 
 /// Column `i` (0-based) of a tuple descriptor.
+///
+/// # Safety
+/// `tupdesc` must be a valid descriptor with more than `i` columns, that outlives
+/// the reference (`'a`).
 pub unsafe fn attr<'a>(tupdesc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
+    // SAFETY: `attrs` is the descriptor's trailing array of `natts` entries, and
+    // `i < natts` (the caller's contract).
     unsafe { &*(*tupdesc).attrs.as_ptr().add(i) }
 }
 
-/// Column `i` (0-based) of a slot whose attributes have been deformed.
+/// Column `i` (0-based) of the tuple in a slot, deformed as far as needed.
+///
+/// # Safety
+/// `slot` must hold a tuple with more than `i` columns.
 pub unsafe fn column(slot: *mut pg_sys::TupleTableSlot, i: usize) -> (pg_sys::Datum, bool) {
+    // SAFETY: after slot_getsomeattrs_int(i + 1) the slot's value and null arrays
+    // hold at least `i + 1` valid entries (the tuple has that many columns).
     unsafe {
         if ((*slot).tts_nvalid as usize) <= i {
             pg_sys::slot_getsomeattrs_int(slot, (i + 1) as i32);
@@ -510,6 +578,9 @@ fn column_kind(type_oid: pg_sys::Oid) -> ColumnKind {
         pg_sys::BOOLOID => ColumnKind::Bool,
         // char(n) too: stored padded, and rendered as stored.
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => ColumnKind::Text,
+        // SAFETY: fmgr_info fills the zeroed FmgrInfo for a built-in function, and
+        // the expression built for it (in the current memory context, the
+        // encoder's) is a well-formed FuncExpr with one Const argument of the type.
         _ => unsafe {
             // to_jsonb(anyelement) asks its call expression for the argument's
             // type; give it one that says "this column's type".
@@ -532,8 +603,9 @@ fn column_kind(type_oid: pg_sys::Oid) -> ColumnKind {
 }
 
 /// An integer as a JSON number (what `to_jsonb` makes of it).
-unsafe fn numeric(value: &mut pg_sys::JsonbValue, n: i64) {
+fn numeric(value: &mut pg_sys::JsonbValue, n: i64) {
     value.type_ = pg_sys::jbvType::jbvNumeric;
+    // SAFETY: int64_to_numeric takes any i64 and pallocs its result.
     value.val.numeric = unsafe { pg_sys::int64_to_numeric(n) };
 }
 
@@ -592,6 +664,7 @@ impl JsonbBuilder {
 
     /// Adds an array element: JSON null.
     pub fn null_element(&mut self) {
+        // SAFETY: JsonbValue is a plain C struct, for which all zeroes is valid.
         let mut value = unsafe { std::mem::zeroed::<pg_sys::JsonbValue>() };
         value.type_ = pg_sys::jbvType::jbvNull;
         self.token(pg_sys::JsonbIteratorToken::WJB_ELEM, &mut value);
@@ -599,14 +672,20 @@ impl JsonbBuilder {
 
     /// Adds an array element: an integer.
     pub fn int_element(&mut self, n: i64) {
+        // SAFETY: JsonbValue is a plain C struct, for which all zeroes is valid.
         let mut value = unsafe { std::mem::zeroed::<pg_sys::JsonbValue>() };
-        unsafe { numeric(&mut value, n) };
+        numeric(&mut value, n);
         self.token(pg_sys::JsonbIteratorToken::WJB_ELEM, &mut value);
     }
 
-    /// Adds `name: value` to the object being built (`name` a NUL-terminated
-    /// column name that outlives the builder).
+    /// Adds `name: value` to the object being built.
+    ///
+    /// # Safety
+    /// `name` must be NUL-terminated and outlive the builder; `value` a complete
+    /// scalar (or binary) JsonbValue.
     unsafe fn key_value(&mut self, name: *const std::ffi::c_char, value: &mut pg_sys::JsonbValue) {
+        // SAFETY: `name` is NUL-terminated (the caller's contract), and a string key
+        // refers to it rather than copying it, which its lifetime allows.
         unsafe {
             let mut key = std::mem::zeroed::<pg_sys::JsonbValue>();
             key.type_ = pg_sys::jbvType::jbvString;
@@ -621,6 +700,8 @@ impl JsonbBuilder {
     /// A copy of `bytes` in the current memory context.
     fn copy_bytes(&mut self, bytes: &[u8]) -> *mut std::ffi::c_char {
         self.size += bytes.len();
+        // SAFETY: the allocation has room for `bytes.len()` bytes (at least one:
+        // palloc(0) is not allowed), copied from a slice that does not overlap it.
         unsafe {
             let copy = pg_sys::palloc(bytes.len().max(1)).cast::<u8>();
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), copy, bytes.len());
@@ -633,6 +714,9 @@ impl JsonbBuilder {
     }
 
     fn token(&mut self, token: pg_sys::JsonbIteratorToken::Type, value: *mut pg_sys::JsonbValue) {
+        // SAFETY: `state` is the builder's own parse state (null before the first
+        // token), and `value` is null for the begin/end tokens that take none and a
+        // complete value for the others (the public methods pair them so).
         self.last = unsafe { pg_sys::pushJsonbValue(&mut self.state, token, value) };
     }
 
@@ -642,6 +726,7 @@ impl JsonbBuilder {
             self.state.is_null() && !self.last.is_null(),
             "jsonb builder finished with unclosed containers"
         );
+        // SAFETY: after the outermost end token `last` is the whole value, complete.
         unsafe { pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(self.last)) }
     }
 }

@@ -44,6 +44,7 @@
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::gucs::{self, SequencerMode};
+use crate::pg_resources::RegisteredSnapshot;
 use crate::worker;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
@@ -73,6 +74,8 @@ thread_local! {
 
 /// Registers the transaction callback; called once from `_PG_init`.
 pub fn init() {
+    // SAFETY: both are guarded callbacks of the types Postgres calls, registered
+    // once per process from `_PG_init`, with no argument to keep alive.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
@@ -82,6 +85,8 @@ pub fn init() {
 /// Reserves `count` consecutive ordinals in the current top-level transaction and
 /// returns the first. Also arranges for the transaction to be sequenced.
 pub fn reserve_ordinals(count: i32) -> i32 {
+    // SAFETY: capture calls this inside a transaction, which this assigns an xid if
+    // it has none (a write needs one anyway).
     let fxid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
     PENDING.with(|pending| {
         let first = match pending.get() {
@@ -104,6 +109,7 @@ pub fn reserve_ordinals(count: i32) -> i32 {
 /// Records the log row just appended (after `reserve_ordinals`) as the
 /// transaction's tail: its commit sequence goes there.
 pub fn note_tail(tid: pg_sys::ItemPointerData) {
+    // SAFETY: reads the current transaction state's id; capture runs in a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     SURVIVING.with(|surviving| {
         let mut surviving = surviving.borrow_mut();
@@ -123,6 +129,9 @@ pub fn note_tail(tid: pg_sys::ItemPointerData) {
 /// tail is among them, the commit sequence needs a row of its own (a marker).
 /// Subtransactions still open when one aborts were all started inside it, so they
 /// are the ones with a larger or equal id.
+///
+/// # Safety
+/// Called by Postgres's transaction machinery only (registered in `init`).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_subxact_event(
     event: pg_sys::SubXactEvent::Type,
@@ -144,6 +153,8 @@ unsafe extern "C-unwind" fn on_subxact_event(
     });
 }
 
+/// # Safety
+/// Called by Postgres's transaction machinery only (registered in `init`).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
@@ -151,6 +162,7 @@ unsafe extern "C-unwind" fn on_xact_event(
 ) {
     use pg_sys::XactEvent::*;
     match event {
+        // SAFETY: this is PRE_COMMIT, still inside the committing transaction.
         XACT_EVENT_PRE_COMMIT => unsafe { before_commit() },
         XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.get()).is_some() => {
             LivesyncError::PrepareNotSupported.raise();
@@ -173,6 +185,9 @@ unsafe extern "C-unwind" fn on_xact_event(
 
 /// At PRE_COMMIT of a transaction that captured changes: hand it to the worker
 /// (woken once the commit is visible) or sequence it right here.
+///
+/// # Safety
+/// Must run at PRE_COMMIT.
 unsafe fn before_commit() {
     let Some(pending) = PENDING.take() else {
         return;
@@ -187,6 +202,8 @@ unsafe fn before_commit() {
     if crate::catalog::livesync_relation(c"changes").is_none() {
         return; // the extension was dropped in this transaction
     }
+    // SAFETY: at PRE_COMMIT of a transaction that appended log rows (it has a
+    // pending entry and surviving rows), as seal requires.
     unsafe {
         crate::owner::as_bootstrap_superuser(|| crate::log_writer::seal(pending.tail.map(|t| t.0)))
     };
@@ -196,6 +213,8 @@ unsafe fn before_commit() {
     };
     match waker {
         Some(waker) => WAKE_AFTER_COMMIT.set(Some(waker)),
+        // SAFETY: still inside the committing transaction, and livesync is installed
+        // (its log table was found above).
         None => unsafe {
             tick();
         },
@@ -214,6 +233,8 @@ pub struct Ticked {
 /// # Safety
 /// Must run inside a transaction, in a database where livesync is installed.
 pub unsafe fn tick() -> Option<Ticked> {
+    // SAFETY: inside a transaction (the caller's contract); the tick runs with the
+    // sequencer lock held and its snapshot registered, as tick::run requires.
     unsafe {
         let Some(batches) = livesync_relation(c"batches") else {
             // The extension was dropped in this very transaction: nothing to sequence.
@@ -228,13 +249,14 @@ pub unsafe fn tick() -> Option<Ticked> {
         // Our own changes must be visible to the tick's snapshot, and the snapshot must
         // be newer than the previous tick's whatever this transaction's isolation level.
         pg_sys::CommandCounterIncrement();
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let snapshot = RegisteredSnapshot::latest();
         // One past our own xid when we have one (the commit-time tick includes its own
         // transaction), else 0.
         let own = pg_sys::GetTopFullTransactionIdIfAny().value;
         let bound = if own == 0 { 0 } else { own + 1 };
-        let ticked = crate::owner::as_bootstrap_superuser(|| crate::tick::run(snapshot, bound));
-        pg_sys::UnregisterSnapshot(snapshot);
+        let ticked =
+            crate::owner::as_bootstrap_superuser(|| crate::tick::run(snapshot.as_ptr(), bound));
+        drop(snapshot);
         let (position, transactions) = ticked?;
         // Delivered by Postgres only if this transaction commits, in commit order.
         let payload = position.to_string();
@@ -253,14 +275,22 @@ struct NoLockTimeout {
 
 impl NoLockTimeout {
     fn set() -> Self {
-        let saved = unsafe { pg_sys::LockTimeout };
-        unsafe { pg_sys::LockTimeout = 0 };
+        // SAFETY: the backend's lock_timeout variable, read and written only by this
+        // (single-threaded) process; 0 is a valid setting (no timeout).
+        let saved = unsafe {
+            let saved = pg_sys::LockTimeout;
+            pg_sys::LockTimeout = 0;
+            saved
+        };
         NoLockTimeout { saved }
     }
 }
 
 impl Drop for NoLockTimeout {
     fn drop(&mut self) {
+        // Restored while a panic unwinds too: it is a plain store, no Postgres call,
+        // and the abort does not restore a variable set behind the GUC machinery.
+        // SAFETY: as in `set`; `saved` was the setting's value.
         unsafe { pg_sys::LockTimeout = self.saved };
     }
 }

@@ -16,6 +16,7 @@
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::index_entries;
+use crate::pg_resources::OpenRelation;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 use std::collections::HashMap;
@@ -34,10 +35,13 @@ const BATCH_COLUMNS: usize = 5;
 /// # Safety
 /// Must run inside a transaction holding the sequencer lock; `snapshot` registered.
 pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<(i64, usize)> {
+    // SAFETY: in a transaction holding the sequencer lock, with `snapshot` registered
+    // (the caller's contract): what every read and write below needs. The relations
+    // opened are livesync's own, whose layout is checked before it is relied on.
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let state_rel = pg_sys::table_open(relation(c"_sequencer"), lock);
-        let previous = StateRow::read(state_rel, snapshot);
+        let state_rel = OpenRelation::table(relation(c"_sequencer"), lock);
+        let previous = StateRow::read(&state_rel, snapshot);
 
         // S as a pg_snapshot (full xids), which is also what gets stored.
         pg_sys::PushActiveSnapshot(snapshot);
@@ -48,7 +52,6 @@ pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<(i64, us
 
         let fresh = scan_new_transactions(snapshot, &previous, current_xmax.max(own_bound));
         if fresh.is_empty() {
-            pg_sys::table_close(state_rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             return None;
         }
 
@@ -78,8 +81,8 @@ pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<(i64, us
             .filter(|tx| tx.xid >= current_xmax)
             .map(|tx| pg_sys::Datum::from(tx.xid))
             .collect();
-        previous.replace(state_rel, current, xid8_array(&mut sequenced));
-        pg_sys::table_close(state_rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        previous.replace(&state_rel, current, xid8_array(&mut sequenced));
+        drop(state_rel);
         pg_sys::CommandCounterIncrement();
         Some((last, fresh.len()))
     }
@@ -100,11 +103,16 @@ struct StateRow {
 }
 
 impl StateRow {
-    unsafe fn read(rel: pg_sys::Relation, snapshot: pg_sys::Snapshot) -> StateRow {
+    /// # Safety
+    /// `snapshot` must be registered, in the transaction `rel` was opened in.
+    unsafe fn read(rel: &OpenRelation, snapshot: pg_sys::Snapshot) -> StateRow {
+        if rel.natts() != SEQUENCER_COLUMNS {
+            LivesyncError::LogTableChanged.raise();
+        }
+        // SAFETY: `rel` is open with the columns checked above and `snapshot` is
+        // registered; the tuple found is copied before its scan (and buffer) ends.
         unsafe {
-            if (*(*rel).rd_att).natts as usize != SEQUENCER_COLUMNS {
-                LivesyncError::LogTableChanged.raise();
-            }
+            let rel = rel.as_ptr();
             let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
             let found = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
             if found.is_null() {
@@ -129,13 +137,21 @@ impl StateRow {
     }
 
     /// Stores the new snapshot and what this tick sequenced at or past its xmax.
+    ///
+    /// # Safety
+    /// `rel` is the `_sequencer` table this row was read from, opened in
+    /// RowExclusiveLock mode; `snapshot` a `pg_snapshot` value, `sequenced` an
+    /// `xid8[]`.
     unsafe fn replace(
         &self,
-        rel: pg_sys::Relation,
+        rel: &OpenRelation,
         snapshot: pg_sys::Datum,
         sequenced: pg_sys::Datum,
     ) {
+        // SAFETY: `self.tuple` is a copy of the row `rel` holds at `t_self`, and the
+        // new values have the types of columns 2 and 3 (the caller's contract).
         unsafe {
+            let rel = rel.as_ptr();
             let mut columns = [2, 3];
             let mut values = [snapshot, sequenced];
             let mut nulls = [false, false];
@@ -157,7 +173,11 @@ impl StateRow {
     }
 }
 
-/// A `_sequencer` row's columns (the caller has checked the table's column count).
+/// A `_sequencer` row's columns.
+///
+/// # Safety
+/// `tuple` is a row of `rel`, whose column count the caller has checked is
+/// `SEQUENCER_COLUMNS`.
 unsafe fn deform_state(
     rel: pg_sys::Relation,
     tuple: pg_sys::HeapTuple,
@@ -167,6 +187,7 @@ unsafe fn deform_state(
 ) {
     let mut values = [pg_sys::Datum::from(0usize); SEQUENCER_COLUMNS];
     let mut nulls = [false; SEQUENCER_COLUMNS];
+    // SAFETY: the arrays hold as many columns as `rel` has (the caller's contract).
     unsafe {
         pg_sys::heap_deform_tuple(
             tuple,
@@ -196,15 +217,22 @@ struct Fresh {
 /// respects (one that waited for the other's lock, or began after it committed,
 /// took its sequence after the other's commit record); ties, which only unrelated
 /// transactions can have, by xid.
+///
+/// # Safety
+/// Must run inside a transaction; `snapshot` registered.
 unsafe fn scan_new_transactions(
     snapshot: pg_sys::Snapshot,
     previous: &StateRow,
     upper: u64,
 ) -> Vec<Fresh> {
+    // SAFETY: the log and its primary key are open for the whole scan, and the slot
+    // is made for the log's rows, whose first four columns (tx, ordinal, count,
+    // commit_seq: xid8, int4, int4, int8, all NOT NULL) are read by value.
     unsafe {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let log = pg_sys::table_open(relation(c"changes"), lock);
-        let index = pg_sys::index_open(relation(c"changes_pkey"), lock);
+        let log_table = OpenRelation::table(relation(c"changes"), lock);
+        let log_key = OpenRelation::index(relation(c"changes_pkey"), lock);
+        let (log, index) = (log_table.as_ptr(), log_key.as_ptr());
         let slot = pg_sys::table_slot_create(log, std::ptr::null_mut());
         let mut fresh: HashMap<u64, Fresh> = HashMap::new();
         // One index scan per set of keys: a scan keeps the number of keys it began
@@ -261,8 +289,8 @@ unsafe fn scan_new_transactions(
             collect(&mut keys);
         }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-        pg_sys::table_close(log, pg_sys::NoLock as pg_sys::LOCKMODE);
+        drop(log_key);
+        drop(log_table);
         let mut fresh: Vec<Fresh> = fresh.into_values().filter(|tx| tx.count > 0).collect();
         fresh.sort_unstable_by_key(|tx| (tx.commit_seq, tx.xid));
         fresh
@@ -270,7 +298,13 @@ unsafe fn scan_new_transactions(
 }
 
 /// A key on the log index's first column (`tx`).
+///
+/// # Safety
+/// `procedure` must be a comparison function of two `xid8` values, matching
+/// `strategy`.
 unsafe fn scan_key(strategy: u32, procedure: u32, tx: u64) -> pg_sys::ScanKeyData {
+    // SAFETY: ScanKeyInit fills the zeroed key; `tx` is an xid8 by value, what
+    // `procedure` compares (the caller's contract).
     unsafe {
         let mut key = std::mem::zeroed::<pg_sys::ScanKeyData>();
         pg_sys::ScanKeyInit(
@@ -285,20 +319,27 @@ unsafe fn scan_key(strategy: u32, procedure: u32, tx: u64) -> pg_sys::ScanKeyDat
 }
 
 /// Appends the tick's `livesync.batches` row.
+///
+/// # Safety
+/// Must run inside a transaction holding the sequencer lock; `txs` holds xid8 and
+/// `firsts` int8 values.
 unsafe fn insert_batch(
     first: i64,
     last: i64,
     txs: &mut [pg_sys::Datum],
     firsts: &mut [pg_sys::Datum],
 ) {
+    // SAFETY: the table is open and has the five columns the row is formed for
+    // (checked), with values of their types; its indexes get the row's entries.
     unsafe {
-        let rel = pg_sys::table_open(
+        let table = OpenRelation::table(
             relation(c"batches"),
             pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
         );
-        if (*(*rel).rd_att).natts as usize != BATCH_COLUMNS {
+        if table.natts() != BATCH_COLUMNS {
             LivesyncError::LogTableChanged.raise();
         }
+        let rel = table.as_ptr();
         let mut values = [
             pg_sys::Datum::from(last),
             pg_sys::Datum::from(first),
@@ -310,13 +351,17 @@ unsafe fn insert_batch(
         let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::simple_heap_insert(rel, tuple);
         index_entries::insert_into_all(rel, tuple, &values, &nulls);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
 }
 
 /// A `pg_snapshot` value's xmax and xip list (utils/adt/xid8funcs.c's layout:
 /// varlena header, nxip, xmin, xmax, xip[]).
+///
+/// # Safety
+/// `value` must be a non-null `pg_snapshot`.
 unsafe fn snapshot_xmax_xip(value: pg_sys::Datum) -> (u64, Vec<u64>) {
+    // SAFETY: a detoasted pg_snapshot holds the header and `nxip` xids after it, at
+    // the offsets read (unaligned reads: the layout's alignment is not relied on).
     unsafe {
         let raw = pg_sys::pg_detoast_datum(value.cast_mut_ptr()).cast::<u8>();
         let nxip = raw.add(4).cast::<u32>().read_unaligned() as usize;
@@ -328,7 +373,13 @@ unsafe fn snapshot_xmax_xip(value: pg_sys::Datum) -> (u64, Vec<u64>) {
     }
 }
 
+/// The elements of an `xid8[]`.
+///
+/// # Safety
+/// `array` must be a non-null one-dimensional `xid8[]` without nulls.
 unsafe fn xid8_values(array: pg_sys::Datum) -> Vec<u64> {
+    // SAFETY: deconstruct_array is given xid8's storage (8 bytes, by value, double
+    // aligned) and returns `count` elements (the caller's contract: no nulls).
     unsafe {
         let array = pg_sys::pg_detoast_datum(array.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
         let mut elements = std::ptr::null_mut();
@@ -350,16 +401,28 @@ unsafe fn xid8_values(array: pg_sys::Datum) -> Vec<u64> {
     }
 }
 
+/// # Safety
+/// `values` must be xid8 values.
 unsafe fn xid8_array(values: &mut [pg_sys::Datum]) -> pg_sys::Datum {
+    // SAFETY: xid8 is 8 bytes, by value (the caller's contract for the values).
     unsafe { array_of(values, pg_sys::XID8OID) }
 }
 
+/// # Safety
+/// `values` must be int8 values.
 unsafe fn int8_array(values: &mut [pg_sys::Datum]) -> pg_sys::Datum {
+    // SAFETY: int8 is 8 bytes, by value (the caller's contract for the values).
     unsafe { array_of(values, pg_sys::INT8OID) }
 }
 
 /// A one-dimensional array of 8-byte pass-by-value elements.
+///
+/// # Safety
+/// `element_type` must be an 8-byte, pass-by-value, double-aligned type, and
+/// `values` values of it.
 unsafe fn array_of(values: &mut [pg_sys::Datum], element_type: pg_sys::Oid) -> pg_sys::Datum {
+    // SAFETY: the storage passed matches `element_type` (the caller's contract), and
+    // construct_array reads `values.len()` datums from the slice.
     unsafe {
         pg_sys::Datum::from(pg_sys::construct_array(
             values.as_mut_ptr(),

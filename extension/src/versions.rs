@@ -57,13 +57,19 @@ struct Blocks {
     refills: u64,
 }
 
+// SAFETY: `Blocks` is plain data (integers only: no pointers, nothing that needs a
+// drop), so it can live in shared memory and be copied between processes.
 unsafe impl PGRXSharedMemory for Blocks {}
 
+// SAFETY: the name is unique to this lock, which `init` registers with
+// pg_shmem_init! before any process uses it.
 static BLOCKS: PgLwLock<Blocks> = unsafe { PgLwLock::new(c"livesync_versions") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// Called from `_PG_init`: reserves the shared blocks when livesync is preloaded.
 pub fn init() {
+    // SAFETY: a flag Postgres sets while it loads preloaded libraries, read here in
+    // `_PG_init` by the single thread of the process.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(BLOCKS);
         PRELOADED.store(true, Ordering::Relaxed);
@@ -78,6 +84,7 @@ pub fn next() -> i64 {
     if !PRELOADED.load(Ordering::Relaxed) {
         return nextval(sequence);
     }
+    // SAFETY: the backend's database, set once it connected.
     let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     let sequence_id = u32::from(sequence);
     {
@@ -131,6 +138,7 @@ pub fn next() -> i64 {
 pub fn next_tombstone() -> i64 {
     let version = next();
     if PRELOADED.load(Ordering::Relaxed) {
+        // SAFETY: the backend's database, set once it connected.
         let database = u32::from(unsafe { pg_sys::MyDatabaseId });
         let mut blocks = BLOCKS.exclusive();
         // No slot (taken over meanwhile): the next block's mark starts past this.
@@ -149,6 +157,7 @@ pub fn tombstone_mark() -> Option<i64> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return None;
     }
+    // SAFETY: the backend's database, set once it connected.
     let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     let blocks = BLOCKS.share();
     Some(
@@ -171,6 +180,8 @@ struct SequenceForm {
 
 /// The sequence's increment: how many values one `nextval` reserves.
 fn increment(sequence: pg_sys::Oid) -> i64 {
+    // SAFETY: a syscache lookup by oid; a found tuple is a pg_sequence row, whose
+    // leading fields `SequenceForm` mirrors, read before the tuple is released.
     unsafe {
         let tuple = pg_sys::SearchSysCache1(
             pg_sys::SysCacheIdentifier::SEQRELID as i32,

@@ -8,6 +8,9 @@
 //! A worker ticks at start-up, whenever a commit sets its latch, and on a safety
 //! poll; it exits cleanly when the extension is dropped from its database, and is
 //! restarted by the postmaster within a second if it fails or is terminated.
+//! It waits with WaitLatch and looks for SIGTERM (a shutdown, `pg_terminate_backend`,
+//! `DROP DATABASE ... WITH (FORCE)`) before and after every wait, so it ends at
+//! once, or within 10 ms during a pacing pause, whenever the signal comes.
 
 use crate::sequencer;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -110,6 +113,8 @@ struct Registry {
     slots: [Slot; MAX_DATABASES],
 }
 
+// SAFETY: `Registry` is plain data (integers only: no pointers, nothing that needs
+// a drop), so it can live in shared memory and be copied between processes.
 unsafe impl PGRXSharedMemory for Registry {}
 
 impl Registry {
@@ -122,11 +127,15 @@ impl Registry {
     }
 }
 
+// SAFETY: the name is unique to this lock, which `init` registers with
+// pg_shmem_init! before any process uses it.
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"livesync_sequencers") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// Called from `_PG_init`: reserves the shared registry when livesync is preloaded.
 pub fn init() {
+    // SAFETY: a flag Postgres sets while it loads preloaded libraries, read here in
+    // `_PG_init` by the single thread of the process.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(REGISTRY);
         PRELOADED.store(true, Ordering::Relaxed);
@@ -143,6 +152,9 @@ impl Waker {
     pub fn wake(self) {
         // If the worker exited since, this PGPROC's latch belongs to another process
         // or none: a spurious wake-up is harmless to any latch user.
+        // SAFETY: `procno` was a worker's PGPROC number, below the number of
+        // PGPROCs, whose array (and latches) live in shared memory for the server's
+        // life; SetLatch may be called on any process's latch.
         unsafe {
             let proc_ = (*pg_sys::ProcGlobal).allProcs.add(self.procno as usize);
             pg_sys::SetLatch(&mut (*proc_).procLatch);
@@ -156,6 +168,7 @@ pub fn running_for_this_database() -> Option<Waker> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return None;
     }
+    // SAFETY: the backend's database, set once it connected.
     let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     {
         let registry = REGISTRY.share();
@@ -252,20 +265,25 @@ fn publish(database: u32) -> bool {
         return false;
     };
     let slot = &mut registry.slots[index];
+    // SAFETY: this process's pid and PGPROC, set before any extension code runs.
     let me = unsafe { pg_sys::MyProcPid };
     if slot.pid != 0 && slot.pid != me {
         return false;
     }
     slot.database = database;
     slot.pid = me;
+    // SAFETY: as above: a connected worker has its PGPROC.
     slot.procno = unsafe { (*pg_sys::MyProc).pgprocno };
     slot.failed_starts = 0;
     true
 }
 
+/// # Safety
+/// Called by Postgres at process exit only (registered with `on_shmem_exit`).
 #[pg_guard]
 unsafe extern "C-unwind" fn unpublish(_code: i32, arg: pg_sys::Datum) {
     let database = arg.value() as u32;
+    // SAFETY: this process's pid, set at its start.
     let me = unsafe { pg_sys::MyProcPid };
     let mut registry = REGISTRY.exclusive();
     if let Some(slot) = registry
@@ -291,10 +309,14 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     if !publish(database) {
         return; // another worker serves this database; exit 0 so we are not restarted
     }
+    // SAFETY: `unpublish` is a guarded callback of the type Postgres calls at exit,
+    // and its argument is a plain value.
     unsafe { pg_sys::on_shmem_exit(Some(unpublish), pg_sys::Datum::from(database)) };
 
     let mut pacer = Pacer::new();
     loop {
+        // SAFETY: BackgroundWorker::transaction runs this inside a transaction, as
+        // sequencer::tick requires; livesync's presence is checked first.
         let outcome = BackgroundWorker::transaction(|| unsafe {
             if crate::catalog::livesync_relation(c"_sequencer").is_none() {
                 return Tick::Uninstalled;
@@ -312,16 +334,79 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
         let pause = pacer.after_tick(transactions, crate::gucs::TICK_INTERVAL_MS.get());
         if !pause.is_zero() {
             // Let the next commits gather into one batch (and one ring).
-            unsafe { pg_sys::pg_usleep(pause.as_micros() as std::ffi::c_long) };
+            pause_for(pause);
         }
-        if !BackgroundWorker::wait_latch(Some(POLL)) {
-            // Terminated (or the postmaster died). Exit code 1 has the postmaster start
-            // a successor after bgw_restart_time, whose first tick sequences whatever
-            // was committed while it was away (at shutdown nothing is restarted).
-            unsafe { pg_sys::proc_exit(1) };
-        }
+        wait_for_wake_up(POLL);
         if BackgroundWorker::sighup_received() {
+            // SAFETY: between transactions, where a process may re-read its
+            // configuration (as every Postgres process does in its main loop).
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+    }
+}
+
+/// The longest a SIGTERM goes unnoticed while the worker sleeps between ticks.
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
+
+/// Waits until the latch is set (a commit's wake-up, a SIGHUP) or `timeout` has
+/// passed. Exits the process when SIGTERM came, before waiting too: its latch
+/// wake-up may have been used up inside the tick that ran when it arrived (a lock
+/// wait resets the latch), and a signal noted but not acted on would cost a whole
+/// poll.
+fn wait_for_wake_up(timeout: Duration) {
+    exit_if_terminated();
+    wait_latch(pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT, timeout);
+    // SAFETY: the worker's own latch, reset after the wait and before everything
+    // that may have set it (commits, SIGTERM, SIGHUP) is looked at: the next tick,
+    // the checks below, the caller's: so no wake-up is lost.
+    unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+    pg_sys::check_for_interrupts!();
+    exit_if_terminated();
+}
+
+/// Sleeps `pause` without watching the latch, in slices of at most `SLEEP_SLICE`,
+/// exiting when SIGTERM came. Not on the latch: every commit meanwhile would wake
+/// the worker (SetLatch signals a process that sleeps on its latch), and saving the
+/// worker those wake-ups is what the pause is for. A latch set now stays set, so
+/// the wait that follows the pause returns at once and the commits get their tick.
+fn pause_for(pause: Duration) {
+    let end = std::time::Instant::now() + pause;
+    loop {
+        exit_if_terminated();
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        wait_latch(pg_sys::WL_TIMEOUT, left.min(SLEEP_SLICE));
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// One wait on the worker's latch for `events` (WL_*); on postmaster death Postgres
+/// ends the process.
+fn wait_latch(events: u32, timeout: Duration) {
+    let timeout_ms = timeout.as_millis().clamp(1, 1 << 30) as std::ffi::c_long;
+    let events = (events | pg_sys::WL_EXIT_ON_PM_DEATH) as i32;
+    // SAFETY: MyLatch is this process's own latch, set up before a worker's main
+    // runs, and `events` asks for a timeout, so the wait ends.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            events,
+            timeout_ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        )
+    };
+}
+
+/// Ends the worker if SIGTERM came. Exit code 1 has the postmaster start a
+/// successor after bgw_restart_time, whose first tick sequences whatever was
+/// committed while it was away (at shutdown nothing is restarted).
+fn exit_if_terminated() {
+    if BackgroundWorker::sigterm_received() {
+        // SAFETY: the worker holds nothing that needs releasing between ticks (no
+        // transaction is open); proc_exit runs Postgres's exit callbacks
+        // (`unpublish` among them) and does not return.
+        unsafe { pg_sys::proc_exit(1) };
     }
 }

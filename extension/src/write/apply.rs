@@ -38,6 +38,8 @@ impl Applied {
     pub fn into_value(self) -> Value {
         match self {
             Applied::Value(value) => value,
+            // SAFETY: an `Applied::Jsonb` holds the non-null jsonb datum the write's
+            // statement returned, transferred out of SPI into the caller's context.
             Applied::Jsonb(datum) => unsafe {
                 super::json::Json::from_polymorphic_datum(datum, false, pg_sys::JSONBOID)
                     .map(|j| j.0)
@@ -79,6 +81,8 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
     // finishes first, and its invalidation is seen here, or waits for this write.
     // Read first and locked later, a write racing untrack or a rename ran
     // statements built for columns that were gone and failed with their names.
+    // SAFETY: a lock on a relation oid inside the write's transaction; a missing
+    // relation is reported by the lookup that follows.
     unsafe {
         pg_sys::LockRelationOid(mutation.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE)
     };

@@ -64,6 +64,8 @@ fn records_writer() -> bool {
     let Some(relid) = crate::catalog::livesync_relation(c"_mutations") else {
         return true;
     };
+    // SAFETY: a catalog lookup by relation oid and NUL-terminated column name, which
+    // returns InvalidAttrNumber when there is no such column.
     unsafe { pg_sys::get_attnum(relid, c"written_by".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
 }
 
@@ -88,9 +90,12 @@ impl MutationId {
             PgOid::from(pg_sys::OIDOID),
         ];
         let current = records_writer();
+        // SAFETY: reads the backend's current user id.
         let writer = unsafe { pg_sys::GetUserId() };
         let find = kept(client, if current { FIND } else { FIND_0_2 }, &find_types);
         if let Some(mutations) = crate::catalog::livesync_relation(c"_mutations") {
+            // SAFETY: an advisory-style lock on an object id inside the write's
+            // transaction (released at its end), which Postgres does not check.
             unsafe {
                 pg_sys::LockDatabaseObject(
                     pg_sys::RelationRelationId,
@@ -143,6 +148,7 @@ impl MutationId {
     ) {
         let result = match result {
             super::apply::Applied::Value(value) => JsonB(value.clone()).into(),
+            // SAFETY: an `Applied::Jsonb` holds a non-null jsonb datum (see apply.rs).
             super::apply::Applied::Jsonb(datum) => unsafe {
                 pgrx::datum::DatumWithOid::new(*datum, pg_sys::JSONBOID)
             },
@@ -156,6 +162,7 @@ impl MutationId {
         ];
         let statement = if records_writer() { RECORD } else { RECORD_0_2 };
         let plan = kept(client, statement, &types);
+        // SAFETY: reads the backend's current user id.
         let writer = unsafe { pg_sys::GetUserId() };
         sql_as_bootstrap_superuser(|| {
             client.select(

@@ -20,6 +20,8 @@ pub const MAX_DEPTH: usize = 2000;
 pub struct Json(pub Value);
 
 impl FromDatum for Json {
+    /// # Safety
+    /// `datum` must be a jsonb value unless `is_null`.
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,
         is_null: bool,
@@ -28,6 +30,8 @@ impl FromDatum for Json {
         if is_null {
             return None;
         }
+        // SAFETY: a non-null jsonb (the caller's contract) is what jsonb_out takes;
+        // it returns a palloc'd NUL-terminated string.
         let text = unsafe {
             let cstring = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)])
                 .expect("jsonb_out returns text");
@@ -59,8 +63,9 @@ pub fn parse(text: &str) -> Value {
     }
     let mut deserializer = serde_json::Deserializer::from_str(text);
     deserializer.disable_recursion_limit();
-    Value::deserialize(&mut deserializer)
-        .unwrap_or_else(|e| LivesyncError::Internal(format!("jsonb text did not parse: {e}")).raise())
+    Value::deserialize(&mut deserializer).unwrap_or_else(|e| {
+        LivesyncError::Internal(format!("jsonb text did not parse: {e}")).raise()
+    })
 }
 
 /// The deepest nesting of arrays and objects in JSON text (strings skipped).

@@ -167,8 +167,14 @@ crate::fmgr::v1_function_info!(pg_finfo_livesync_write);
 /// SQLSTATEs without a PL/pgSQL wrapper (which cost 5-8% of a write): the work runs
 /// under pgrx's guard, and an error to report comes back as plain data and is raised
 /// from this frame, which owns nothing that needs dropping.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_write(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
+    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
+    // data that outlives the guarded call.
     unsafe {
         let outcome = write_guarded(fcinfo);
         if !outcome.error.is_null() {
@@ -185,8 +191,12 @@ struct WriteOutcome {
     error: *mut ErrorToRaise,
 }
 
+/// # Safety
+/// `fcinfo` must be a call of `livesync.write` (its nine arguments).
 #[pg_guard]
 unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+    // SAFETY: the nine arguments are read with the types `livesync.write` declares
+    // (the caller's contract).
     unsafe {
         let args = MutationArgs {
             relid: pgrx::fcinfo::pg_getarg::<pg_sys::Oid>(fcinfo, 0),
@@ -237,10 +247,14 @@ crate::fmgr::v1_function_info!(pg_finfo_livesync_write_json);
 /// `write_batch`'s array, applied like `livesync.write` and failing like it, with an
 /// ERROR. (Reported as data instead, a direct call that failed halfway kept what it
 /// had done, a stored conflict say, with nobody to roll it back.)
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_write_json(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: as in `livesync_write`.
     unsafe {
         let outcome = write_json_guarded(fcinfo);
         if !outcome.error.is_null() {
@@ -256,15 +270,23 @@ crate::fmgr::v1_function_info!(pg_finfo_write_json_wrapper);
 /// `write_json_wrapper`; their `_checked` passes its results on): a database keeps
 /// working on this library until `ALTER EXTENSION livesync UPDATE`, and the regress
 /// suite installs those versions.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn write_json_wrapper(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: the same call as `livesync._write_json` (one jsonb argument).
     unsafe { livesync_write_json(fcinfo) }
 }
 
+/// # Safety
+/// `fcinfo` must be a call of `livesync._write_json` (one jsonb argument).
 #[pg_guard]
 unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+    // SAFETY: the one argument is read as the jsonb it is declared as (the
+    // caller's contract).
     unsafe {
         let applied = match pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 0) {
             Some(json::Json(mutation)) => MutationArgs::from_json(&mutation)
@@ -281,10 +303,16 @@ crate::fmgr::v1_function_info!(pg_finfo_livesync_resolve_conflict);
 /// `livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb)`
 /// (declared in `sql/writes.sql`; `resolve_conflict` calls it): settles a stored
 /// conflict, raising livesync's SQLSTATEs itself, as `livesync.write` does.
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn livesync_resolve_conflict(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
+    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
+    // data that outlives the guarded call.
     unsafe {
         let outcome = resolve_guarded(fcinfo);
         if !outcome.error.is_null() {
@@ -298,15 +326,23 @@ crate::fmgr::v1_function_info!(pg_finfo_resolve_conflict_wrapper);
 
 /// `livesync._resolve_conflict` as livesync 0.1.0 to 0.4.0 declared it (C symbol
 /// `resolve_conflict_wrapper`; their `_checked` passes its results on).
+///
+/// # Safety
+/// Called by Postgres's function manager only, with a valid `fcinfo`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn resolve_conflict_wrapper(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: the same call as `livesync._resolve_conflict` (same arguments).
     unsafe { livesync_resolve_conflict(fcinfo) }
 }
 
+/// # Safety
+/// `fcinfo` must be a call of `livesync._resolve_conflict` (bigint, text, jsonb).
 #[pg_guard]
 unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+    // SAFETY: the three arguments are read with the types `_resolve_conflict`
+    // declares, each of them possibly NULL (the caller's contract).
     unsafe {
         let conflict_id = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0);
         let choice = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 1);
@@ -374,6 +410,8 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
     }
     // Nor a conflict of a row that row-level security hides from the role (the
     // conflicts view does not show it either). Asked as the caller.
+    // SAFETY: a catalog check by relation oid (InvalidOid: the current user), with
+    // noError set.
     let rls_applies = unsafe {
         pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, true)
             == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32

@@ -99,9 +99,13 @@ thread_local! {
 
 /// Registers the invalidation callback; called once per process from `_PG_init`.
 pub fn init() {
+    // SAFETY: `forget` is a guarded callback of the type the relcache calls, and
+    // `_PG_init` registers it once per process.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0usize)) };
 }
 
+/// # Safety
+/// Called by Postgres's invalidation processing only (registered in `init`).
 #[pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     TARGETS.with(|targets| crate::catalog::forget_relation(targets, relid));
@@ -110,6 +114,8 @@ unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
 /// Tells every backend that a table's write settings changed (at commit).
 #[pg_extern(name = "_forget_write_settings", volatile, parallel_unsafe)]
 pub fn forget_write_settings(rel: pg_sys::Oid) {
+    // SAFETY: queues an invalidation in the calling transaction; a missing relation
+    // raises an ERROR.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
 }
 
@@ -426,6 +432,8 @@ impl WriteTarget {
             PgOid::from(pg_sys::INT8OID),
             PgOid::from(pg_sys::TEXTOID),
         ];
+        // SAFETY: `key` and `new_values` are the call's jsonb arguments, alive for
+        // the statement.
         let mut args = unsafe {
             vec![
                 pgrx::datum::DatumWithOid::new(key, pg_sys::JSONBOID),
@@ -451,6 +459,8 @@ impl WriteTarget {
                 }
             })
             .unwrap_or_else(|e| pgrx::error!("livesync: statement on {} failed: {e}", self.display))
+            // SAFETY: the datum is the statement's jsonb result (a varlena: not by
+            // value, length -1), copied out of SPI's memory before it is freed.
             .map(|datum| unsafe { pg_sys::SPI_datumTransfer(datum, false, -1) })
     }
 
@@ -547,6 +557,8 @@ impl WriteTarget {
 
     /// Whether row-level security applies to the current role on this table.
     pub fn rls_applies(&self) -> bool {
+        // SAFETY: a catalog check by relation oid (InvalidOid: the current user),
+        // with noError set.
         unsafe {
             pg_sys::check_enable_rls(self.relid, pg_sys::InvalidOid, true)
                 == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
