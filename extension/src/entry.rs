@@ -287,7 +287,7 @@ unsafe extern "C-unwind" fn check_caller(
     entry: &Entry,
 ) -> *mut ErrorToRaise {
     unsafe {
-        let display = crate::write::target::relation_display;
+        let display = crate::write::settings::relation_display;
         let verdict: Result<(), Denied> = match entry.needs {
             Needs::Maintenance => privileges::require_maintenance(entry.name),
             ownership => {

@@ -22,7 +22,7 @@
 //! object tag of livesync's own (`_mutations`, sub-id = bucket + 1), which no SQL
 //! command takes, and it is taken directly, without a statement.
 
-use super::statements::kept;
+use super::plans::kept;
 use crate::owner::sql_as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
