@@ -21,14 +21,13 @@ use super::policy::{DeleteRace, ExistingInsert};
 use super::rows::{self, SqlTypedOps, StoredRow};
 use super::settings::{relation_display, TableSettings};
 use super::WriteError;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::{FromDatum, IntoDatum};
 use serde_json::{json, Map, Value};
 
-/// Applies `mutation` and returns its result object. Raises (does not return) on
-/// input that cannot be applied at all; see `WriteError`.
-/// A write's result: built in Rust, or (the fast path) built as jsonb by the
+/// A write's result object: built in Rust, or (the fast path) built as jsonb by the
 /// statement itself and already in the caller's memory context.
 pub enum Applied {
     Value(Value),
@@ -56,8 +55,23 @@ impl Applied {
             Applied::Jsonb(datum) => datum,
         }
     }
+
+    /// As a jsonb statement argument (recording it leaves it usable).
+    pub fn as_argument(&self) -> DatumWithOid<'_> {
+        match self {
+            Applied::Value(value) => pgrx::JsonB(value.clone()).into(),
+            // SAFETY: a jsonb datum, copied out of SPI's memory into the caller's
+            // context by the fast path: valid until the write returns.
+            Applied::Jsonb(datum) => unsafe { DatumWithOid::new(*datum, pg_sys::JSONBOID) },
+        }
+    }
 }
 
+/// Applies `mutation` and returns its result object, or, for a mutation id applied
+/// before, the result recorded then. What keeps a mutation from being applied (no
+/// privilege, a table not tracked, a wrong key, a vetoed statement, ...) comes back
+/// as a `WriteError` for the caller to raise; Postgres's own errors (a value of the
+/// wrong type, say) are raised where they happen.
 pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, WriteError> {
     // First: a role without the privileges learns nothing, not even whether the
     // table is tracked or the mutation was applied before.
@@ -130,7 +144,7 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
         None => Applied::Value(write.merged(client)?),
     };
     if let Some(id) = &mutation.id {
-        id.record(client, mutation.relid, &result);
+        id.record(client, mutation.relid, result.as_argument());
     }
     Ok(result)
 }

@@ -24,9 +24,10 @@
 
 use super::plans::kept;
 use crate::owner::sql_as_bootstrap_superuser;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::{JsonB, PgOid};
+use pgrx::PgOid;
 use serde_json::Value;
 
 /// How many distinct locks mutation records can take.
@@ -135,18 +136,8 @@ impl MutationId {
         Ok(result.map(|super::json::Json(result)| result))
     }
 
-    pub fn record(
-        &self,
-        client: &SpiClient<'_>,
-        relid: pg_sys::Oid,
-        result: &super::apply::Applied,
-    ) {
-        let result = match result {
-            super::apply::Applied::Value(value) => JsonB(value.clone()).into(),
-            super::apply::Applied::Jsonb(datum) => unsafe {
-                pgrx::datum::DatumWithOid::new(*datum, pg_sys::JSONBOID)
-            },
-        };
+    /// Records the mutation's `result` (a jsonb) as applied to `relid` by the current role.
+    pub fn record(&self, client: &SpiClient<'_>, relid: pg_sys::Oid, result: DatumWithOid<'_>) {
         let types = [
             PgOid::from(pg_sys::TEXTOID),
             PgOid::from(pg_sys::INT8OID),
