@@ -44,6 +44,14 @@ mod versions;
 mod worker;
 mod write;
 
+/// The system clock in milliseconds since the Unix epoch (0 before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/log.sql", name = "log");

@@ -289,7 +289,7 @@ impl Write<'_> {
             .flat_map(|row| row.clocks.values())
             .filter_map(ColumnClock::from_json)
             .map(|c| c.clock);
-        Hlc::stamp(now_ms(), seen, &self.node)
+        Hlc::stamp(crate::now_ms(), seen, &self.node)
     }
 
     fn their_clock(row: &StoredRow, column: &str) -> Option<Hlc> {
@@ -579,11 +579,4 @@ fn result(
 
 fn rejected(reason: &str, row: Option<&StoredRow>) -> Value {
     result("rejected", row, &[], Some(reason))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
