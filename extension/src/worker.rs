@@ -9,7 +9,6 @@
 //! poll; it exits cleanly when the extension is dropped from its database, and is
 //! restarted by the postmaster within a second if it fails or is terminated.
 
-use crate::sequencer;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -293,7 +292,7 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
             if crate::catalog::livesync_relation(c"_sequencer").is_none() {
                 return Tick::Uninstalled;
             }
-            match sequencer::tick() {
+            match crate::tick::run() {
                 Some(ticked) => Tick::Sequenced(ticked.transactions),
                 None => Tick::Idle,
             }
