@@ -4,7 +4,7 @@
 //!
 //! - `mutation`: the arguments, checked for shape.
 //! - `apply`: the decisions of one write (lock, merge, write, result); it calls
-//!   down into the three below and never the other way.
+//!   down into `settings` and `rows`, which never call back.
 //! - `settings`: a tracked table's key, columns and policies, cached per backend.
 //! - `rows`: the table's rows read and locked, inserted, updated, deleted, and
 //!   values typed as the table types them.
