@@ -7,8 +7,10 @@
 //! - `log_writer`: a statement's changes collected into runs, appended to
 //!   `livesync.changes` without the executor.
 //! - `log_reader`: the runs read back one change per row (`changes_since`).
-//! - `sequencer`: how commits get positions (ticks), and the `livesync` doorbell.
-//! - `tick`: a tick's reads and writes, as direct index scans and heap writes.
+//! - `sequencer`: how commits get positions: a transaction's ordinals, its commit
+//!   hook, and who ticks.
+//! - `tick`: one tick (the sequencer lock, positions given out with direct index
+//!   scans and heap writes, the `livesync` doorbell).
 //! - `worker`: the per-database background worker that runs the ticks.
 //! - `versions`: row versions, handed out in blocks from shared memory.
 //! - `restamp`: fresh versions for inserts that a concurrent delete's tombstone overtook.
@@ -49,6 +51,14 @@ mod tick;
 mod versions;
 mod worker;
 mod write;
+
+/// The system clock in milliseconds since the Unix epoch (0 before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -9,7 +9,7 @@
 //! tick's snapshot P (those in P's xip list or at/after P's xmax). It gives each of
 //! them a contiguous block of positions, records them all in one `livesync.batches`
 //! row, stores S as the new P, and queues one NOTIFY carrying the last position — all
-//! in one transaction (the reads and writes themselves are in `tick.rs`). Because
+//! in one transaction (the tick itself is `tick::run`). Because
 //! ticks are serialised by the lock and each one only adds transactions that became
 //! visible since the last, readers always see a prefix of positions, and an open
 //! transaction (idle or still writing) holds nothing back: it is simply not in any
@@ -41,13 +41,10 @@
 //! left out. (Any other transaction a tick sequences is committed, hence visible in the
 //! stored snapshot and never a candidate again.)
 
-use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::gucs::{self, SequencerMode};
-use crate::pg_resources::RegisteredSnapshot;
 use crate::worker;
 use pgrx::pg_sys;
-use pgrx::IntoDatum;
 use std::cell::{Cell, RefCell};
 
 /// The transaction whose changes are waiting for sequencing.
@@ -216,81 +213,7 @@ unsafe fn before_commit() {
         // SAFETY: still inside the committing transaction, and livesync is installed
         // (its log table was found above).
         None => unsafe {
-            tick();
+            crate::tick::run();
         },
-    }
-}
-
-/// What a tick that gave out positions did.
-pub struct Ticked {
-    /// How many transactions it sequenced.
-    pub transactions: usize,
-}
-
-/// Runs one tick in the current transaction and queues the doorbell if it gave out
-/// positions.
-///
-/// # Safety
-/// Must run inside a transaction, in a database where livesync is installed.
-pub unsafe fn tick() -> Option<Ticked> {
-    // SAFETY: inside a transaction (the caller's contract); the tick runs with the
-    // sequencer lock held and its snapshot registered, as tick::run requires.
-    unsafe {
-        let Some(batches) = livesync_relation(c"batches") else {
-            // The extension was dropped in this very transaction: nothing to sequence.
-            return None;
-        };
-        // A committing transaction waits for the lock whatever its lock_timeout:
-        // failing here would fail the COMMIT of work that is already done.
-        {
-            let _no_timeout = NoLockTimeout::set();
-            pg_sys::LockRelationOid(batches, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
-        }
-        // Our own changes must be visible to the tick's snapshot, and the snapshot must
-        // be newer than the previous tick's whatever this transaction's isolation level.
-        pg_sys::CommandCounterIncrement();
-        let snapshot = RegisteredSnapshot::latest();
-        // One past our own xid when we have one (the commit-time tick includes its own
-        // transaction), else 0.
-        let own = pg_sys::GetTopFullTransactionIdIfAny().value;
-        let bound = if own == 0 { 0 } else { own + 1 };
-        let ticked =
-            crate::owner::as_bootstrap_superuser(|| crate::tick::run(snapshot.as_ptr(), bound));
-        drop(snapshot);
-        let (position, transactions) = ticked?;
-        // Delivered by Postgres only if this transaction commits, in commit order.
-        let payload = position.to_string();
-        pgrx::direct_function_call_as_datum(
-            pg_sys::pg_notify,
-            &["livesync".into_datum(), payload.as_str().into_datum()],
-        );
-        Some(Ticked { transactions })
-    }
-}
-
-/// Sets `lock_timeout` to 0 until dropped (also when an error unwinds past it).
-struct NoLockTimeout {
-    saved: i32,
-}
-
-impl NoLockTimeout {
-    fn set() -> Self {
-        // SAFETY: the backend's lock_timeout variable, read and written only by this
-        // (single-threaded) process; 0 is a valid setting (no timeout).
-        let saved = unsafe {
-            let saved = pg_sys::LockTimeout;
-            pg_sys::LockTimeout = 0;
-            saved
-        };
-        NoLockTimeout { saved }
-    }
-}
-
-impl Drop for NoLockTimeout {
-    fn drop(&mut self) {
-        // Restored while a panic unwinds too: it is a plain store, no Postgres call,
-        // and the abort does not restore a variable set behind the GUC machinery.
-        // SAFETY: as in `set`; `saved` was the setting's value.
-        unsafe { pg_sys::LockTimeout = self.saved };
     }
 }

@@ -1,5 +1,7 @@
-//! The body of one sequencing tick (what a tick is, and why it is correct, is in
-//! `sequencer.rs`), done with direct index scans and heap writes.
+//! One sequencing tick (what a tick is, and why it is correct, is in
+//! `sequencer.rs`; who runs it is decided there and in `worker.rs`): the sequencer
+//! lock, the snapshot, the positions given out with direct index scans and heap
+//! writes, and the doorbell.
 //!
 //! It was one SQL statement (a chain of CTEs) run through SPI. Under load the worker
 //! ticks about a hundred times a second, and that statement cost ~0.5 ms of executor
@@ -9,14 +11,14 @@
 //! the state row, walks the log's primary key over the new transactions, and writes
 //! one `batches` row and the new state, nothing else.
 //!
-//! Everything is read with the tick's snapshot S, which the caller took under the
-//! sequencer lock. livesync's tables are its own (no triggers, rules or
-//! constraints but their keys), so direct writes do everything Postgres would.
+//! Everything is read with the tick's snapshot S, taken under the sequencer lock.
+//! livesync's tables are its own (no triggers, rules or constraints but their
+//! keys), so direct writes do everything Postgres would.
 
 use crate::catalog::livesync_relation;
 use crate::error::LivesyncError;
 use crate::index_entries;
-use crate::pg_resources::OpenRelation;
+use crate::pg_resources::{OpenRelation, RegisteredSnapshot};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 use std::collections::HashMap;
@@ -26,6 +28,81 @@ const SEQUENCER_COLUMNS: usize = 3;
 /// `livesync.batches`' columns: last_position, first_position, txs, firsts, committed_at.
 const BATCH_COLUMNS: usize = 5;
 
+/// What a tick that gave out positions did.
+pub struct Ticked {
+    /// How many transactions it sequenced.
+    pub transactions: usize,
+}
+
+/// Runs one tick in the current transaction: takes the sequencer lock and the
+/// snapshot S, gives out positions, and queues the doorbell if it gave any.
+///
+/// # Safety
+/// Must run inside a transaction, in a database where livesync is installed.
+pub unsafe fn run() -> Option<Ticked> {
+    // SAFETY: inside a transaction (the caller's contract); the positions are given
+    // out with the sequencer lock held and the snapshot registered, as
+    // `assign_positions` requires.
+    unsafe {
+        let Some(batches) = livesync_relation(c"batches") else {
+            // The extension was dropped in this very transaction: nothing to sequence.
+            return None;
+        };
+        // A committing transaction waits for the lock whatever its lock_timeout:
+        // failing here would fail the COMMIT of work that is already done.
+        {
+            let _no_timeout = NoLockTimeout::set();
+            pg_sys::LockRelationOid(batches, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
+        }
+        // Our own changes must be visible to the tick's snapshot, and the snapshot must
+        // be newer than the previous tick's whatever this transaction's isolation level.
+        pg_sys::CommandCounterIncrement();
+        let snapshot = RegisteredSnapshot::latest();
+        // One past our own xid when we have one (the commit-time tick includes its own
+        // transaction), else 0.
+        let own = pg_sys::GetTopFullTransactionIdIfAny().value;
+        let bound = if own == 0 { 0 } else { own + 1 };
+        let ticked =
+            crate::owner::as_bootstrap_superuser(|| assign_positions(snapshot.as_ptr(), bound));
+        drop(snapshot);
+        let (position, transactions) = ticked?;
+        // Delivered by Postgres only if this transaction commits, in commit order.
+        let payload = position.to_string();
+        pgrx::direct_function_call_as_datum(
+            pg_sys::pg_notify,
+            &["livesync".into_datum(), payload.as_str().into_datum()],
+        );
+        Some(Ticked { transactions })
+    }
+}
+
+/// Sets `lock_timeout` to 0 until dropped (also when an error unwinds past it).
+struct NoLockTimeout {
+    saved: i32,
+}
+
+impl NoLockTimeout {
+    fn set() -> Self {
+        // SAFETY: the backend's lock_timeout variable, read and written only by this
+        // (single-threaded) process; 0 is a valid setting (no timeout).
+        let saved = unsafe {
+            let saved = pg_sys::LockTimeout;
+            pg_sys::LockTimeout = 0;
+            saved
+        };
+        NoLockTimeout { saved }
+    }
+}
+
+impl Drop for NoLockTimeout {
+    fn drop(&mut self) {
+        // Restored while a panic unwinds too: it is a plain store, no Postgres call,
+        // and the abort does not restore a variable set behind the GUC machinery.
+        // SAFETY: as in `set`; `saved` was the setting's value.
+        unsafe { pg_sys::LockTimeout = self.saved };
+    }
+}
+
 /// Runs a tick's reads and writes with snapshot S. `own_bound` is one past the
 /// ticking transaction's own xid when it has one (a commit-time tick includes its
 /// own transaction, which S does not yet show as committed), else 0. Returns the
@@ -34,7 +111,7 @@ const BATCH_COLUMNS: usize = 5;
 ///
 /// # Safety
 /// Must run inside a transaction holding the sequencer lock; `snapshot` registered.
-pub unsafe fn run(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<(i64, usize)> {
+unsafe fn assign_positions(snapshot: pg_sys::Snapshot, own_bound: u64) -> Option<(i64, usize)> {
     // SAFETY: in a transaction holding the sequencer lock, with `snapshot` registered
     // (the caller's contract): what every read and write below needs. The relations
     // opened are livesync's own, whose layout is checked before it is relied on.

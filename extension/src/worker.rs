@@ -12,7 +12,6 @@
 //! `DROP DATABASE ... WITH (FORCE)`) before and after every wait, so it ends at
 //! once, or within 10 ms during a pacing pause, whenever the signal comes.
 
-use crate::sequencer;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -25,7 +24,7 @@ const MAX_DATABASES: usize = 16;
 const POLL: Duration = Duration::from_secs(1);
 /// A worker that was asked for but has not registered itself is asked for again
 /// after this long.
-const START_RETRY_MS: i64 = 5_000;
+const START_RETRY_MS: u64 = 5_000;
 /// Starts that never connect before the worker gives up and unregisters itself.
 const MAX_FAILED_STARTS: i32 = 3;
 
@@ -102,7 +101,7 @@ struct Slot {
     /// The worker's PGPROC number, to reach its latch.
     procno: i32,
     /// When a worker was last requested (ms since the Unix epoch).
-    requested_at_ms: i64,
+    requested_at_ms: u64,
     /// Starts since the last successful connection: a worker whose database was
     /// dropped fails to connect (FATAL, exit 1) and would be restarted forever.
     failed_starts: i32,
@@ -194,12 +193,13 @@ fn _ensure_sequencer() -> bool {
 }
 
 fn request_start(database: u32) {
-    let now = now_ms();
+    let now = crate::now_ms();
     {
         let mut registry = REGISTRY.exclusive();
         // This database's slot, else a free one, else one whose worker was asked for
         // long ago and never came (its database may be gone).
-        let stale = |s: &Slot| s.pid == 0 && now - s.requested_at_ms >= START_RETRY_MS;
+        let stale =
+            |s: &Slot| s.pid == 0 && now.saturating_sub(s.requested_at_ms) >= START_RETRY_MS;
         let index = registry
             .slot_index(database)
             .or_else(|| registry.slots.iter().position(stale));
@@ -207,7 +207,7 @@ fn request_start(database: u32) {
             return; // every slot in use: this database sequences at commit
         };
         let slot = &mut registry.slots[index];
-        if slot.pid != 0 || now - slot.requested_at_ms < START_RETRY_MS {
+        if slot.pid != 0 || now.saturating_sub(slot.requested_at_ms) < START_RETRY_MS {
             return;
         }
         // A request comes from a session connected to the database: it exists.
@@ -230,13 +230,6 @@ fn request_start(database: u32) {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Counts a start for this database before connecting to it; false when the last
 /// starts never got connected (the database is gone), so this one should give up.
 fn note_start(database: u32) -> bool {
@@ -249,7 +242,7 @@ fn note_start(database: u32) -> bool {
     // A restart after the worker was terminated (DROP DATABASE terminates it) finds
     // its slot freed and claims one: stamp it so request_start() does not take it as
     // stale and reset the count, or a dropped database's worker restarts forever.
-    slot.requested_at_ms = now_ms();
+    slot.requested_at_ms = crate::now_ms();
     slot.failed_starts += 1;
     if slot.failed_starts > MAX_FAILED_STARTS {
         *slot = Slot::default();
@@ -321,7 +314,7 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
             if crate::catalog::livesync_relation(c"_sequencer").is_none() {
                 return Tick::Uninstalled;
             }
-            match sequencer::tick() {
+            match crate::tick::run() {
                 Some(ticked) => Tick::Sequenced(ticked.transactions),
                 None => Tick::Idle,
             }

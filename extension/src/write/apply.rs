@@ -18,16 +18,16 @@ use super::merge::{merge_column, ColumnInput, ColumnMerge, Contest, Decision};
 use super::mutation::{Mutation, Op};
 use super::origin::OriginGuard;
 use super::policy::{DeleteRace, ExistingInsert};
-use super::target::{SqlTypedOps, StoredRow, WriteTarget};
+use super::rows::{self, SqlTypedOps, StoredRow};
+use super::settings::{relation_display, TableSettings};
 use super::WriteError;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use pgrx::{FromDatum, IntoDatum};
 use serde_json::{json, Map, Value};
 
-/// Applies `mutation` and returns its result object. Raises (does not return) on
-/// input that cannot be applied at all; see `WriteError`.
-/// A write's result: built in Rust, or (the fast path) built as jsonb by the
+/// A write's result object: built in Rust, or (the fast path) built as jsonb by the
 /// statement itself and already in the caller's memory context.
 pub enum Applied {
     Value(Value),
@@ -57,8 +57,23 @@ impl Applied {
             Applied::Jsonb(datum) => datum,
         }
     }
+
+    /// As a jsonb statement argument (recording it leaves it usable).
+    pub fn as_argument(&self) -> DatumWithOid<'_> {
+        match self {
+            Applied::Value(value) => pgrx::JsonB(value.clone()).into(),
+            // SAFETY: a jsonb datum, copied out of SPI's memory into the caller's
+            // context by the fast path: valid until the write returns.
+            Applied::Jsonb(datum) => unsafe { DatumWithOid::new(*datum, pg_sys::JSONBOID) },
+        }
+    }
 }
 
+/// Applies `mutation` and returns its result object, or, for a mutation id applied
+/// before, the result recorded then. What keeps a mutation from being applied (no
+/// privilege, a table not tracked, a wrong key, a vetoed statement, ...) comes back
+/// as a `WriteError` for the caller to raise; Postgres's own errors (a value of the
+/// wrong type, say) are raised where they happen.
 pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, WriteError> {
     // First: a role without the privileges learns nothing, not even whether the
     // table is tracked or the mutation was applied before.
@@ -68,7 +83,7 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
         return Err(WriteError::NoPrivilege {
             op: mutation.op.name(),
             privileges: crate::privileges::privilege_names(missing),
-            table: super::target::relation_display(mutation.relid),
+            table: relation_display(mutation.relid),
         });
     }
     if let Some(id) = &mutation.id {
@@ -86,19 +101,19 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
     unsafe {
         pg_sys::LockRelationOid(mutation.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE)
     };
-    let target = WriteTarget::cached(client, mutation.relid)?;
-    check_key(&target, &mutation.key)?;
-    let (mine, respelled) = check_values(&target, &mutation.key, &mutation.new_values)?;
+    let table = TableSettings::cached(client, mutation.relid)?;
+    check_key(&table, &mutation.key)?;
+    let (mine, respelled) = check_values(&table, &mutation.key, &mutation.new_values)?;
     // A key column repeated in new_values in another spelling ("3" for 3, an
     // upper-case uuid) is the same key if the column's type says so.
     for column in respelled {
         let sent = &mutation.new_values[&column];
-        if !target.same_typed(client, &column, &mutation.key[&column], sent) {
+        if !rows::same_typed(client, &table, &column, &mutation.key[&column], sent) {
             return Err(WriteError::KeyChange(column));
         }
     }
     let base = match &mutation.base_values {
-        Some(base) => Some(check_values(&target, &mutation.key, base)?.0),
+        Some(base) => Some(check_values(&table, &mutation.key, base)?.0),
         None => None,
     };
     let actor = crate::actor::current();
@@ -118,7 +133,7 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
             .map(|id| (id.client_id.clone(), id.mutation_id)),
     );
     let mut write = Write {
-        target: &target,
+        table: &table,
         key: mutation.key.clone(),
         mine,
         base,
@@ -133,20 +148,20 @@ pub fn apply(client: &mut SpiClient<'_>, mutation: Mutation) -> Result<Applied, 
         None => Applied::Value(write.merged(client)?),
     };
     if let Some(id) = &mutation.id {
-        id.record(client, mutation.relid, &result);
+        id.record(client, mutation.relid, result.as_argument());
     }
     Ok(result)
 }
 
-fn check_key(target: &WriteTarget, key: &Map<String, Value>) -> Result<(), WriteError> {
-    let exact = key.len() == target.key.len() && target.key.iter().all(|k| key.contains_key(k));
+fn check_key(table: &TableSettings, key: &Map<String, Value>) -> Result<(), WriteError> {
+    let exact = key.len() == table.key.len() && table.key.iter().all(|k| key.contains_key(k));
     if exact {
         Ok(())
     } else {
         Err(WriteError::BadKey {
-            table: target.display.clone(),
+            table: table.display.clone(),
             key: Value::Object(key.clone()).to_string(),
-            columns: target.key.join(", "),
+            columns: table.key.join(", "),
         })
     }
 }
@@ -155,20 +170,20 @@ fn check_key(target: &WriteTarget, key: &Map<String, Value>) -> Result<(), Write
 /// the key columns (allowed for convenience) whose value is not spelled as in the
 /// key: the caller compares those in the column's type.
 fn check_values(
-    target: &WriteTarget,
+    table: &TableSettings,
     key: &Map<String, Value>,
     values: &Map<String, Value>,
 ) -> Result<(Map<String, Value>, Vec<String>), WriteError> {
     let mut columns = Map::new();
     let mut respelled = Vec::new();
     for (column, value) in values {
-        if !target.columns.contains_key(column) {
+        if !table.columns.contains_key(column) {
             return Err(WriteError::UnknownColumn {
-                table: target.display.clone(),
+                table: table.display.clone(),
                 column: column.clone(),
             });
         }
-        if target.is_key(column) {
+        if table.is_key(column) {
             if key.get(column) != Some(value) {
                 respelled.push(column.clone());
             }
@@ -180,7 +195,7 @@ fn check_values(
 }
 
 struct Write<'a> {
-    target: &'a WriteTarget,
+    table: &'a TableSettings,
     key: Map<String, Value>,
     /// The client's new values (non-key columns); typed on the merge path.
     mine: Map<String, Value>,
@@ -214,15 +229,25 @@ impl Write<'_> {
         let clock = self.clock(None);
         if let Some(raw) = self.mutation.raw {
             let columns: Vec<&String> = self.mine.keys().collect();
-            return self
-                .target
-                .update_applied(client, raw, &columns, &clock, self.base_version)
-                .map(Applied::Jsonb);
+            return rows::update_applied(
+                client,
+                self.table,
+                raw,
+                &columns,
+                &clock,
+                self.base_version,
+            )
+            .map(Applied::Jsonb);
         }
         let entries = self.clock_entries(None, &self.mine, &clock);
-        let stored =
-            self.target
-                .update(client, &self.key, &self.mine, &entries, self.base_version)?;
+        let stored = rows::update(
+            client,
+            self.table,
+            &self.key,
+            &self.mine,
+            &entries,
+            self.base_version,
+        )?;
         Some(Applied::Value(result("applied", Some(&stored), &[], None)))
     }
 
@@ -230,21 +255,21 @@ impl Write<'_> {
     /// table would store them, so they compare with stored values (a wrong type
     /// fails here, before anything is written), then decides by the operation.
     fn merged(&mut self, client: &mut SpiClient<'_>) -> Result<Value, WriteError> {
-        let fetched = self.target.fetch_typed(client, &self.key, &self.mine);
+        let fetched = rows::fetch_typed(client, self.table, &self.key, &self.mine);
         self.key = match &fetched.row {
             Some(row) => self
-                .target
+                .table
                 .key
                 .iter()
                 .map(|k| (k.clone(), row.values.get(k).cloned().unwrap_or(Value::Null)))
                 .collect(),
-            None => self.target.canonical(client, &self.key),
+            None => rows::canonical(client, self.table, &self.key),
         };
         self.mine = fetched.mine;
         self.base = self
             .base
             .take()
-            .map(|base| self.target.canonical(client, &base));
+            .map(|base| rows::canonical(client, self.table, &base));
         // A row that row-level security hides from this role is, for this role, not
         // there: an update or delete of it is `not_found`, as a plain UPDATE of it
         // changes nothing (telling the caller it exists would reveal it).
@@ -268,7 +293,7 @@ impl Write<'_> {
             .flat_map(|row| row.clocks.values())
             .filter_map(ColumnClock::from_json)
             .map(|c| c.clock);
-        Hlc::stamp(now_ms(), seen, &self.node)
+        Hlc::stamp(crate::now_ms(), seen, &self.node)
     }
 
     fn their_clock(row: &StoredRow, column: &str) -> Option<Hlc> {
@@ -290,7 +315,7 @@ impl Write<'_> {
     ) -> Merged {
         let mut merged = Merged::default();
         let mut ops = SqlTypedOps {
-            target: self.target,
+            table: self.table,
             client,
         };
         for (column, mine) in &self.mine {
@@ -304,7 +329,7 @@ impl Write<'_> {
             let their_clock = Self::their_clock(row, column);
             let input = ColumnInput {
                 column,
-                policy: self.target.columns[column],
+                policy: self.table.columns[column],
                 base: base.and_then(|b| b.get(column)),
                 mine,
                 theirs,
@@ -362,13 +387,13 @@ impl Write<'_> {
         // and the second round finds (and locks) the row it inserted.
         for round in 0..2 {
             if round > 0 {
-                row = self.target.fetch_for_update(client, &self.key);
+                row = rows::fetch_for_update(client, self.table, &self.key);
             }
             if let Some(row) = row.take() {
                 if upsert {
                     return self.update_existing(client, row);
                 }
-                return match self.target.existing_insert {
+                return match self.table.existing_insert {
                     ExistingInsert::Reject => Ok(rejected("exists", Some(&row))),
                     // The client did not know the row: every column it sends that
                     // differs from the stored value is contested, base unknown.
@@ -378,20 +403,20 @@ impl Write<'_> {
             let mut row = self.key.clone();
             row.extend(self.mine.clone());
             let clocks = self.clock_entries(None, &self.mine, &self.clock(None));
-            if let Some(stored) = self.target.insert(client, &row, &clocks) {
+            if let Some(stored) = rows::insert(client, self.table, &row, &clocks) {
                 return Ok(result("applied", Some(&stored), &[], None));
             }
             // Nothing inserted and no row to be found: RLS hides the row it
             // conflicted with (a plain INSERT would fail on the key, so saying so
             // reveals nothing more), or a trigger skipped the insert.
-            if self.target.rls_applies() {
-                return Err(WriteError::Hidden(self.target.display.clone()));
+            if rows::rls_applies(self.table) {
+                return Err(WriteError::Hidden(self.table.display.clone()));
             }
-            if !self.target.exists(client, &self.key) {
-                return Err(WriteError::NoEffect(self.target.display.clone()));
+            if !rows::exists(client, self.table, &self.key) {
+                return Err(WriteError::NoEffect(self.table.display.clone()));
             }
         }
-        Err(WriteError::InsertRace(self.target.display.clone()))
+        Err(WriteError::InsertRace(self.table.display.clone()))
     }
 
     fn update(
@@ -405,25 +430,25 @@ impl Write<'_> {
                 Ok(rejected("not_found", None))
             }
             // The client edited a row that has since been deleted.
-            None => match self.target.delete_race {
+            None => match self.table.delete_race {
                 DeleteRace::DeleteWins => Ok(rejected("deleted", None)),
                 DeleteRace::UpdateWins => {
                     let mut row = self.key.clone();
                     row.extend(self.base.clone().unwrap_or_default());
                     row.extend(self.mine.clone());
                     let mut values = row.clone();
-                    values.retain(|c, _| !self.target.is_key(c));
+                    values.retain(|c, _| !self.table.is_key(c));
                     let clocks = self.clock_entries(None, &values, &self.clock(None));
-                    match self.target.insert(client, &row, &clocks) {
+                    match rows::insert(client, self.table, &row, &clocks) {
                         Some(stored) => {
                             let mut result = result("merged", Some(&stored), &[], None);
                             result["recreated"] = json!(true);
                             Ok(result)
                         }
-                        None if self.target.rls_applies() => {
-                            Err(WriteError::Hidden(self.target.display.clone()))
+                        None if rows::rls_applies(self.table) => {
+                            Err(WriteError::Hidden(self.table.display.clone()))
                         }
-                        None => Err(WriteError::InsertRace(self.target.display.clone())),
+                        None => Err(WriteError::InsertRace(self.table.display.clone())),
                     }
                 }
             },
@@ -462,7 +487,7 @@ impl Write<'_> {
         }
         let mut conflict_ids = Vec::new();
         let origin = ConflictOrigin {
-            relid: self.target.relid,
+            relid: self.table.relid,
             key: &self.key,
             actor: &self.actor,
             client_id: self.mutation.id.as_ref().map(|id| id.client_id.as_str()),
@@ -479,10 +504,7 @@ impl Write<'_> {
             let clocks = self.clock_entries(Some(&row), &merged.writes, &clock);
             // The row is locked: an update that returns nothing was vetoed by a
             // trigger, or an RLS policy lets the role see the row but not update it.
-            match self
-                .target
-                .update(client, &self.key, &merged.writes, &clocks, None)
-            {
+            match rows::update(client, self.table, &self.key, &merged.writes, &clocks, None) {
                 Some(stored) => stored,
                 None => return Err(self.vetoed()),
             }
@@ -503,10 +525,10 @@ impl Write<'_> {
     /// (the row is there for a role that bypasses it, but the caller's policies
     /// exclude it from this command) or else a trigger that returned NULL.
     fn vetoed(&self) -> WriteError {
-        if self.target.rls_applies() {
-            WriteError::Hidden(self.target.display.clone())
+        if rows::rls_applies(self.table) {
+            WriteError::Hidden(self.table.display.clone())
         } else {
-            WriteError::NoEffect(self.target.display.clone())
+            WriteError::NoEffect(self.table.display.clone())
         }
     }
 
@@ -524,10 +546,10 @@ impl Write<'_> {
                 base.iter()
                     .any(|(column, value)| row.values.get(column).unwrap_or(&Value::Null) != value)
             });
-        if changed_since_base && self.target.delete_race == DeleteRace::UpdateWins {
+        if changed_since_base && self.table.delete_race == DeleteRace::UpdateWins {
             return Ok(rejected("changed_since_base", Some(&row)));
         }
-        if self.target.delete(client, &self.key).is_none() {
+        if rows::delete(client, self.table, &self.key).is_none() {
             return Err(self.vetoed());
         }
         Ok(result("applied", None, &[], None))
@@ -561,11 +583,4 @@ fn result(
 
 fn rejected(reason: &str, row: Option<&StoredRow>) -> Value {
     result("rejected", row, &[], Some(reason))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -2,7 +2,7 @@
 //! `livesync.resolve_conflict`.
 
 use super::merge::Contest;
-use super::statements::kept;
+use super::plans::kept;
 use crate::owner::sql_as_bootstrap_superuser;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;

@@ -29,10 +29,7 @@ impl Hlc {
         // A clock far ahead of the server's would win last-writer-wins merges for as
         // long as it stays ahead: clamped to livesync.max_clock_skew past now.
         let skew = crate::gucs::MAX_CLOCK_SKEW_MS.get().max(0) as u64;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::now_ms();
         Ok(Hlc {
             wall_ms: wall_ms.min(now.saturating_add(skew)),
             counter,

@@ -22,11 +22,12 @@
 //! object tag of livesync's own (`_mutations`, sub-id = bucket + 1), which no SQL
 //! command takes, and it is taken directly, without a statement.
 
-use super::statements::kept;
+use super::plans::kept;
 use crate::owner::sql_as_bootstrap_superuser;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::{JsonB, PgOid};
+use pgrx::PgOid;
 use serde_json::Value;
 
 /// How many distinct locks mutation records can take.
@@ -140,19 +141,8 @@ impl MutationId {
         Ok(result.map(|super::json::Json(result)| result))
     }
 
-    pub fn record(
-        &self,
-        client: &SpiClient<'_>,
-        relid: pg_sys::Oid,
-        result: &super::apply::Applied,
-    ) {
-        let result = match result {
-            super::apply::Applied::Value(value) => JsonB(value.clone()).into(),
-            // SAFETY: an `Applied::Jsonb` holds a non-null jsonb datum (see apply.rs).
-            super::apply::Applied::Jsonb(datum) => unsafe {
-                pgrx::datum::DatumWithOid::new(*datum, pg_sys::JSONBOID)
-            },
-        };
+    /// Records the mutation's `result` (a jsonb) as applied to `relid` by the current role.
+    pub fn record(&self, client: &SpiClient<'_>, relid: pg_sys::Oid, result: DatumWithOid<'_>) {
         let types = [
             PgOid::from(pg_sys::TEXTOID),
             PgOid::from(pg_sys::INT8OID),

@@ -3,14 +3,18 @@
 //! wrappers are in `sql/writes.sql`).
 //!
 //! - `mutation`: the arguments, checked for shape.
-//! - `apply`: the orchestration of one write (lock, merge, write, result).
+//! - `apply`: the decisions of one write (lock, merge, write, result); it calls
+//!   down into `settings` and `rows`, which never call back.
+//! - `settings`: a tracked table's key, columns and policies, cached per backend.
+//! - `rows`: the table's rows read and locked, inserted, updated, deleted, and
+//!   values typed as the table types them.
+//! - `statements`: the text of the statements `rows` runs.
 //! - `merge`, `policy`, `hlc`: the per-column three-way merge and its rules.
-//! - `target`: a tracked table's key, columns and policies, and its statements.
 //! - `idempotency`, `conflicts`: the `(client_id, mutation_id)` records and the
 //!   stored `manual` conflicts.
 //! - `json`: jsonb read without serde_json's nesting limit.
 //! - `origin`: tells capture which mutation the current changes belong to.
-//! - `statements`: kept plans for the statements above.
+//! - `plans`: kept plans for every statement the modules above run.
 
 mod apply;
 mod conflicts;
@@ -20,11 +24,13 @@ mod json;
 mod merge;
 mod mutation;
 pub mod origin;
+mod plans;
 mod policy;
+mod rows;
+pub mod settings;
 mod statements;
-pub mod target;
 
-pub use target::init;
+pub use settings::init;
 
 use crate::error::{LivesyncError, SqlState};
 use crate::raise::{raise, ErrorToRaise};
@@ -404,7 +410,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
     }
     if missing != 0 {
         return Err(WriteError::NoResolvePrivilege {
-            table: target::relation_display(relid),
+            table: settings::relation_display(relid),
             privileges: crate::privileges::privilege_names(missing),
         });
     }
