@@ -261,6 +261,12 @@ impl LivesyncError {
     }
 }
 
+/// Raises a step that cannot fail unless livesync itself is wrong (`XX000`): what
+/// it was doing.
+pub fn internal(what: impl Into<String>) -> ! {
+    LivesyncError::Internal(what.into()).raise()
+}
+
 #[cfg(test)]
 mod tests {
     use super::SqlState;

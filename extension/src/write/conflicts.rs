@@ -55,6 +55,6 @@ pub fn store(client: &SpiClient<'_>, origin: &ConflictOrigin, contest: &Contest)
             )
             .and_then(|table| table.first().get_one::<i64>())
     })
-    .unwrap_or_else(|e| pgrx::error!("livesync: storing a conflict failed: {e}"));
-    id.unwrap_or_else(|| pgrx::error!("livesync: storing a conflict returned no id"))
+    .unwrap_or_else(|e| crate::error::internal(format!("storing a conflict failed: {e}")));
+    id.unwrap_or_else(|| crate::error::internal("storing a conflict returned no id"))
 }

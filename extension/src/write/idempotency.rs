@@ -128,7 +128,9 @@ impl MutationId {
                     }
                 })
         })
-        .unwrap_or_else(|e| pgrx::error!("livesync: reading mutation records failed: {e}"));
+        .unwrap_or_else(|e| {
+            crate::error::internal(format!("reading mutation records failed: {e}"))
+        });
         let Some((result, relation)) = found else {
             return Ok(None);
         };
@@ -167,6 +169,6 @@ impl MutationId {
                 ],
             )
         })
-        .unwrap_or_else(|e| pgrx::error!("livesync: recording the mutation failed: {e}"));
+        .unwrap_or_else(|e| crate::error::internal(format!("recording the mutation failed: {e}")));
     }
 }

@@ -32,7 +32,7 @@ mod statements;
 
 pub use settings::init;
 
-use crate::error::{LivesyncError, SqlState};
+use crate::error::SqlState;
 use crate::raise::{raise, ErrorToRaise};
 use mutation::{MutationArgs, Op};
 use pgrx::prelude::*;
@@ -392,7 +392,9 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
             )))
         })
     })
-    .unwrap_or_else(|e| internal(format!("reading conflict {conflict_id} failed: {e}")));
+    .unwrap_or_else(|e| {
+        crate::error::internal(format!("reading conflict {conflict_id} failed: {e}"))
+    });
     let Some((relid, JsonB(key), column, JsonB(mine), resolved)) = conflict else {
         return Err(WriteError::NoConflict(conflict_id));
     };
@@ -444,7 +446,9 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
                     .get_one::<bool>()
             })
         })
-        .unwrap_or_else(|e| internal(format!("locking conflict {conflict_id} failed: {e}")))
+        .unwrap_or_else(|e| {
+            crate::error::internal(format!("locking conflict {conflict_id} failed: {e}"))
+        })
         .unwrap_or(true);
     if resolved {
         return Err(WriteError::ConflictResolved(conflict_id));
@@ -492,11 +496,8 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
                 .map(|_| ())
         })
     })
-    .unwrap_or_else(|e| internal(format!("settling conflict {conflict_id} failed: {e}")));
+    .unwrap_or_else(|e| {
+        crate::error::internal(format!("settling conflict {conflict_id} failed: {e}"))
+    });
     Ok(result)
-}
-
-/// Raises a step that cannot fail unless livesync itself is wrong (`XX000`).
-fn internal(what: String) -> ! {
-    LivesyncError::Internal(what).raise()
 }

@@ -26,7 +26,7 @@ pub fn kept(client: &SpiClient<'_>, sql: &str, args: &[PgOid]) -> Rc<OwnedPrepar
     }
     let plan = client
         .prepare_mut(sql, args)
-        .unwrap_or_else(|e| pgrx::error!("livesync: could not prepare {sql}: {e}"))
+        .unwrap_or_else(|e| crate::error::internal(format!("could not prepare {sql}: {e}")))
         .keep();
     let plan = Rc::new(plan);
     KEPT.with(|kept| {

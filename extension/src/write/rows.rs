@@ -28,7 +28,7 @@ pub struct StoredRow {
 impl StoredRow {
     fn from_json(row: Value) -> StoredRow {
         let Value::Object(mut values) = row else {
-            pgrx::error!("livesync: a row read back as non-object jsonb");
+            crate::error::internal("a row read back as non-object jsonb");
         };
         let version = values.remove(VERSION).and_then(|v| v.as_i64()).unwrap_or(0);
         let clocks = match values.remove(CLOCKS) {
@@ -70,7 +70,7 @@ pub fn canonical(
             &[JsonB(Value::Object(values.clone())).into()],
         )
         .and_then(|rows| rows.first().get_one::<Json>())
-        .unwrap_or_else(|e| pgrx::error!("livesync: typing values failed: {e}"));
+        .unwrap_or_else(|e| crate::error::internal(format!("typing values failed: {e}")));
     pick(typed.map(|Json(t)| t).unwrap_or(Value::Null), values)
 }
 
@@ -101,7 +101,7 @@ pub fn fetch_typed(
             )))
         })
         .unwrap_or_else(|e| {
-            pgrx::error!("livesync: reading a row of {} failed: {e}", table.display)
+            crate::error::internal(format!("reading a row of {} failed: {e}", table.display))
         });
     match found {
         Some((Some(Json(row)), Some(Json(typed)), hashes)) => {
@@ -206,7 +206,9 @@ pub fn update_applied(
                 rows.first().get_datum_by_ordinal(1)
             }
         })
-        .unwrap_or_else(|e| pgrx::error!("livesync: statement on {} failed: {e}", table.display))
+        .unwrap_or_else(|e| {
+            crate::error::internal(format!("statement on {} failed: {e}", table.display))
+        })
         // SAFETY: the datum is the statement's jsonb result (a varlena: not by
         // value, length -1), copied out of SPI's memory before it is freed.
         .map(|datum| unsafe { pg_sys::SPI_datumTransfer(datum, false, -1) })
@@ -262,7 +264,9 @@ fn run_returning_row(
                 rows.first().get_one::<Json>()
             }
         })
-        .unwrap_or_else(|e| pgrx::error!("livesync: statement on {} failed: {e}", table.display));
+        .unwrap_or_else(|e| {
+            crate::error::internal(format!("statement on {} failed: {e}", table.display))
+        });
     row.map(|Json(row)| StoredRow::from_json(row))
 }
 
@@ -311,7 +315,9 @@ pub fn same_typed(
     client
         .select(&*plan, Some(1), &[record(a).into(), record(b).into()])
         .and_then(|rows| rows.first().get_one::<bool>())
-        .unwrap_or_else(|e| pgrx::error!("livesync: comparing key column {column} failed: {e}"))
+        .unwrap_or_else(|e| {
+            crate::error::internal(format!("comparing key column {column} failed: {e}"))
+        })
         .unwrap_or(false)
 }
 
@@ -337,7 +343,7 @@ fn combine(
     client
         .select(&*plan, Some(1), &args)
         .and_then(|rows| rows.first().get_one::<Json>())
-        .unwrap_or_else(|e| pgrx::error!("livesync: merging column {column} failed: {e}"))
+        .unwrap_or_else(|e| crate::error::internal(format!("merging column {column} failed: {e}")))
         .map(|Json(v)| v)
         .unwrap_or(Value::Null)
 }

@@ -127,7 +127,7 @@ impl TableSettings {
                     false => table.first().get_one::<Json>(),
                 })
         })
-        .unwrap_or_else(|e| pgrx::error!("livesync: reading write settings failed: {e}"));
+        .unwrap_or_else(|e| crate::error::internal(format!("reading write settings failed: {e}")));
         let Some(Json(meta)) = meta else {
             return Err(WriteError::NotTracked(relation_display(relid)));
         };
