@@ -19,7 +19,7 @@
 use crate::error::LivesyncError;
 use crate::log_writer::StatementLog;
 use crate::pg_resources::{OpenRelation, RegisteredSnapshot};
-use crate::raise::{raise, ErrorToRaise};
+use crate::raise::{ErrorToRaise, Outcome};
 use crate::row_json::{attr, is_version_column, JsonbBuilder, RowEncoder};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -274,38 +274,18 @@ unsafe fn filter_columns(
     }
 }
 
-crate::fmgr::v1_function_info!(pg_finfo__capture_wrapper);
-
-/// `livesync._capture()` (declared in `lib.rs`), under the C symbol pgrx's
-/// `#[pg_trigger]` gave it in earlier versions, which tables tracked then still
-/// fire. Written against the C interface so that capture's `LS003` keeps its
-/// SQLSTATE (pgrx cannot carry livesync's own codes): the work runs under pgrx's
-/// guard and an error comes back as data, raised from this frame, which owns
-/// nothing that needs dropping.
-///
-/// # Safety
-/// Called by Postgres's function manager only, with a valid `fcinfo`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn _capture_wrapper(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
-    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
-    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
-    // data that outlives the guarded call.
-    unsafe {
-        let error = capture_guarded(fcinfo);
-        if !error.is_null() {
-            raise(&*error);
-        }
-        // An AFTER ... FOR EACH STATEMENT trigger's result is ignored.
-        pg_sys::Datum::from(0usize)
-    }
-}
+crate::fmgr::raising_c_function!(
+    /// `livesync._capture()` (declared in `lib.rs`), under the C symbol pgrx's
+    /// `#[pg_trigger]` gave it in earlier versions, which tables tracked then still
+    /// fire. Written against the C interface so that capture's `LS003` keeps its
+    /// SQLSTATE. (An AFTER ... FOR EACH STATEMENT trigger's result is ignored.)
+    pg_finfo__capture_wrapper, _capture_wrapper => capture_guarded
+);
 
 /// # Safety
 /// `fcinfo` must be the function manager's call of the capture trigger.
 #[pg_guard]
-unsafe extern "C-unwind" fn capture_guarded(fcinfo: pg_sys::FunctionCallInfo) -> *mut ErrorToRaise {
+unsafe extern "C-unwind" fn capture_guarded(fcinfo: pg_sys::FunctionCallInfo) -> Outcome {
     // SAFETY: the call's context is checked to be TriggerData before it is read as
     // one; the trigger manager keeps it valid for the call.
     unsafe {
@@ -314,8 +294,8 @@ unsafe extern "C-unwind" fn capture_guarded(fcinfo: pg_sys::FunctionCallInfo) ->
             LivesyncError::NotCalledAsTrigger("livesync._capture()").raise();
         }
         match capture_statement(&*context.cast::<pg_sys::TriggerData>()) {
-            Ok(()) => std::ptr::null_mut(),
-            Err(e) => ErrorToRaise::of(&e),
+            Ok(()) => Outcome::done(pg_sys::Datum::from(0usize)),
+            Err(e) => Outcome::failed(ErrorToRaise::of(&e)),
         }
     }
 }

@@ -10,6 +10,45 @@ use crate::error::SqlState;
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_int};
 
+/// What a guarded body hands back to its unguarded C function: the result, or an
+/// error to raise.
+#[repr(C)]
+pub struct Outcome {
+    result: pg_sys::Datum,
+    /// Palloc'd; null when the body succeeded.
+    error: *mut ErrorToRaise,
+}
+
+impl Outcome {
+    pub fn done(result: pg_sys::Datum) -> Outcome {
+        Outcome {
+            result,
+            error: std::ptr::null_mut(),
+        }
+    }
+
+    pub fn failed(error: *mut ErrorToRaise) -> Outcome {
+        Outcome {
+            result: pg_sys::Datum::from(0usize),
+            error,
+        }
+    }
+
+    /// The result, or the error raised; does not return then.
+    ///
+    /// # Safety
+    /// Call only from a frame that owns nothing needing a drop, outside pgrx's
+    /// guard (the error unwinds by longjmp).
+    pub unsafe fn finish(self) -> pg_sys::Datum {
+        if !self.error.is_null() {
+            // SAFETY: a non-null error is a complete palloc'd ErrorToRaise that
+            // outlives the guarded call; the frame is the caller's promise.
+            unsafe { raise(&*self.error) };
+        }
+        self.result
+    }
+}
+
 /// An error to raise, in memory that outlives the guarded call (palloc'd).
 #[repr(C)]
 pub struct ErrorToRaise {

@@ -33,7 +33,7 @@ mod statements;
 pub use settings::init;
 
 use crate::error::SqlState;
-use crate::raise::{raise, ErrorToRaise};
+use crate::raise::{ErrorToRaise, Outcome};
 use mutation::{MutationArgs, Op};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -166,41 +166,17 @@ impl WriteError {
     }
 }
 
-crate::fmgr::v1_function_info!(pg_finfo_livesync_write);
-
-/// `livesync.write` (declared in `sql/writes.sql`). Written against the C function
-/// interface rather than `#[pg_extern]` so that its own errors keep livesync's
-/// SQLSTATEs without a PL/pgSQL wrapper (which cost 5-8% of a write): the work runs
-/// under pgrx's guard, and an error to report comes back as plain data and is raised
-/// from this frame, which owns nothing that needs dropping.
-///
-/// # Safety
-/// Called by Postgres's function manager only, with a valid `fcinfo`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn livesync_write(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
-    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
-    // data that outlives the guarded call.
-    unsafe {
-        let outcome = write_guarded(fcinfo);
-        if !outcome.error.is_null() {
-            raise(&*outcome.error);
-        }
-        outcome.result
-    }
-}
-
-#[repr(C)]
-struct WriteOutcome {
-    result: pg_sys::Datum,
-    /// Palloc'd; null when the write succeeded.
-    error: *mut ErrorToRaise,
-}
+crate::fmgr::raising_c_function!(
+    /// `livesync.write` (declared in `sql/writes.sql`). Written against the C function
+    /// interface rather than `#[pg_extern]` so that its own errors keep livesync's
+    /// SQLSTATEs without a PL/pgSQL wrapper (which cost 5-8% of a write).
+    pg_finfo_livesync_write, livesync_write => write_guarded
+);
 
 /// # Safety
 /// `fcinfo` must be a call of `livesync.write` (its nine arguments).
 #[pg_guard]
-unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> Outcome {
     // SAFETY: the nine arguments are read with the types `livesync.write` declares
     // (the caller's contract).
     unsafe {
@@ -224,73 +200,46 @@ unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> W
             }
             Spi::connect_mut(|client| apply::apply(client, m))
         });
-        WriteOutcome::of(applied)
+        written(applied)
     }
 }
 
-impl WriteOutcome {
-    fn of(applied: Result<apply::Applied, WriteError>) -> WriteOutcome {
-        WriteOutcome::of_value(applied.map(|applied| Some(applied.into_datum())))
-    }
+/// The outcome of a write: its result, or its error to raise.
+fn written(applied: Result<apply::Applied, WriteError>) -> Outcome {
+    outcome(applied.map(|applied| Some(applied.into_datum())))
+}
 
-    fn of_value(result: Result<Option<pg_sys::Datum>, WriteError>) -> WriteOutcome {
-        match result {
-            Ok(result) => WriteOutcome {
-                result: result.unwrap_or(pg_sys::Datum::from(0usize)),
-                error: std::ptr::null_mut(),
-            },
-            Err(e) => WriteOutcome {
-                result: pg_sys::Datum::from(0usize),
-                error: ErrorToRaise::palloc(e.sqlstate(), &e.to_string(), e.hint().as_deref()),
-            },
-        }
+fn outcome(result: Result<Option<pg_sys::Datum>, WriteError>) -> Outcome {
+    match result {
+        Ok(result) => Outcome::done(result.unwrap_or(pg_sys::Datum::from(0usize))),
+        Err(e) => Outcome::failed(ErrorToRaise::palloc(
+            e.sqlstate(),
+            &e.to_string(),
+            e.hint().as_deref(),
+        )),
     }
 }
 
-crate::fmgr::v1_function_info!(pg_finfo_livesync_write_json);
+crate::fmgr::raising_c_function!(
+    /// `livesync._write_json` (declared in `sql/writes.sql`): one element of
+    /// `write_batch`'s array, applied like `livesync.write` and failing like it, with an
+    /// ERROR. (Reported as data instead, a direct call that failed halfway kept what it
+    /// had done, a stored conflict say, with nobody to roll it back.)
+    pg_finfo_livesync_write_json, livesync_write_json => write_json_guarded
+);
 
-/// `livesync._write_json` (declared in `sql/writes.sql`): one element of
-/// `write_batch`'s array, applied like `livesync.write` and failing like it, with an
-/// ERROR. (Reported as data instead, a direct call that failed halfway kept what it
-/// had done, a stored conflict say, with nobody to roll it back.)
-///
-/// # Safety
-/// Called by Postgres's function manager only, with a valid `fcinfo`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn livesync_write_json(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
-    // SAFETY: as in `livesync_write`.
-    unsafe {
-        let outcome = write_json_guarded(fcinfo);
-        if !outcome.error.is_null() {
-            raise(&*outcome.error);
-        }
-        outcome.result
-    }
-}
-
-crate::fmgr::v1_function_info!(pg_finfo_write_json_wrapper);
-
-/// `livesync._write_json` as livesync 0.1.0 and 0.2.0 declared it (C symbol
-/// `write_json_wrapper`; their `_checked` passes its results on): a database keeps
-/// working on this library until `ALTER EXTENSION livesync UPDATE`, and the regress
-/// suite installs those versions.
-///
-/// # Safety
-/// Called by Postgres's function manager only, with a valid `fcinfo`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn write_json_wrapper(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
-    // SAFETY: the same call as `livesync._write_json` (one jsonb argument).
-    unsafe { livesync_write_json(fcinfo) }
-}
+crate::fmgr::raising_c_function!(
+    /// `livesync._write_json` as livesync 0.1.0 and 0.2.0 declared it (C symbol
+    /// `write_json_wrapper`; their `_checked` passes its results on): a database keeps
+    /// working on this library until `ALTER EXTENSION livesync UPDATE`, and the regress
+    /// suite installs those versions.
+    pg_finfo_write_json_wrapper, write_json_wrapper => write_json_guarded
+);
 
 /// # Safety
 /// `fcinfo` must be a call of `livesync._write_json` (one jsonb argument).
 #[pg_guard]
-unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo) -> Outcome {
     // SAFETY: the one argument is read as the jsonb it is declared as (the
     // caller's contract).
     unsafe {
@@ -300,53 +249,27 @@ unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo)
                 .and_then(|m| Spi::connect_mut(|client| apply::apply(client, m))),
             None => Err(WriteError::Missing("mutation")),
         };
-        WriteOutcome::of(applied)
+        written(applied)
     }
 }
 
-crate::fmgr::v1_function_info!(pg_finfo_livesync_resolve_conflict);
+crate::fmgr::raising_c_function!(
+    /// `livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb)`
+    /// (declared in `sql/writes.sql`; `resolve_conflict` calls it): settles a stored
+    /// conflict, raising livesync's SQLSTATEs itself, as `livesync.write` does.
+    pg_finfo_livesync_resolve_conflict, livesync_resolve_conflict => resolve_guarded
+);
 
-/// `livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb)`
-/// (declared in `sql/writes.sql`; `resolve_conflict` calls it): settles a stored
-/// conflict, raising livesync's SQLSTATEs itself, as `livesync.write` does.
-///
-/// # Safety
-/// Called by Postgres's function manager only, with a valid `fcinfo`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn livesync_resolve_conflict(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
-    // SAFETY: `fcinfo` is the function manager's (the caller's contract); an error
-    // is raised from this frame, which owns nothing needing a drop, and is palloc'd
-    // data that outlives the guarded call.
-    unsafe {
-        let outcome = resolve_guarded(fcinfo);
-        if !outcome.error.is_null() {
-            raise(&*outcome.error);
-        }
-        outcome.result
-    }
-}
-
-crate::fmgr::v1_function_info!(pg_finfo_resolve_conflict_wrapper);
-
-/// `livesync._resolve_conflict` as livesync 0.1.0 to 0.4.0 declared it (C symbol
-/// `resolve_conflict_wrapper`; their `_checked` passes its results on).
-///
-/// # Safety
-/// Called by Postgres's function manager only, with a valid `fcinfo`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn resolve_conflict_wrapper(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
-    // SAFETY: the same call as `livesync._resolve_conflict` (same arguments).
-    unsafe { livesync_resolve_conflict(fcinfo) }
-}
+crate::fmgr::raising_c_function!(
+    /// `livesync._resolve_conflict` as livesync 0.1.0 to 0.4.0 declared it (C symbol
+    /// `resolve_conflict_wrapper`; their `_checked` passes its results on).
+    pg_finfo_resolve_conflict_wrapper, resolve_conflict_wrapper => resolve_guarded
+);
 
 /// # Safety
 /// `fcinfo` must be a call of `livesync._resolve_conflict` (bigint, text, jsonb).
 #[pg_guard]
-unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) -> WriteOutcome {
+unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) -> Outcome {
     // SAFETY: the three arguments are read with the types `_resolve_conflict`
     // declares, each of them possibly NULL (the caller's contract).
     unsafe {
@@ -358,7 +281,7 @@ unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) ->
             (None, _) => Err(WriteError::Missing("conflict_id")),
             (_, None) => Err(WriteError::Missing("choice")),
         };
-        WriteOutcome::of_value(resolved.map(|result| JsonB(result).into_datum()))
+        outcome(resolved.map(|result| JsonB(result).into_datum()))
     }
 }
 
