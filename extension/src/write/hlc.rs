@@ -51,8 +51,12 @@ impl Hlc {
         };
         for clock in seen {
             if (clock.wall_ms, clock.counter) >= (stamp.wall_ms, stamp.counter) {
-                stamp.wall_ms = clock.wall_ms;
-                stamp.counter = clock.counter + 1;
+                // Just after it; after a clock's last counter comes the next millisecond
+                // (a client may send any counter: `+ 1` overflowed).
+                (stamp.wall_ms, stamp.counter) = match clock.counter.checked_add(1) {
+                    Some(counter) => (clock.wall_ms, counter),
+                    None => (clock.wall_ms.saturating_add(1), 0),
+                };
             }
         }
         stamp
