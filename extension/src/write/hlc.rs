@@ -16,7 +16,24 @@ pub struct Hlc {
 }
 
 impl Hlc {
+    /// A client's clock text, its wall time clamped to `livesync.max_clock_skew` past
+    /// the server's clock.
     pub fn parse(text: &str, default_node: &str) -> Result<Hlc, WriteError> {
+        let skew = crate::gucs::MAX_CLOCK_SKEW_MS.get().max(0) as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Hlc::parse_at(text, default_node, now, skew)
+    }
+
+    /// [`Hlc::parse`] at a given server time and skew (which the unit tests choose).
+    pub fn parse_at(
+        text: &str,
+        default_node: &str,
+        now_ms: u64,
+        max_skew_ms: u64,
+    ) -> Result<Hlc, WriteError> {
         let bad = || WriteError::BadHlc(text.to_string());
         let mut parts = text.splitn(3, ':');
         let wall_ms: u64 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
@@ -28,13 +45,8 @@ impl Hlc {
         };
         // A clock far ahead of the server's would win last-writer-wins merges for as
         // long as it stays ahead: clamped to livesync.max_clock_skew past now.
-        let skew = crate::gucs::MAX_CLOCK_SKEW_MS.get().max(0) as u64;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         Ok(Hlc {
-            wall_ms: wall_ms.min(now.saturating_add(skew)),
+            wall_ms: wall_ms.min(now_ms.saturating_add(max_skew_ms)),
             counter,
             node,
         })
@@ -105,3 +117,6 @@ impl Hlc {
         json!([self.wall_ms, self.counter, self.node])
     }
 }
+
+#[cfg(test)]
+mod tests;
