@@ -19,6 +19,7 @@
 //!   entry points, which check the caller and then run their bodies.
 //! - `raise`: raising livesync's own SQLSTATEs from C-interface functions.
 //! - `gucs`, `error`: settings and the error type.
+//! - `pg_test_support`: for the `#[pg_test]`s, a query's row as raw datums.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
 //!   `sql/privileges.sql`: the roles and grants.
 
@@ -34,6 +35,8 @@ mod index_entries;
 mod log_reader;
 mod log_writer;
 mod owner;
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_test_support;
 mod privileges;
 mod raise;
 mod restamp;
@@ -84,6 +87,9 @@ pub extern "C-unwind" fn _PG_init() {
     write::init();
 }
 
+/// What `cargo pgrx test` asks of the crate for its throwaway cluster
+/// (`extension/run-tests`): nothing to set up, and no settings. The `#[pg_test]`s
+/// (in `row_json/pg_tests.rs`, `tick/pg_tests.rs`) need no preloaded library.
 #[cfg(test)]
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}

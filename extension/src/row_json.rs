@@ -372,16 +372,8 @@ impl RowEncoder {
         i: usize,
     ) -> bool {
         unsafe {
-            let (va, na) = column(a, i);
-            let (vb, nb) = column(b, i);
-            match (na, nb) {
-                (true, true) => true,
-                (false, false) => {
-                    let att = attr(self.tupdesc, i);
-                    same_image(va, vb, att.attbyval, att.attlen)
-                }
-                _ => false,
-            }
+            let att = attr(self.tupdesc, i);
+            same_column(column(a, i), column(b, i), att.attbyval, att.attlen)
         }
     }
 }
@@ -389,6 +381,21 @@ impl RowEncoder {
 impl Drop for RowEncoder {
     fn drop(&mut self) {
         unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
+/// Whether two column values `(datum, is_null)` of one type are the same: both NULL,
+/// or both stored identically.
+unsafe fn same_column(
+    (va, na): (pg_sys::Datum, bool),
+    (vb, nb): (pg_sys::Datum, bool),
+    by_value: bool,
+    len: i16,
+) -> bool {
+    match (na, nb) {
+        (true, true) => true,
+        (false, false) => unsafe { same_image(va, vb, by_value, len) },
+        _ => false,
     }
 }
 
@@ -645,3 +652,6 @@ impl JsonbBuilder {
         unsafe { pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(self.last)) }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
