@@ -10,7 +10,7 @@ PSQL      ?= psql -X -q -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1
 BRIDGE_ENV ?= DATABASE_URL=postgres://livesync_bridge@127.0.0.1:5432/livesync \
               LIVESYNC_DEFAULT_ROLE=livesync_demo_app
 
-.PHONY: up test prepare install demo bridge lint regress isolation e2e bridge-test client-test js-test bench demo-build browser-test
+.PHONY: up test prepare install demo bridge lint extension-test regress isolation e2e bridge-test client-test js-test bench demo-build browser-test
 
 ## up: install the extension, load the demo (database `livesync`), run the bridge
 up: install demo bridge demo-build
@@ -27,10 +27,11 @@ up: install demo bridge demo-build
 bridge:
 	cargo build --release -q -p livesync-bridge
 
-## test: lint, then the pg_regress suite and the isolation specs (each on a throwaway
-## cluster of its own), the end-to-end tests, the bridge's tests, the clients' tests and
-## the demo in a real browser (these against the real server)
-test: install lint regress isolation e2e bridge-test client-test js-test browser-test
+## test: lint, the extension's in-process tests, then the pg_regress suite and the
+## isolation specs (each on a throwaway cluster of its own), the end-to-end tests, the
+## bridge's tests, the clients' tests and the demo in a real browser (these against the
+## real server)
+test: install lint extension-test regress isolation e2e bridge-test client-test js-test browser-test
 
 prepare:
 	.ci/prepare-machine
@@ -46,6 +47,11 @@ demo:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+
+## extension-test: the extension's unit and property tests and its #[pg_test]s, in a
+## throwaway cluster of a private PostgreSQL copy under target/ (never the system's)
+extension-test: prepare
+	extension/run-tests
 
 ## regress, isolation: on a throwaway cluster (sql/throwaway-cluster) running the
 ## PostgreSQL of PG_CONFIG with the livesync installed there

@@ -25,6 +25,7 @@
 //!   errors; `gucs`: settings.
 //! - `pg_resources`: open relations, buffer pins, memory contexts and context
 //!   switches held by values that release them when dropped.
+//! - `pg_test_support`: for the `#[pg_test]`s, a query's row as raw datums.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
 //!   `sql/privileges.sql`: the roles and grants.
 
@@ -42,6 +43,8 @@ mod log_reader;
 mod log_writer;
 mod owner;
 mod pg_resources;
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_test_support;
 mod privileges;
 mod raise;
 mod restamp;
@@ -106,9 +109,24 @@ pub extern "C-unwind" fn _PG_init() {
     write::init();
 }
 
+/// What `cargo pgrx test` asks of the crate for its throwaway cluster
+/// (`extension/run-tests`): no settings; the `#[pg_test]`s (in `row_json/pg_tests.rs`,
+/// `tick/pg_tests.rs`) need no preloaded library.
 #[cfg(test)]
 pub mod pg_test {
-    pub fn setup(_options: Vec<&str>) {}
+    /// Runs before each `#[pg_test]`, before the harness installs the extension into
+    /// the pg_config `$PGRX_HOME/config.toml` names. Unless `extension/run-tests`
+    /// pointed that at its private PostgreSQL copy, it may name the system's, whose
+    /// running server has livesync.so loaded: refuse rather than overwrite it (a
+    /// plain `cargo test` reaches here too).
+    pub fn setup(_options: Vec<&str>) {
+        assert!(
+            std::env::var_os("LIVESYNC_PG_TEST_COPY").is_some(),
+            "run the #[pg_test]s with extension/run-tests (it installs the extension into a \
+             private PostgreSQL copy); plain cargo test runs only the unit tests with \
+             `-- --skip pg_tests::`"
+        );
+    }
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         vec![]

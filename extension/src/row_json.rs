@@ -417,17 +417,29 @@ impl RowEncoder {
         // SAFETY: column `i` exists in both tuples (the caller's contract), and two
         // non-null values of it are compared with its own length and by-value flag.
         unsafe {
-            let (va, na) = column(a, i);
-            let (vb, nb) = column(b, i);
-            match (na, nb) {
-                (true, true) => true,
-                (false, false) => {
-                    let att = attr(self.tupdesc, i);
-                    same_image(va, vb, att.attbyval, att.attlen)
-                }
-                _ => false,
-            }
+            let att = attr(self.tupdesc, i);
+            same_column(column(a, i), column(b, i), att.attbyval, att.attlen)
         }
+    }
+}
+
+/// Whether two column values `(datum, is_null)` of one type are the same: both NULL,
+/// or both stored identically.
+///
+/// # Safety
+/// Both values must be of one type whose `typbyval` and `typlen` are `by_value` and
+/// `len`.
+unsafe fn same_column(
+    (va, na): (pg_sys::Datum, bool),
+    (vb, nb): (pg_sys::Datum, bool),
+    by_value: bool,
+    len: i16,
+) -> bool {
+    match (na, nb) {
+        (true, true) => true,
+        // SAFETY: both non-null values of the one type (the caller's contract).
+        (false, false) => unsafe { same_image(va, vb, by_value, len) },
+        _ => false,
     }
 }
 
@@ -730,3 +742,6 @@ impl JsonbBuilder {
         unsafe { pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(self.last)) }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;

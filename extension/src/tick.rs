@@ -511,3 +511,6 @@ unsafe fn array_of(values: &mut [pg_sys::Datum], element_type: pg_sys::Oid) -> p
         ))
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;

@@ -16,7 +16,20 @@ pub struct Hlc {
 }
 
 impl Hlc {
+    /// A client's clock text, its wall time clamped to `livesync.max_clock_skew` past
+    /// the server's clock.
     pub fn parse(text: &str, default_node: &str) -> Result<Hlc, WriteError> {
+        let skew = crate::gucs::MAX_CLOCK_SKEW_MS.get().max(0) as u64;
+        Hlc::parse_at(text, default_node, crate::now_ms(), skew)
+    }
+
+    /// [`Hlc::parse`] at a given server time and skew (which the unit tests choose).
+    pub fn parse_at(
+        text: &str,
+        default_node: &str,
+        now_ms: u64,
+        max_skew_ms: u64,
+    ) -> Result<Hlc, WriteError> {
         let bad = || WriteError::BadHlc(text.to_string());
         let mut parts = text.splitn(3, ':');
         let wall_ms: u64 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
@@ -28,10 +41,8 @@ impl Hlc {
         };
         // A clock far ahead of the server's would win last-writer-wins merges for as
         // long as it stays ahead: clamped to livesync.max_clock_skew past now.
-        let skew = crate::gucs::MAX_CLOCK_SKEW_MS.get().max(0) as u64;
-        let now = crate::now_ms();
         Ok(Hlc {
-            wall_ms: wall_ms.min(now.saturating_add(skew)),
+            wall_ms: wall_ms.min(now_ms.saturating_add(max_skew_ms)),
             counter,
             node,
         })
@@ -48,8 +59,12 @@ impl Hlc {
         };
         for clock in seen {
             if (clock.wall_ms, clock.counter) >= (stamp.wall_ms, stamp.counter) {
-                stamp.wall_ms = clock.wall_ms;
-                stamp.counter = clock.counter + 1;
+                // Just after it; after a clock's last counter comes the next millisecond
+                // (a client may send any counter: `+ 1` overflowed).
+                (stamp.wall_ms, stamp.counter) = match clock.counter.checked_add(1) {
+                    Some(counter) => (clock.wall_ms, counter),
+                    None => (clock.wall_ms.saturating_add(1), 0),
+                };
             }
         }
         stamp
@@ -98,3 +113,6 @@ impl Hlc {
         json!([self.wall_ms, self.counter, self.node])
     }
 }
+
+#[cfg(test)]
+mod tests;

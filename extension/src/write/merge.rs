@@ -23,11 +23,18 @@ pub struct ColumnInput<'a> {
     pub their_clock: Option<&'a Hlc>,
 }
 
+/// What a merge asks of Postgres: arithmetic in the column's type, and raising an
+/// error. (Both behind this trait, so the merge rules run in unit tests too.)
 pub trait TypedOps {
     /// `theirs + (mine - base)` in the column's type.
     fn sum(&mut self, column: &str, theirs: &Value, mine: &Value, base: &Value) -> Value;
     fn greatest(&mut self, column: &str, a: &Value, b: &Value) -> Value;
     fn least(&mut self, column: &str, a: &Value, b: &Value) -> Value;
+
+    /// A `union` / `append` column's value is not an array: 22023.
+    fn not_a_list(&mut self, error: crate::error::LivesyncError) -> ! {
+        error.raise()
+    }
 }
 
 /// What happens to one column.
@@ -148,6 +155,7 @@ pub fn merge_column(input: &ColumnInput, my_clock: &Hlc, ops: &mut dyn TypedOps)
             input.mine,
             input.theirs,
             true,
+            ops,
         )),
         Policy::Append => computed(merge_lists(
             input.column,
@@ -155,6 +163,7 @@ pub fn merge_column(input: &ColumnInput, my_clock: &Hlc, ops: &mut dyn TypedOps)
             input.mine,
             input.theirs,
             false,
+            ops,
         )),
         Policy::Concat => computed(concat(input.mine, input.theirs)),
         Policy::Manual => settled(Decision::Manual, Some(contest("manual"))),
@@ -163,16 +172,15 @@ pub fn merge_column(input: &ColumnInput, my_clock: &Hlc, ops: &mut dyn TypedOps)
 
 /// An array's items; a NULL value counts as empty. Any other non-array value cannot
 /// be merged as a list: 22023, naming the column.
-fn items<'v>(column: &str, policy: &str, value: &'v Value) -> &'v [Value] {
+fn items<'v>(column: &str, policy: &str, value: &'v Value, ops: &mut dyn TypedOps) -> &'v [Value] {
     match value {
         Value::Array(items) => items,
         Value::Null => &[],
-        other => crate::error::LivesyncError::NotAList {
+        other => ops.not_a_list(crate::error::LivesyncError::NotAList {
             column: column.to_string(),
             policy: policy.to_string(),
             value: truncated(other),
-        }
-        .raise(),
+        }),
     }
 }
 
@@ -209,13 +217,14 @@ fn merge_lists(
     mine: &Value,
     theirs: &Value,
     set: bool,
+    ops: &mut dyn TypedOps,
 ) -> Value {
     let policy = if set { "union" } else { "append" };
-    let mine_items = items(column, policy, mine);
-    let theirs_items = items(column, policy, theirs);
+    let mine_items = items(column, policy, mine, ops);
+    let theirs_items = items(column, policy, theirs, ops);
     let (removed, added): (HashSet<String>, Vec<&Value>) = match base {
         Some(base) => {
-            let base_items = items(column, policy, base);
+            let base_items = items(column, policy, base, ops);
             let base_ids: HashSet<String> = base_items.iter().map(identity).collect();
             let mine_ids: HashSet<String> = mine_items.iter().map(identity).collect();
             (
@@ -257,3 +266,6 @@ fn concat(mine: &Value, theirs: &Value) -> Value {
         _ => theirs.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests;

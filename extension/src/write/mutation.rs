@@ -129,6 +129,15 @@ impl MutationArgs {
     /// One element of `write_batch`'s array: the same fields as `livesync.write`'s
     /// arguments, with `rel` as a table name.
     pub fn from_json(item: &Value) -> Result<MutationArgs, WriteError> {
+        MutationArgs::from_json_resolving(item, resolve_table)
+    }
+
+    /// [`MutationArgs::from_json`], naming tables with `resolve` (the unit tests
+    /// resolve names without a database).
+    pub fn from_json_resolving(
+        item: &Value,
+        resolve: impl FnOnce(&str) -> Result<pg_sys::Oid, WriteError>,
+    ) -> Result<MutationArgs, WriteError> {
         let Value::Object(fields) = item else {
             return Err(WriteError::NotAnObject("each mutation"));
         };
@@ -165,7 +174,7 @@ impl MutationArgs {
             }
         };
         let relid = match text("rel")? {
-            Some(name) => Some(resolve_table(&name)?),
+            Some(name) => Some(resolve(&name)?),
             None => None,
         };
         Ok(MutationArgs {
@@ -192,3 +201,6 @@ fn resolve_table(name: &str) -> Result<pg_sys::Oid, WriteError> {
     .flatten();
     oid.ok_or_else(|| WriteError::UnknownTable(name.to_string()))
 }
+
+#[cfg(test)]
+mod tests;
