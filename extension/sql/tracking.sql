@@ -254,6 +254,12 @@ BEGIN
     IF key_cols IS NULL THEN
         RAISE EXCEPTION 'table % is not tracked', rel USING ERRCODE = 'LS002';
     END IF;
+    -- (only if its primary key was dropped with livesync's event trigger disabled)
+    IF key_cols = '{}' THEN
+        RAISE EXCEPTION 'tracked table % has no primary key', rel
+            USING ERRCODE = 'LS003',
+                  HINT = pg_catalog.format('Add the primary key back (ALTER TABLE %s ADD PRIMARY KEY ...), or untrack the table.', rel);
+    END IF;
     IF jsonb_typeof(key) IS DISTINCT FROM 'object'
        OR ARRAY(SELECT jsonb_object_keys(key) ORDER BY 1) IS DISTINCT FROM ARRAY(SELECT pg_catalog.unnest(key_cols) ORDER BY 1) THEN
         RAISE EXCEPTION 'key % does not name exactly the primary key columns of %', key, rel

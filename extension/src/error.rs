@@ -214,7 +214,12 @@ impl LivesyncError {
             LivesyncError::PrepareNotSupported => {
                 "Commit the transaction directly; livesync assigns change positions at commit."
             }
-            LivesyncError::NoPrimaryKey(_) | LivesyncError::NoVersionColumn(_) => {
+            // Possible only with livesync's event trigger disabled; track refuses a
+            // table without a key, so untrack/track is no repair.
+            LivesyncError::NoPrimaryKey(_) => {
+                "Add the primary key back (ALTER TABLE ... ADD PRIMARY KEY), or untrack the table."
+            }
+            LivesyncError::NoVersionColumn(_) => {
                 "Call livesync.untrack() and livesync.track() on the table to repair its capture."
             }
             LivesyncError::NotInstalled => "Run CREATE EXTENSION livesync in this database.",

@@ -54,6 +54,12 @@ pub unsafe fn run() -> Option<Ticked> {
             let _no_timeout = NoLockTimeout::set();
             pg_sys::LockRelationOid(batches, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
         }
+        // Taking the lock read the invalidations, which forget livesync's relations:
+        // the extension may have been dropped while this waited (the worker, mid-tick,
+        // behind a DROP EXTENSION). Nothing to sequence then.
+        if livesync_relation(c"batches") != Some(batches) {
+            return None;
+        }
         // Our own changes must be visible to the tick's snapshot, and the snapshot must
         // be newer than the previous tick's whatever this transaction's isolation level.
         pg_sys::CommandCounterIncrement();

@@ -8,9 +8,10 @@
 //! A worker ticks at start-up, whenever a commit sets its latch, and on a safety
 //! poll; it exits cleanly when the extension is dropped from its database, and is
 //! restarted by the postmaster within a second if it fails or is terminated.
-//! It waits with WaitLatch and looks for SIGTERM (a shutdown, `pg_terminate_backend`,
-//! `DROP DATABASE ... WITH (FORCE)`) before and after every wait, so it ends at
-//! once, or within 10 ms during a pacing pause, whenever the signal comes.
+//! It waits with WaitLatch, and SIGTERM (a shutdown, `pg_terminate_backend`,
+//! `DROP DATABASE ... WITH (FORCE)`) has Postgres's own handler, so the worker ends
+//! at once wherever the signal finds it: waiting, ticking, or waiting for a lock in
+//! a tick (within 10 ms during a pacing pause).
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -290,6 +291,12 @@ unsafe extern "C-unwind" fn unpublish(_code: i32, arg: pg_sys::Datum) {
     }
 }
 
+unsafe extern "C-unwind" {
+    /// Postgres's SIGTERM handler (tcop/tcopprot.h); pgrx binds it only as a Rust
+    /// wrapper, which cannot be a signal handler.
+    fn die(postgres_signal_arg: std::ffi::c_int);
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
@@ -297,7 +304,14 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     if !note_start(database) {
         return; // exit 0: unregistered, not restarted
     }
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM gets Postgres's own handler, not pgrx's (which only sets a flag this
+    // loop reads between waits): `die` makes the next CHECK_FOR_INTERRUPTS end the
+    // process, including one inside a lock wait in the middle of a tick, which a
+    // flag would leave waiting for the lock.
+    // SAFETY: `die` is the handler Postgres itself installs for SIGTERM in backends
+    // and background workers; it only sets interrupt flags and the latch.
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die)) };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
     if !publish(database) {
         return; // another worker serves this database; exit 0 so we are not restarted
@@ -342,30 +356,31 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 
 /// Waits until the latch is set (a commit's wake-up, a SIGHUP) or `timeout` has
-/// passed. Exits the process when SIGTERM came, before waiting too: its latch
-/// wake-up may have been used up inside the tick that ran when it arrived (a lock
-/// wait resets the latch), and a signal noted but not acted on would cost a whole
-/// poll.
+/// passed. Ends the process when SIGTERM came (Postgres's `die` handler set
+/// ProcDiePending; CHECK_FOR_INTERRUPTS then ends a background worker with exit
+/// code 1, and the postmaster starts a successor after bgw_restart_time, whose first
+/// tick sequences whatever was committed meanwhile; at shutdown nothing restarts).
+/// Looked at before waiting too: the signal's latch wake-up may have been used up
+/// inside the tick that ran when it came (a lock wait resets the latch).
 fn wait_for_wake_up(timeout: Duration) {
-    exit_if_terminated();
+    pg_sys::check_for_interrupts!();
     wait_latch(pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT, timeout);
     // SAFETY: the worker's own latch, reset after the wait and before everything
     // that may have set it (commits, SIGTERM, SIGHUP) is looked at: the next tick,
     // the checks below, the caller's: so no wake-up is lost.
     unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
     pg_sys::check_for_interrupts!();
-    exit_if_terminated();
 }
 
 /// Sleeps `pause` without watching the latch, in slices of at most `SLEEP_SLICE`,
-/// exiting when SIGTERM came. Not on the latch: every commit meanwhile would wake
+/// ending the process when SIGTERM came. Not on the latch: every commit meanwhile would wake
 /// the worker (SetLatch signals a process that sleeps on its latch), and saving the
 /// worker those wake-ups is what the pause is for. A latch set now stays set, so
 /// the wait that follows the pause returns at once and the commits get their tick.
 fn pause_for(pause: Duration) {
     let end = std::time::Instant::now() + pause;
     loop {
-        exit_if_terminated();
+        pg_sys::check_for_interrupts!();
         let left = end.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return;
@@ -390,16 +405,4 @@ fn wait_latch(events: u32, timeout: Duration) {
             pg_sys::PG_WAIT_EXTENSION,
         )
     };
-}
-
-/// Ends the worker if SIGTERM came. Exit code 1 has the postmaster start a
-/// successor after bgw_restart_time, whose first tick sequences whatever was
-/// committed while it was away (at shutdown nothing is restarted).
-fn exit_if_terminated() {
-    if BackgroundWorker::sigterm_received() {
-        // SAFETY: the worker holds nothing that needs releasing between ticks (no
-        // transaction is open); proc_exit runs Postgres's exit callbacks
-        // (`unpublish` among them) and does not return.
-        unsafe { pg_sys::proc_exit(1) };
-    }
 }

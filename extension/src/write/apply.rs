@@ -384,7 +384,8 @@ impl Write<'_> {
         mut row: Option<StoredRow>,
     ) -> Result<Value, WriteError> {
         // Twice at most: a concurrent insert of the same key makes ours do nothing,
-        // and the second round finds (and locks) the row it inserted.
+        // and the second round finds (and locks) the row it inserted, or (deleted
+        // again meanwhile) inserts it.
         for round in 0..2 {
             if round > 0 {
                 row = rows::fetch_for_update(client, self.table, &self.key);
@@ -408,11 +409,12 @@ impl Write<'_> {
             }
             // Nothing inserted and no row to be found: RLS hides the row it
             // conflicted with (a plain INSERT would fail on the key, so saying so
-            // reveals nothing more), or a trigger skipped the insert.
+            // reveals nothing more), a trigger or rule skipped the insert, or the row
+            // it conflicted with was deleted since (another round).
             if rows::rls_applies(self.table) {
                 return Err(WriteError::Hidden(self.table.display.clone()));
             }
-            if !rows::exists(client, self.table, &self.key) {
+            if self.table.insert_can_be_skipped && !rows::exists(client, self.table, &self.key) {
                 return Err(WriteError::NoEffect(self.table.display.clone()));
             }
         }

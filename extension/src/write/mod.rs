@@ -59,6 +59,10 @@ pub enum WriteError {
     UnknownTable(String),
     #[error("table {0} is not tracked")]
     NotTracked(String),
+    #[error("tracked table {0} has no primary key")]
+    NoPrimaryKey(String),
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
     #[error("key {key} does not name exactly the primary key columns of {table}")]
     BadKey {
         table: String,
@@ -107,6 +111,8 @@ impl WriteError {
     fn sqlstate(&self) -> SqlState {
         match self {
             WriteError::NotTracked(_) => SqlState::NotTracked,
+            WriteError::NoPrimaryKey(_) => SqlState::NoPrimaryKey,
+            WriteError::NullArgument(_) => SqlState::NullValueNotAllowed,
             WriteError::BadKey { .. } | WriteError::KeyChange(_) => SqlState::KeyMismatch,
             WriteError::NoConflict(_)
             | WriteError::ConflictResolved(_)
@@ -141,6 +147,9 @@ impl WriteError {
                 Some("A write cannot change a row's key: delete the row and insert it under the new key.".into())
             }
             WriteError::NotTracked(table) => Some(format!("Call livesync.track('{table}') first.")),
+            WriteError::NoPrimaryKey(table) => Some(format!(
+                "Add the primary key back (ALTER TABLE {table} ADD PRIMARY KEY ...), or untrack the table."
+            )),
             WriteError::BadHlc(_) => {
                 Some("An hlc is \"<unix ms>:<counter>[:<node>]\", e.g. \"1764072000000:0:phone-1\".".into())
             }
@@ -278,8 +287,8 @@ unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) ->
         let value = pgrx::fcinfo::pg_getarg::<json::Json>(fcinfo, 2).map(|v| v.0);
         let resolved = match (conflict_id, choice) {
             (Some(conflict_id), Some(choice)) => resolve(conflict_id, &choice, value),
-            (None, _) => Err(WriteError::Missing("conflict_id")),
-            (_, None) => Err(WriteError::Missing("choice")),
+            (None, _) => Err(WriteError::NullArgument("conflict_id")),
+            (_, None) => Err(WriteError::NullArgument("choice")),
         };
         outcome(resolved.map(|result| JsonB(result).into_datum()))
     }

@@ -43,7 +43,13 @@ SELECT pg_catalog.jsonb_build_object(
                 FROM pg_attribute a
                 LEFT JOIN livesync._policies p ON p.relation = t.relation AND p.attnum = a.attnum
                 WHERE a.attrelid = t.relation AND a.attnum > 0 AND NOT a.attisdropped
-                  AND a.attname NOT IN ($2, $3)))
+                  AND a.attname NOT IN ($2, $3)),
+    -- Whether an insert can do nothing but by a conflict: a rule, or a BEFORE INSERT
+    -- row trigger (tgtype ROW | BEFORE | INSERT) besides livesync's own.
+    'insert_can_be_skipped', c.relhasrules OR EXISTS (
+        SELECT FROM pg_trigger g
+        WHERE g.tgrelid = t.relation AND g.tgenabled <> 'D' AND g.tgname <> 'livesync_version'
+          AND (g.tgtype::int & 7) = 7))
 FROM livesync._tracked t
 JOIN pg_class c ON c.oid = t.relation
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -60,6 +66,9 @@ pub struct TableSettings {
     pub columns: BTreeMap<String, Policy>,
     pub existing_insert: ExistingInsert,
     pub delete_race: DeleteRace,
+    /// A rule or a user's BEFORE INSERT row trigger may skip an insert: one that did
+    /// nothing, with no row of its key to be found, may be that (not only a race).
+    pub insert_can_be_skipped: bool,
 }
 
 thread_local! {
@@ -140,6 +149,10 @@ impl TableSettings {
                     .collect()
             })
             .unwrap_or_default();
+        if key.is_empty() {
+            // Its primary key was dropped with livesync's event trigger disabled.
+            return Err(WriteError::NoPrimaryKey(relation_display(relid)));
+        }
         let columns = meta["columns"]
             .as_object()
             .map(|columns| {
@@ -173,6 +186,7 @@ impl TableSettings {
                 Some("update_wins") => DeleteRace::UpdateWins,
                 _ => DeleteRace::DeleteWins,
             },
+            insert_can_be_skipped: meta["insert_can_be_skipped"].as_bool().unwrap_or(true),
         })
     }
 

@@ -116,6 +116,10 @@ ALTER TABLE lost_key DROP CONSTRAINT lost_key_pkey;
 ALTER EVENT TRIGGER livesync_ddl_end ENABLE;
 SELECT expect_error($$INSERT INTO lost_key VALUES (1, 'x')$$);
 SELECT count(*) AS rows_written FROM lost_key;
+-- so do livesync.write and row_version (which have no key to look a row up by)
+SELECT expect_error($$SELECT livesync.write('lost_key', 'insert', '{}', '{"v": "x"}')$$);
+SELECT expect_error($$SELECT livesync.write('lost_key', 'update', '{"id": 1}', '{"v": "x"}')$$);
+SELECT expect_error($$SELECT livesync.row_version('lost_key', '{}')$$);
 -- (a key again, and the table goes: every later DDL checks the tracked tables)
 ALTER TABLE lost_key ADD PRIMARY KEY (id);
 INSERT INTO lost_key VALUES (1, 'x');
