@@ -126,12 +126,27 @@ mod tests {
             pgrx::direct_function_call_as_datum(pg_sys::pg_current_snapshot, &[])
                 .expect("pg_current_snapshot returns a value")
         };
-        let xmax = Spi::get_one::<String>("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
-            .expect("xmax")
-            .expect("xmax");
+        // What Postgres prints of that very datum ("xmin:xmax:xip"): a second
+        // pg_current_snapshot() could see another transaction end meanwhile.
+        // SAFETY: pg_snapshot_out takes the pg_snapshot datum just built and returns a
+        // palloc'd C string.
+        let printed = unsafe {
+            let out = pgrx::direct_function_call_as_datum(pg_sys::pg_snapshot_out, &[Some(datum)])
+                .expect("pg_snapshot_out returns a value");
+            std::ffi::CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
+                .to_str()
+                .expect("a snapshot prints as ASCII")
+                .to_owned()
+        };
+        let mut parts = printed.split(':');
+        let (_xmin, xmax, xip) = (
+            parts.next(),
+            parts.next().expect("an xmax"),
+            parts.next().unwrap_or(""),
+        );
         // SAFETY: a pg_snapshot datum just built.
-        let (parsed_xmax, _) = unsafe { snapshot_xmax_xip(datum) };
-        assert_eq!(parsed_xmax.to_string(), xmax);
+        let parsed = unsafe { snapshot_xmax_xip(datum) };
+        assert_eq!(parsed, parse_expected(xmax, xip), "{printed}");
     }
 
     /// Snapshots as a table stores them (the tick keeps its own in
