@@ -315,10 +315,8 @@ unsafe fn capture_statement(td: &pg_sys::TriggerData) -> Result<(), LivesyncErro
         let filters = match registration(rel) {
             Registration::Tracked(filters) if as_installed => filters,
             _ => {
-                LivesyncError::NotRegistered(crate::write::settings::relation_display(
-                    (*rel).rd_id,
-                ))
-                .raise();
+                LivesyncError::NotRegistered(crate::catalog::relation_display((*rel).rd_id))
+                    .raise();
             }
         };
         let event = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;

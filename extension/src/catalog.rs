@@ -148,3 +148,11 @@ pub unsafe fn index_oids(rel: pg_sys::Relation) -> Vec<pg_sys::Oid> {
         oids
     }
 }
+
+/// A relation's name as `regclass` prints it under the caller's search_path.
+pub fn relation_display(relid: pg_sys::Oid) -> String {
+    pgrx::spi::Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("relation {}", relid.to_u32()))
+}

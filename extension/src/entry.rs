@@ -298,7 +298,7 @@ unsafe extern "C-unwind" fn check_caller(
     // interval), so the first argument exists (the caller's contract); for the
     // ownership checks it is a regclass, an oid by value.
     unsafe {
-        let display = crate::write::settings::relation_display;
+        let display = crate::catalog::relation_display;
         let verdict: Result<(), Denied> = match entry.needs {
             Needs::Maintenance => privileges::require_maintenance(entry.name),
             ownership => {

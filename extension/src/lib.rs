@@ -20,11 +20,12 @@
 //! - `privileges`: who may call what; `entry`: the configuration and maintenance
 //!   entry points, which check the caller and then run their bodies.
 //! - `raise`: raising livesync's own SQLSTATEs from C-interface functions;
-//!   `fmgr`: the info record those functions declare.
+//!   `fmgr`: what those functions declare (the V1 info record, and
+//!   `raising_c_function!`, the unguarded frame that raises a guarded body's error).
 //! - `error`: the error registry (every SQLSTATE livesync raises) and the engine's
 //!   errors; `gucs`: settings.
-//! - `pg_resources`: open relations, buffer pins, memory contexts and context
-//!   switches held by values that release them when dropped.
+//! - `pg_resources`: open relations, buffer pins, registered snapshots, memory
+//!   contexts and context switches held by values that release them when dropped.
 //! - `pg_test_support`: for the `#[pg_test]`s, a query's row as raw datums.
 //! - `sql/*.sql`: the SQL surface (log tables, changes_since, track/untrack, ...);
 //!   `sql/privileges.sql`: the roles and grants.

@@ -146,17 +146,15 @@ unsafe extern "C-unwind" fn read_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg
             ContextSize::Default,
         );
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            LivesyncError::Internal("livesync.changes_since could not connect to SPI".into())
-                .raise();
+            crate::error::internal("changes_since could not connect to SPI");
         }
         let mut args = [pg_sys::Datum::from(after), pg_sys::Datum::from(max_changes)];
         let status =
             pg_sys::SPI_execute_plan(runs_plan(), args.as_mut_ptr(), std::ptr::null(), true, 0);
         if status != pg_sys::SPI_OK_SELECT as i32 {
-            LivesyncError::Internal(format!(
-                "livesync.changes_since failed to read the runs (SPI code {status})"
-            ))
-            .raise();
+            crate::error::internal(format!(
+                "changes_since failed to read the runs (SPI code {status})"
+            ));
         }
         let table = pg_sys::SPI_tuptable;
         if (*(*table).tupdesc).natts as usize != RUN_COLUMNS {
@@ -211,10 +209,7 @@ unsafe fn runs_plan() -> pg_sys::SPIPlanPtr {
                 let mut types = [pg_sys::INT8OID, pg_sys::INT4OID];
                 let plan = pg_sys::SPI_prepare(RUNS_QUERY.as_ptr(), 2, types.as_mut_ptr());
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    LivesyncError::Internal(
-                        "livesync.changes_since could not prepare the runs query".into(),
-                    )
-                    .raise();
+                    crate::error::internal("changes_since could not prepare the runs query");
                 }
                 cached.set(plan);
             }

@@ -116,8 +116,7 @@ fn inheritors(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
     })
     .map(|children| children.into_iter().flatten().collect())
     .unwrap_or_else(|e| {
-        crate::error::LivesyncError::Internal(format!("reading inheritance children failed: {e}"))
-            .raise()
+        crate::error::internal(format!("reading inheritance children failed: {e}"))
     })
 }
 

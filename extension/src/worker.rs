@@ -323,7 +323,7 @@ pub extern "C-unwind" fn livesync_sequencer_main(arg: pg_sys::Datum) {
     let mut pacer = Pacer::new();
     loop {
         // SAFETY: BackgroundWorker::transaction runs this inside a transaction, as
-        // sequencer::tick requires; livesync's presence is checked first.
+        // tick::run requires; livesync's presence is checked first.
         let outcome = BackgroundWorker::transaction(|| unsafe {
             if crate::catalog::livesync_relation(c"_sequencer").is_none() {
                 return Tick::Uninstalled;

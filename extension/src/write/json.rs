@@ -63,9 +63,8 @@ pub fn parse(text: &str) -> Value {
     }
     let mut deserializer = serde_json::Deserializer::from_str(text);
     deserializer.disable_recursion_limit();
-    Value::deserialize(&mut deserializer).unwrap_or_else(|e| {
-        LivesyncError::Internal(format!("jsonb text did not parse: {e}")).raise()
-    })
+    Value::deserialize(&mut deserializer)
+        .unwrap_or_else(|e| crate::error::internal(format!("jsonb text did not parse: {e}")))
 }
 
 /// The deepest nesting of arrays and objects in JSON text (strings skipped).

@@ -27,7 +27,7 @@ pub mod origin;
 mod plans;
 mod policy;
 mod rows;
-pub mod settings;
+mod settings;
 mod statements;
 
 pub use settings::init;
@@ -344,7 +344,7 @@ fn resolve(conflict_id: i64, choice: &str, value: Option<Value>) -> Result<Value
     }
     if missing != 0 {
         return Err(WriteError::NoResolvePrivilege {
-            table: settings::relation_display(relid),
+            table: crate::catalog::relation_display(relid),
             privileges: crate::privileges::privilege_names(missing),
         });
     }

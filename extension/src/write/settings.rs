@@ -6,6 +6,7 @@ use super::json::Json;
 use super::plans::kept;
 use super::policy::{DeleteRace, ExistingInsert, Policy};
 use super::WriteError;
+use crate::catalog::relation_display;
 use crate::owner::sql_as_bootstrap_superuser;
 use crate::row_json::{CLOCKS_COLUMN, VERSION_COLUMN};
 use pgrx::prelude::*;
@@ -193,12 +194,4 @@ impl TableSettings {
     pub fn is_key(&self, column: &str) -> bool {
         self.key.iter().any(|k| k == column)
     }
-}
-
-/// A relation's name as `regclass` prints it under the caller's search_path.
-pub fn relation_display(relid: pg_sys::Oid) -> String {
-    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| format!("relation {}", relid.to_u32()))
 }
