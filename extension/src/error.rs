@@ -12,149 +12,83 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgSqlErrorCode;
 
-/// A SQLSTATE livesync raises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// Some codes are raised only by the SQL functions (`sql/*.sql`); they are listed
-// here all the same, and the tests check the SQL against this list.
-#[cfg_attr(not(test), allow(dead_code))]
-pub enum SqlState {
-    /// `LS001`: the position is outside the retained log; resync.
-    ResyncRequired,
-    /// `LS002`: the table is not tracked.
-    NotTracked,
-    /// `LS003`: the table has no primary key.
-    NoPrimaryKey,
-    /// `LS004`: a key does not name exactly the primary-key columns.
-    KeyMismatch,
-    /// `LS005`: a schema change would break the capture of a tracked table.
-    CaptureWouldBreak,
-    /// `LS006`: no such open conflict.
-    ConflictNotOpen,
-    /// `LS007`: an all-or-nothing batch had a mutation rejected or failing.
-    BatchAborted,
-    /// `LS008`: the write's statement had no effect.
-    NoEffect,
-    /// `42501`
-    InsufficientPrivilege,
-    /// `42703`
-    UndefinedColumn,
-    /// `42P01`
-    UndefinedTable,
-    /// `42704`
-    UndefinedObject,
-    /// `42804`
-    DatatypeMismatch,
-    /// `42809`
-    WrongObjectType,
-    /// `40001`
-    SerializationFailure,
-    /// `54000`
-    ProgramLimitExceeded,
-    /// `22004`
-    NullValueNotAllowed,
-    /// `22023`
-    InvalidParameterValue,
-    /// `0A000`
-    FeatureNotSupported,
-    /// `55000`
-    ObjectNotInPrerequisiteState,
-    /// `39P01`
-    TriggerProtocolViolated,
-    /// `XX001`
-    DataCorrupted,
-    /// `XX000`: livesync met a state it does not expect (a bug).
-    InternalError,
+/// Declares [`SqlState`] from one table of `Variant = "CODE"`: the enum, `ALL` (in
+/// the table's order) and `code()`, so no list can miss a code another has.
+macro_rules! sqlstates {
+    ($($(#[$doc:meta])* $variant:ident = $code:literal,)*) => {
+        /// A SQLSTATE livesync raises.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        // Some codes are raised only by the SQL functions (`sql/*.sql`); they are
+        // listed here all the same, and the tests check the SQL against this list.
+        #[cfg_attr(not(test), allow(dead_code))]
+        pub enum SqlState {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl SqlState {
+            /// Every code, in the order of the table in `docs/sql.md`.
+            #[cfg_attr(not(test), allow(dead_code))]
+            pub const ALL: &'static [SqlState] = &[$(SqlState::$variant,)*];
+
+            /// The five-character code.
+            pub const fn code(self) -> &'static str {
+                match self {
+                    $(SqlState::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+sqlstates! {
+    /// The position is outside the retained log; resync.
+    ResyncRequired = "LS001",
+    /// The table is not tracked.
+    NotTracked = "LS002",
+    /// The table has no primary key.
+    NoPrimaryKey = "LS003",
+    /// A key does not name exactly the primary-key columns.
+    KeyMismatch = "LS004",
+    /// A schema change would break the capture of a tracked table.
+    CaptureWouldBreak = "LS005",
+    /// No such open conflict.
+    ConflictNotOpen = "LS006",
+    /// An all-or-nothing batch had a mutation rejected or failing.
+    BatchAborted = "LS007",
+    /// The write's statement had no effect.
+    NoEffect = "LS008",
+    InsufficientPrivilege = "42501",
+    UndefinedColumn = "42703",
+    UndefinedTable = "42P01",
+    UndefinedObject = "42704",
+    DatatypeMismatch = "42804",
+    WrongObjectType = "42809",
+    SerializationFailure = "40001",
+    ProgramLimitExceeded = "54000",
+    NullValueNotAllowed = "22004",
+    InvalidParameterValue = "22023",
+    FeatureNotSupported = "0A000",
+    ObjectNotInPrerequisiteState = "55000",
+    TriggerProtocolViolated = "39P01",
+    DataCorrupted = "XX001",
+    /// livesync met a state it does not expect (a bug).
+    InternalError = "XX000",
 }
 
 impl SqlState {
-    /// Every code, in the order of the table in `docs/sql.md`.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub const ALL: [SqlState; 23] = [
-        SqlState::ResyncRequired,
-        SqlState::NotTracked,
-        SqlState::NoPrimaryKey,
-        SqlState::KeyMismatch,
-        SqlState::CaptureWouldBreak,
-        SqlState::ConflictNotOpen,
-        SqlState::BatchAborted,
-        SqlState::NoEffect,
-        SqlState::InsufficientPrivilege,
-        SqlState::UndefinedColumn,
-        SqlState::UndefinedTable,
-        SqlState::UndefinedObject,
-        SqlState::DatatypeMismatch,
-        SqlState::WrongObjectType,
-        SqlState::SerializationFailure,
-        SqlState::ProgramLimitExceeded,
-        SqlState::NullValueNotAllowed,
-        SqlState::InvalidParameterValue,
-        SqlState::FeatureNotSupported,
-        SqlState::ObjectNotInPrerequisiteState,
-        SqlState::TriggerProtocolViolated,
-        SqlState::DataCorrupted,
-        SqlState::InternalError,
-    ];
-
-    /// The five-character code.
-    pub const fn code(self) -> &'static str {
-        match self {
-            SqlState::ResyncRequired => "LS001",
-            SqlState::NotTracked => "LS002",
-            SqlState::NoPrimaryKey => "LS003",
-            SqlState::KeyMismatch => "LS004",
-            SqlState::CaptureWouldBreak => "LS005",
-            SqlState::ConflictNotOpen => "LS006",
-            SqlState::BatchAborted => "LS007",
-            SqlState::NoEffect => "LS008",
-            SqlState::InsufficientPrivilege => "42501",
-            SqlState::UndefinedColumn => "42703",
-            SqlState::UndefinedTable => "42P01",
-            SqlState::UndefinedObject => "42704",
-            SqlState::DatatypeMismatch => "42804",
-            SqlState::WrongObjectType => "42809",
-            SqlState::SerializationFailure => "40001",
-            SqlState::ProgramLimitExceeded => "54000",
-            SqlState::NullValueNotAllowed => "22004",
-            SqlState::InvalidParameterValue => "22023",
-            SqlState::FeatureNotSupported => "0A000",
-            SqlState::ObjectNotInPrerequisiteState => "55000",
-            SqlState::TriggerProtocolViolated => "39P01",
-            SqlState::DataCorrupted => "XX001",
-            SqlState::InternalError => "XX000",
-        }
+    /// The code as Postgres encodes it (`MAKE_SQLSTATE`).
+    pub fn encoded(self) -> i32 {
+        self.code()
+            .bytes()
+            .enumerate()
+            .map(|(i, c)| (i32::from(c.wrapping_sub(b'0')) & 0x3F) << (6 * i))
+            .sum()
     }
 
     /// The code as pgrx knows it, or `None` for livesync's own `LSnnn` codes, which
     /// pgrx cannot carry: those are raised from an unguarded frame (`raise.rs`).
-    pub const fn pgrx_code(self) -> Option<PgSqlErrorCode> {
-        use PgSqlErrorCode::*;
-        match self {
-            SqlState::ResyncRequired
-            | SqlState::NotTracked
-            | SqlState::NoPrimaryKey
-            | SqlState::KeyMismatch
-            | SqlState::CaptureWouldBreak
-            | SqlState::ConflictNotOpen
-            | SqlState::BatchAborted
-            | SqlState::NoEffect => None,
-            SqlState::InsufficientPrivilege => Some(ERRCODE_INSUFFICIENT_PRIVILEGE),
-            SqlState::UndefinedColumn => Some(ERRCODE_UNDEFINED_COLUMN),
-            SqlState::UndefinedTable => Some(ERRCODE_UNDEFINED_TABLE),
-            SqlState::UndefinedObject => Some(ERRCODE_UNDEFINED_OBJECT),
-            SqlState::DatatypeMismatch => Some(ERRCODE_DATATYPE_MISMATCH),
-            SqlState::WrongObjectType => Some(ERRCODE_WRONG_OBJECT_TYPE),
-            SqlState::SerializationFailure => Some(ERRCODE_T_R_SERIALIZATION_FAILURE),
-            SqlState::ProgramLimitExceeded => Some(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-            SqlState::NullValueNotAllowed => Some(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-            SqlState::InvalidParameterValue => Some(ERRCODE_INVALID_PARAMETER_VALUE),
-            SqlState::FeatureNotSupported => Some(ERRCODE_FEATURE_NOT_SUPPORTED),
-            SqlState::ObjectNotInPrerequisiteState => {
-                Some(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE)
-            }
-            SqlState::TriggerProtocolViolated => Some(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-            SqlState::DataCorrupted => Some(ERRCODE_DATA_CORRUPTED),
-            SqlState::InternalError => Some(ERRCODE_INTERNAL_ERROR),
-        }
+    pub fn pgrx_code(self) -> Option<PgSqlErrorCode> {
+        (!self.code().starts_with("LS")).then(|| PgSqlErrorCode::from(self.encoded()))
     }
 }
 
@@ -293,7 +227,7 @@ mod tests {
             SqlState::ALL.len(),
             "a code is listed twice in SqlState::ALL"
         );
-        for state in SqlState::ALL {
+        for &state in SqlState::ALL {
             let code = state.code();
             assert!(
                 code.len() == 5
@@ -302,12 +236,12 @@ mod tests {
                         .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()),
                 "{code}"
             );
-            // pgrx carries every code but livesync's own.
-            assert_eq!(
-                state.pgrx_code().is_none(),
-                code.starts_with("LS"),
-                "{code}"
-            );
+            // pgrx carries every code but livesync's own, as itself (pgrx turns a
+            // code it does not know into XX000).
+            match state.pgrx_code() {
+                None => assert!(code.starts_with("LS"), "{code}"),
+                Some(known) => assert_eq!(known as i32, state.encoded(), "{code}"),
+            }
         }
     }
 

@@ -71,22 +71,13 @@ impl ErrorToRaise {
         unsafe {
             let error = pg_sys::palloc(std::mem::size_of::<ErrorToRaise>()).cast::<ErrorToRaise>();
             error.write(ErrorToRaise {
-                sqlstate: sqlstate_code(sqlstate.code()),
+                sqlstate: sqlstate.encoded(),
                 message: palloc_cstring(message),
                 hint: hint.map_or(std::ptr::null_mut(), palloc_cstring),
             });
             error
         }
     }
-}
-
-/// A SQLSTATE as Postgres encodes it (`MAKE_SQLSTATE`).
-fn sqlstate_code(sqlstate: &str) -> i32 {
-    sqlstate
-        .bytes()
-        .enumerate()
-        .map(|(i, c)| (i32::from(c.wrapping_sub(b'0')) & 0x3F) << (6 * i))
-        .sum()
 }
 
 unsafe extern "C-unwind" {
