@@ -1,28 +1,18 @@
 -- livesync 0.4.0 -> 0.5.0: resolve_conflict raises its errors itself.
--- _resolve_conflict becomes a C-interface function (symbol livesync_resolve_conflict,
+-- resolve_conflict becomes a C-interface function (symbol livesync_resolve_conflict,
 -- src/write/mod.rs) that raises livesync's own SQLSTATEs, as livesync.write and
--- _write_json do; resolve_conflict returns its result as it is, and the JSON relay
--- that raised errors reported as data (livesync._checked) goes. The capture trigger
+-- _write_json do; its PL/pgSQL body, the Rust body it called (_resolve_conflict)
+-- and the JSON relay that raised errors reported as data (livesync._checked) go. The capture trigger
 -- keeps its C symbol (_capture_wrapper), so tracked tables need nothing. row_version
 -- of a tracked table that lost its primary key (possible only with livesync's event
 -- trigger disabled) says so with LS003, as capture and write do. Run by ALTER
 -- EXTENSION livesync UPDATE; the log is untouched.
 
--- The body of resolve_conflict (src/write/mod.rs), raising its errors itself.
-CREATE OR REPLACE FUNCTION livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb) RETURNS jsonb
-LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'livesync_resolve_conflict';
-
+-- resolve_conflict is itself the C-interface function (as write is); CREATE OR
+-- REPLACE keeps its grants and comment.
 CREATE OR REPLACE FUNCTION livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb DEFAULT NULL) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    IF conflict_id IS NULL OR choice IS NULL THEN
-        RAISE EXCEPTION 'resolve_conflict needs a conflict id and a choice'
-            USING ERRCODE = 'null_value_not_allowed',
-                  HINT = 'choice is mine, theirs or value (with a value).';
-    END IF;
-    RETURN livesync._resolve_conflict(conflict_id, choice, value);
-END
-$$;
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'livesync_resolve_conflict';
+DROP FUNCTION livesync._resolve_conflict(bigint, text, jsonb);
 DROP FUNCTION livesync._checked(jsonb);
 
 CREATE OR REPLACE FUNCTION livesync.row_version(rel regclass, key jsonb) RETURNS bigint

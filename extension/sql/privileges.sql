@@ -51,13 +51,11 @@ GRANT EXECUTE ON FUNCTION
 TO PUBLIC;
 -- Helpers that public PL/pgSQL functions call as the caller. None does more than its
 -- entry point: _write_json is write with its arguments in one object, and checks
--- the caller the same way; _resolve_conflict checks the caller itself;
--- _require_reader checks membership, and
+-- the caller the same way; _require_reader checks membership, and
 -- _check_read does so before anything else; _row_visible tells whether the caller
 -- can see a row (resolve_conflict asks).
 GRANT EXECUTE ON FUNCTION
     livesync._write_json(jsonb),
-    livesync._resolve_conflict(bigint, text, jsonb),
     livesync._require_reader(text),
     livesync._check_read(text, bigint, int),
     livesync._row_visible(regclass, jsonb)

@@ -325,20 +325,9 @@ $$;
 COMMENT ON FUNCTION livesync.write_batch(jsonb, boolean) IS
     'Applies an array of mutations in order in one transaction, one result each; all_or_nothing makes any rejection abort the batch (LS007).';
 
--- The body of resolve_conflict (src/write/mod.rs), raising its errors itself.
-CREATE FUNCTION livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb) RETURNS jsonb
-LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'livesync_resolve_conflict';
-
+-- A C-interface function (src/write/mod.rs), like write: it raises livesync's own
+-- SQLSTATEs itself.
 CREATE FUNCTION livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb DEFAULT NULL) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    IF conflict_id IS NULL OR choice IS NULL THEN
-        RAISE EXCEPTION 'resolve_conflict needs a conflict id and a choice'
-            USING ERRCODE = 'null_value_not_allowed',
-                  HINT = 'choice is mine, theirs or value (with a value).';
-    END IF;
-    RETURN livesync._resolve_conflict(conflict_id, choice, value);
-END
-$$;
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'livesync_resolve_conflict';
 COMMENT ON FUNCTION livesync.resolve_conflict(bigint, text, jsonb) IS
     'Settles a stored conflict: mine (the client''s value), theirs (keep the stored value) or value (the given one); a captured write.';

@@ -6,8 +6,10 @@
 //! maps its variants onto it with an exhaustive match, so a new variant must be
 //! given its code.
 //!
-//! [`LivesyncError`] is the engine's own errors (capture, the log, ticks). The write
-//! path's errors are `write::WriteError`.
+//! [`LivesyncError`] is the engine's own errors (capture, the log, ticks), and those
+//! the write path raises where they happen (a list value that is not an array, JSON
+//! nested too deep). `write::WriteError` is what a write returns, engine errors
+//! among them.
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgSqlErrorCode;

@@ -1,6 +1,6 @@
-//! Conflict-aware writes: `livesync.write` (a C-interface function, below) and the
-//! bodies of `livesync.write_batch` and `livesync.resolve_conflict` (their SQL
-//! wrappers are in `sql/writes.sql`).
+//! Conflict-aware writes: `livesync.write` and `livesync.resolve_conflict`
+//! (C-interface functions, below) and the body of `livesync.write_batch`
+//! (`_write_json`; the batch itself is PL/pgSQL in `sql/writes.sql`).
 //!
 //! - `mutation`: the arguments, checked for shape.
 //! - `apply`: the decisions of one write (lock, merge, write, result); it calls
@@ -32,7 +32,7 @@ mod statements;
 
 pub use settings::init;
 
-use crate::error::SqlState;
+use crate::error::{LivesyncError, SqlState};
 use crate::raise::{ErrorToRaise, Outcome};
 use mutation::{MutationArgs, Op};
 use pgrx::prelude::*;
@@ -59,8 +59,9 @@ pub enum WriteError {
     UnknownTable(String),
     #[error("table {0} is not tracked")]
     NotTracked(String),
-    #[error("tracked table {0} has no primary key")]
-    NoPrimaryKey(String),
+    /// An engine error met on the write path (a tracked table without its key).
+    #[error(transparent)]
+    Engine(#[from] LivesyncError),
     #[error("{0} must not be NULL")]
     NullArgument(&'static str),
     #[error("key {key} does not name exactly the primary key columns of {table}")]
@@ -111,7 +112,7 @@ impl WriteError {
     fn sqlstate(&self) -> SqlState {
         match self {
             WriteError::NotTracked(_) => SqlState::NotTracked,
-            WriteError::NoPrimaryKey(_) => SqlState::NoPrimaryKey,
+            WriteError::Engine(e) => e.sqlstate(),
             WriteError::NullArgument(_) => SqlState::NullValueNotAllowed,
             WriteError::BadKey { .. } | WriteError::KeyChange(_) => SqlState::KeyMismatch,
             WriteError::NoConflict(_)
@@ -147,9 +148,7 @@ impl WriteError {
                 Some("A write cannot change a row's key: delete the row and insert it under the new key.".into())
             }
             WriteError::NotTracked(table) => Some(format!("Call livesync.track('{table}') first.")),
-            WriteError::NoPrimaryKey(table) => Some(format!(
-                "Add the primary key back (ALTER TABLE {table} ADD PRIMARY KEY ...), or untrack the table."
-            )),
+            WriteError::Engine(e) => e.hint().map(String::from),
             WriteError::BadHlc(_) => {
                 Some("An hlc is \"<unix ms>:<counter>[:<node>]\", e.g. \"1764072000000:0:phone-1\".".into())
             }
@@ -157,6 +156,9 @@ impl WriteError {
                 Some("The row was deleted since; resolve the conflict with 'theirs' to close it.".into())
             }
             WriteError::InsertRace(_) => Some("Retry the transaction.".into()),
+            WriteError::NullArgument(_) => {
+                Some("resolve_conflict needs a conflict id and a choice: mine, theirs or value (with a value).".into())
+            }
             WriteError::NoEffect(_) => Some(
                 "A trigger that returns NULL (or a rule) vetoed the statement livesync.write ran; check the table's triggers."
                     .into(),
@@ -215,12 +217,12 @@ unsafe extern "C-unwind" fn write_guarded(fcinfo: pg_sys::FunctionCallInfo) -> O
 
 /// The outcome of a write: its result, or its error to raise.
 fn written(applied: Result<apply::Applied, WriteError>) -> Outcome {
-    outcome(applied.map(|applied| Some(applied.into_datum())))
+    outcome(applied.map(apply::Applied::into_datum))
 }
 
-fn outcome(result: Result<Option<pg_sys::Datum>, WriteError>) -> Outcome {
+fn outcome(result: Result<pg_sys::Datum, WriteError>) -> Outcome {
     match result {
-        Ok(result) => Outcome::done(result.unwrap_or(pg_sys::Datum::from(0usize))),
+        Ok(result) => Outcome::done(result),
         Err(e) => Outcome::failed(ErrorToRaise::palloc(
             e.sqlstate(),
             &e.to_string(),
@@ -263,9 +265,9 @@ unsafe extern "C-unwind" fn write_json_guarded(fcinfo: pg_sys::FunctionCallInfo)
 }
 
 crate::fmgr::raising_c_function!(
-    /// `livesync._resolve_conflict(conflict_id bigint, choice text, value jsonb)`
-    /// (declared in `sql/writes.sql`; `resolve_conflict` calls it): settles a stored
-    /// conflict, raising livesync's SQLSTATEs itself, as `livesync.write` does.
+    /// `livesync.resolve_conflict(conflict_id bigint, choice text, value jsonb)`
+    /// (declared in `sql/writes.sql`): settles a stored conflict, raising livesync's
+    /// SQLSTATEs itself, as `livesync.write` does.
     pg_finfo_livesync_resolve_conflict, livesync_resolve_conflict => resolve_guarded
 );
 
@@ -276,10 +278,11 @@ crate::fmgr::raising_c_function!(
 );
 
 /// # Safety
-/// `fcinfo` must be a call of `livesync._resolve_conflict` (bigint, text, jsonb).
+/// `fcinfo` must be a call of `livesync.resolve_conflict` (bigint, text, jsonb), or
+/// of `_resolve_conflict` as 0.1.0 to 0.4.0 declared it (the same arguments).
 #[pg_guard]
 unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) -> Outcome {
-    // SAFETY: the three arguments are read with the types `_resolve_conflict`
+    // SAFETY: the three arguments are read with the types `resolve_conflict`
     // declares, each of them possibly NULL (the caller's contract).
     unsafe {
         let conflict_id = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0);
@@ -290,7 +293,7 @@ unsafe extern "C-unwind" fn resolve_guarded(fcinfo: pg_sys::FunctionCallInfo) ->
             (None, _) => Err(WriteError::NullArgument("conflict_id")),
             (_, None) => Err(WriteError::NullArgument("choice")),
         };
-        outcome(resolved.map(|result| JsonB(result).into_datum()))
+        outcome(resolved.map(|result| JsonB(result).into_datum().expect("jsonb is never NULL")))
     }
 }
 

@@ -7,6 +7,7 @@ use super::plans::kept;
 use super::policy::{DeleteRace, ExistingInsert, Policy};
 use super::WriteError;
 use crate::catalog::relation_display;
+use crate::error::LivesyncError;
 use crate::owner::sql_as_bootstrap_superuser;
 use crate::row_json::{CLOCKS_COLUMN, VERSION_COLUMN};
 use pgrx::prelude::*;
@@ -152,7 +153,7 @@ impl TableSettings {
             .unwrap_or_default();
         if key.is_empty() {
             // Its primary key was dropped with livesync's event trigger disabled.
-            return Err(WriteError::NoPrimaryKey(relation_display(relid)));
+            return Err(LivesyncError::NoPrimaryKey(relation_display(relid)).into());
         }
         let columns = meta["columns"]
             .as_object()
